@@ -1,0 +1,332 @@
+"""The shared half of every differential backend: views, caching, batching, scoring.
+
+A concrete backend (MLX, HF, dummy) subclasses :class:`DifferentialBackendBase` and
+supplies only the model-specific hooks:
+
+- ``_activate(view)``: put the model into a view, return a function that undoes it;
+- ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
+- ``_token_logprobs(batch)``: log p of every token given the ones before it;
+- ``_generate(prompt, ...)``: text generation in the current view;
+- ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``.
+
+Everything a probe calls (the protocol methods) lives here once, so the two real
+backends cannot drift apart on tokenisation boundaries, tail mass, cache keys or
+window plans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sway_common.protocols import NULL_MODES, NullMode, ViewConflictError
+from sway_common.scoring import (
+    ResultCache,
+    completion_start,
+    length_buckets,
+    rolling_windows,
+    text_hash,
+    token_dist_from_logprobs,
+)
+from sway_common.types import RollingLogprob, TokenDist
+
+Encoding = tuple[list[int], list[tuple[int, int]]]
+"""Token ids and each token's (start, end) character span."""
+
+PREFLIGHT_PROMPT = "The quick brown fox jumps over the lazy dog. The answer is"
+
+
+@dataclass(frozen=True, slots=True)
+class ViewSpec:
+    """Which weights a view runs with. ``key()`` identifies its results in the cache."""
+
+    kind: Literal["base", "ft", "scaled", "null"]
+    lam: float = 1.0
+    seed: int = 0
+    init_scale: float = 0.02
+    rank_scale: float = 1.0
+    mode: NullMode = "fixed"
+
+    def key(self, adapter_hash: str) -> tuple[Any, ...]:
+        if self.kind == "base":
+            return ("base",)
+        if self.kind == "ft":
+            return ("ft", adapter_hash)
+        if self.kind == "scaled":
+            return ("scaled", float(self.lam), adapter_hash)
+        return (
+            "null",
+            int(self.seed),
+            float(self.init_scale),
+            float(self.rank_scale),
+            self.mode,
+            adapter_hash,
+        )
+
+    def label(self) -> str:
+        if self.kind == "scaled":
+            return f"scaled(λ={self.lam:g})"
+        if self.kind == "null":
+            return f"null(seed={self.seed}, {self.mode}, rank×{self.rank_scale:g})"
+        return self.kind
+
+
+def check_null_args(init_scale: float, rank_scale: float, mode: str) -> None:
+    if not rank_scale > 0:
+        raise ValueError(f"rank_scale must be > 0, got {rank_scale}")
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be > 0, got {init_scale}")
+    if mode not in NULL_MODES:
+        raise ValueError(f"null mode must be one of {NULL_MODES}, got {mode!r}")
+
+
+class DifferentialBackendBase(ABC):
+    """One loaded model, many views. Subclasses set the attributes below and the hooks."""
+
+    tokenizer: Any = None
+    vocab_size: int = 0
+    max_context: int = 2048
+    batch_size: int = 8
+    adapter_hash: str = ""
+    info: dict[str, Any]
+
+    def __init__(self) -> None:
+        self._active: ViewSpec | None = None
+        self._cache = ResultCache()
+        self.info = {}
+
+    # ----------------------------------------------------------------- hooks
+    @abstractmethod
+    def _activate(self, view: ViewSpec) -> Callable[[], None]:
+        ...
+
+    @abstractmethod
+    def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
+        ...
+
+    @abstractmethod
+    def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
+        ...
+
+    @abstractmethod
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        ...
+
+    def _release(self) -> None:
+        """Drop model references. Default: nothing to do."""
+
+    def _nonfinite_adapter_tensors(self) -> list[str]:
+        """Names of adapter tensors holding NaN/Inf. Default: none checked."""
+        return []
+
+    def _encode(self, text: str) -> Encoding:
+        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    # ----------------------------------------------------------------- views
+    @contextlib.contextmanager
+    def _open(self, view: ViewSpec) -> Iterator[BackendView]:
+        if self._active is not None:
+            raise ViewConflictError(
+                f"cannot enter the {view.label()} view while the {self._active.label()} "
+                "view is open; close it first (views share one set of weights)"
+            )
+        restore = self._activate(view)
+        self._active = view
+        handle = BackendView(self, view)
+        try:
+            yield handle
+        finally:
+            handle._closed = True
+            try:
+                restore()
+            finally:
+                self._active = None
+
+    def as_base(self) -> contextlib.AbstractContextManager[BackendView]:
+        return self._open(ViewSpec("base"))
+
+    def as_finetuned(self) -> contextlib.AbstractContextManager[BackendView]:
+        return self._open(ViewSpec("ft"))
+
+    def as_scaled_adapter(self, lam: float) -> contextlib.AbstractContextManager[BackendView]:
+        if not np.isfinite(lam):
+            raise ValueError(f"lam must be finite, got {lam}")
+        return self._open(ViewSpec("scaled", lam=float(lam)))
+
+    def as_null_adapter(
+        self,
+        seed: int,
+        *,
+        init_scale: float = 0.02,
+        rank_scale: float = 1.0,
+        mode: NullMode = "fixed",
+    ) -> contextlib.AbstractContextManager[BackendView]:
+        check_null_args(init_scale, rank_scale, mode)
+        view = ViewSpec(
+            "null", seed=int(seed), init_scale=float(init_scale), rank_scale=float(rank_scale),
+            mode=mode,
+        )
+        return self._open(view)
+
+    @property
+    def active_view(self) -> ViewSpec | None:
+        return self._active
+
+    # ------------------------------------------------------------- preflight
+    def preflight_finite_check(self) -> tuple[bool, str]:
+        bad = self._nonfinite_adapter_tensors()
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+            return False, f"adapter weights hold NaN/Inf in {len(bad)} tensor(s): {shown}"
+        ids, _ = self._encode(PREFLIGHT_PROMPT)
+        for opener in (self.as_base, self.as_finetuned):
+            with opener() as view:
+                row = self._last_logprobs([ids])[0]
+                if not np.all(np.isfinite(row)):
+                    return False, f"{view.spec.label()} view gives non-finite logits"
+                if float(row.max() - row.min()) < 1e-6:
+                    return False, f"{view.spec.label()} view gives a uniform distribution (broken LM head?)"
+        return True, "base and fine-tuned views give finite logits"
+
+    # --------------------------------------------------------------- scoring
+    def _check_active(self, view: ViewSpec) -> None:
+        if self._active is not view:
+            raise ViewConflictError(
+                f"the {view.label()} view was used after it was closed; "
+                "use a view only inside its with-block"
+            )
+
+    def _encode_nonempty(self, text: str) -> Encoding:
+        ids, offsets = self._encode(text)
+        if not ids:
+            raise ValueError(f"text {text[:40]!r} encodes to no tokens; give a non-empty prompt")
+        return ids, offsets
+
+    def next_token_dists(
+        self, view: ViewSpec, prompts: Sequence[str], top_k: int
+    ) -> list[TokenDist]:
+        self._check_active(view)
+        vkey = view.key(self.adapter_hash)
+        out: list[TokenDist | None] = []
+        todo: list[int] = []
+        for i, prompt in enumerate(prompts):
+            hit = self._cache.get((vkey, "next", text_hash(prompt), top_k))
+            out.append(hit)
+            if hit is None:
+                todo.append(i)
+        encoded = [self._encode_nonempty(prompts[i])[0] for i in todo]
+        for bucket in length_buckets([len(e) for e in encoded], self.batch_size):
+            rows = self._last_logprobs([encoded[j] for j in bucket])
+            for j, row in zip(bucket, rows, strict=True):
+                dist = token_dist_from_logprobs(row, top_k)
+                i = todo[j]
+                out[i] = dist
+                self._cache.put((vkey, "next", text_hash(prompts[i]), top_k), dist)
+        return out  # type: ignore[return-value]
+
+    def logprobs_of(
+        self, view: ViewSpec, prompts: Sequence[str], completions: Sequence[str]
+    ) -> list[float]:
+        self._check_active(view)
+        vkey = view.key(self.adapter_hash)
+        out: list[float | None] = []
+        todo: list[tuple[int, list[int], int]] = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            hit = self._cache.get((vkey, "logprob_of", text_hash(prompt, completion), 0))
+            out.append(hit)
+            if hit is not None:
+                continue
+            ids, offsets = self._encode(prompt + completion)
+            # The first token has no context to be scored against.
+            start = max(1, completion_start(offsets, len(prompt)))
+            if start >= len(ids):
+                out[i] = 0.0
+                continue
+            todo.append((i, ids, start))
+        for bucket in length_buckets([len(t[1]) for t in todo], self.batch_size):
+            rows = self._token_logprobs([todo[j][1] for j in bucket])
+            for j, row in zip(bucket, rows, strict=True):
+                i, _, start = todo[j]
+                value = float(np.sum(row[start - 1 :], dtype=np.float64))
+                out[i] = value
+                self._cache.put(
+                    (vkey, "logprob_of", text_hash(prompts[i], completions[i]), 0), value
+                )
+        return out  # type: ignore[return-value]
+
+    def rolling(self, view: ViewSpec, text: str) -> RollingLogprob:
+        self._check_active(view)
+        key = (view.key(self.adapter_hash), "rolling", text_hash(text), 0)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        ids, _ = self._encode(text)
+        windows = rolling_windows(len(ids), self.max_context)
+        pieces: list[NDArray[np.float32]] = []
+        for i in range(0, len(windows), self.batch_size):
+            chunk = windows[i : i + self.batch_size]
+            rows = self._token_logprobs([ids[w.start : w.end] for w in chunk])
+            for w, row in zip(chunk, rows, strict=True):
+                pieces.append(row[w.score_from - w.start - 1 : w.end - w.start - 1])
+        logprobs = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
+        result = RollingLogprob(np.asarray(ids, dtype=np.int64), logprobs)
+        self._cache.put(key, result)
+        return result
+
+    def generate_in(
+        self, view: ViewSpec, prompt: str, max_new_tokens: int, temperature: float, seed: int
+    ) -> str:
+        self._check_active(view)
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        return self._generate(prompt, max_new_tokens, temperature, seed)
+
+    # --------------------------------------------------------------- closing
+    def close(self) -> None:
+        self._cache.clear()
+        self._release()
+
+    def __enter__(self) -> DifferentialBackendBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BackendView:
+    """What ``with backend.as_*()`` yields: a :class:`ScoringModel` bound to one view."""
+
+    def __init__(self, backend: DifferentialBackendBase, spec: ViewSpec) -> None:
+        self.backend = backend
+        self.spec = spec
+        self._closed = False
+
+    def next_token_dist(self, prompt: str, *, top_k: int = 256) -> TokenDist:
+        return self.backend.next_token_dists(self.spec, [prompt], top_k)[0]
+
+    def next_token_dist_batch(self, prompts: Sequence[str], *, top_k: int = 256) -> list[TokenDist]:
+        return self.backend.next_token_dists(self.spec, list(prompts), top_k)
+
+    def logprob_of(self, prompt: str, completion: str) -> float:
+        return self.backend.logprobs_of(self.spec, [prompt], [completion])[0]
+
+    def logprob_of_batch(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return self.backend.logprobs_of(self.spec, list(prompts), list(completions))
+
+    def rolling_logprob(self, text: str) -> RollingLogprob:
+        return self.backend.rolling(self.spec, text)
+
+    def generate(
+        self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
+    ) -> str:
+        return self.backend.generate_in(self.spec, prompt, max_new_tokens, temperature, seed)
+
+    def close(self) -> None:
+        """A view does not own the model; closing the backend releases it."""

@@ -1,0 +1,141 @@
+"""Backend-neutral pieces of scoring: top-k slices, token boundaries, batch plans, caching.
+
+Both real backends and the dummy call these, so the numerics that decide a verdict
+are written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sway_common.types import TokenDist
+
+# Below this the leftover mass is not worth reporting: it is under float32 resolution
+# of the slice's own probabilities.
+TAIL_FLOOR = 1e-30
+
+
+def text_hash(*parts: str) -> str:
+    """Stable content hash (``hash()`` is salted per process, so never use it for keys)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def token_dist_from_logprobs(row: NDArray[np.floating], top_k: int) -> TokenDist:
+    """Top-k slice of one full-vocabulary log-softmax row, with its tail mass.
+
+    ``row`` must be finite log-probabilities over the whole vocabulary.
+    """
+    row = np.asarray(row, dtype=np.float32)
+    vocab = int(row.shape[-1])
+    k = max(1, min(int(top_k), vocab))
+    if k == vocab:
+        ids = np.argsort(-row, kind="stable")
+        return TokenDist(ids.astype(np.int64), row[ids], vocab, None)
+    part = np.argpartition(-row, k - 1)[:k]
+    ids = part[np.argsort(-row[part], kind="stable")]
+    rest = np.ones(vocab, dtype=bool)
+    rest[ids] = False
+    tail_values = row[rest].astype(np.float64)
+    top = float(tail_values.max())
+    mass = float(np.exp(top) * np.sum(np.exp(tail_values - top))) if np.isfinite(top) else 0.0
+    if mass == 0.0:
+        tail: float | None = 0.0
+    elif mass < TAIL_FLOOR:
+        tail = None
+    else:
+        tail = float(np.log(mass))
+    return TokenDist(ids.astype(np.int64), row[ids], vocab, tail)
+
+
+def completion_start(offsets: Sequence[tuple[int, int]], prompt_chars: int) -> int:
+    """Index of the first token that belongs to the completion.
+
+    ``offsets`` are the character spans of ``prompt + completion``'s tokens. A token
+    belongs to the completion when it ends past the prompt's last character, so a
+    token the tokenizer merged across the boundary is scored with the completion
+    rather than dropped. Special tokens (span ``(0, 0)``) belong to the prompt.
+    """
+    for i, (start, end) in enumerate(offsets):
+        if end > prompt_chars and end > start:
+            return i
+    return len(offsets)
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group indices into batches of similar length (sorted, then chunked).
+
+    Sorting keeps padding small; the original order is restored by the caller
+    through the returned indices.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    size = max(1, int(batch_size))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One forward over ``ids[start:end]`` whose last ``end - score_from`` targets are kept."""
+
+    start: int
+    end: int
+    score_from: int
+
+
+def rolling_windows(n_tokens: int, max_len: int, stride: int | None = None) -> list[Window]:
+    """Plan strided windows so every token after the first is scored exactly once.
+
+    Each window holds at most ``max_len`` tokens; after the first, a window keeps
+    ``max_len - stride`` tokens of context and scores only the tokens no earlier
+    window scored.
+    """
+    if n_tokens < 2:
+        return []
+    max_len = max(2, int(max_len))
+    stride = max(1, min(int(stride or max_len // 2), max_len - 1))
+    windows = [Window(0, min(n_tokens, max_len), 1)]
+    while windows[-1].end < n_tokens:
+        end = min(n_tokens, windows[-1].end + stride)
+        windows.append(Window(max(0, end - max_len), end, windows[-1].end))
+    return windows
+
+
+class ResultCache:
+    """Bounded LRU of scoring results keyed by (view key, op, text hash, top_k)."""
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._max = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        value = self._data.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
