@@ -118,7 +118,7 @@ class DifferentialBackendBase(ABC):
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
         ...
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027  (optional hook, empty on purpose)
         """Drop model references. Default: nothing to do."""
 
     def _nonfinite_adapter_tensors(self) -> list[str]:

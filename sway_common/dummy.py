@@ -1,0 +1,160 @@
+"""An analytic differential backend in pure numpy, for fast tests of the math and runner.
+
+It is a real (tiny) language model, not a table of canned answers: characters are
+tokens, the hidden state is a smoothed average of recent token embeddings, and the
+LM head is ``W + ΔW`` where ``ΔW = scale · B·A`` is a rank-r "adapter". Every view
+goes through :class:`~sway_common.backend.DifferentialBackendBase`, so the dummy
+exercises the same view, cache, batching and windowing code as the real backends.
+
+The "trained" adapter has a *direction*: it pushes every context towards a few target
+tokens along the mean hidden state, which a random adapter of the same norm does not
+do. ``adapter_strength=0`` gives an untrained (B = 0) adapter; ``nan_adapter=True`` puts
+a NaN in B; ``random_adapter_seed`` makes the "trained" adapter itself a random draw
+(the false-positive check: such an adapter must not pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sway_common.backend import DifferentialBackendBase, Encoding, ViewSpec
+from sway_common.scoring import text_hash
+
+_FIRST_CHAR = 32  # printable ASCII: ids 0..94 are ' '..'~'
+_UNKNOWN = ord("?") - _FIRST_CHAR
+
+
+class DummyDifferentialBackend(DifferentialBackendBase):
+    def __init__(
+        self,
+        *,
+        adapter_strength: float = 1.0,
+        rank: int = 4,
+        hidden: int = 16,
+        nan_adapter: bool = False,
+        random_adapter_seed: int | None = None,
+        max_context: int = 64,
+        batch_size: int = 4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = 95
+        self.max_context = max_context
+        self.batch_size = batch_size
+        rng = np.random.default_rng(seed)
+        self._embed = rng.normal(0.0, 1.0, (self.vocab_size, hidden)).astype(np.float32)
+        self._head = rng.normal(0.0, 0.5, (hidden, self.vocab_size)).astype(np.float32)
+        self._rank = rank
+        self._scale = 2.0
+        # A direction a training run might learn: along the typical hidden state,
+        # towards a handful of target tokens.
+        mean_h = np.tanh(self._embed).mean(axis=0)
+        a = np.zeros((rank, hidden), np.float32)
+        a[0] = mean_h / np.linalg.norm(mean_h)
+        b = np.zeros((self.vocab_size, rank), np.float32)
+        b[[ord(c) - _FIRST_CHAR for c in "etaoin"], 0] = adapter_strength
+        if random_adapter_seed is not None:
+            noise = np.random.default_rng([random_adapter_seed, 0xADA])
+            a = noise.normal(0.0, 1.0, a.shape).astype(np.float32)
+            b = noise.normal(0.0, adapter_strength / 4, b.shape).astype(np.float32)
+        if nan_adapter:
+            b[0, 0] = np.nan
+        self._real = (a, b)
+        self._factors: tuple[NDArray[np.float32], NDArray[np.float32]] | None = self._real
+        self._lam = 1.0
+        self.adapter_hash = text_hash(repr((adapter_strength, rank, hidden, nan_adapter, random_adapter_seed, seed)))
+        self.info = {"backend": "dummy", "model": "dummy-char-lm", "adapter": "dummy", "rank": rank}
+
+    # -------------------------------------------------------------- model
+    def _encode(self, text: str) -> Encoding:
+        ids = [
+            ord(c) - _FIRST_CHAR if _FIRST_CHAR <= ord(c) < _FIRST_CHAR + 95 else _UNKNOWN
+            for c in text
+        ]
+        return ids, [(i, i + 1) for i in range(len(text))]
+
+    def _hidden(self, ids: list[int]) -> NDArray[np.float32]:
+        """Hidden state after each position: tanh of an exponential moving average."""
+        e = self._embed[np.asarray(ids)]
+        h = np.empty_like(e)
+        acc = np.zeros(e.shape[1], np.float32)
+        for t in range(len(ids)):
+            acc = 0.6 * acc + 0.4 * e[t]
+            h[t] = acc
+        return np.tanh(h)
+
+    def _logprobs(self, h: NDArray[np.float32]) -> NDArray[np.float32]:
+        logits = h @ self._head
+        if self._factors is not None and self._lam != 0.0:
+            a, b = self._factors
+            logits = logits + self._lam * self._scale * (h @ a.T) @ b.T
+        logits = logits - logits.max(axis=-1, keepdims=True)
+        return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+    def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
+        return np.stack([self._logprobs(self._hidden(ids)[-1:])[0] for ids in batch])
+
+    def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
+        out = []
+        for ids in batch:
+            lp = self._logprobs(self._hidden(ids)[:-1])
+            out.append(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].astype(np.float32))
+        return out
+
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        ids, _ = self._encode(prompt)
+        rng = np.random.default_rng(seed)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            row = self._last_logprobs([ids + new])[0]
+            if temperature <= 0:
+                nxt = int(np.argmax(row))
+            else:
+                p = np.exp(row / temperature)
+                nxt = int(rng.choice(self.vocab_size, p=p / p.sum()))
+            new.append(nxt)
+        return "".join(chr(i + _FIRST_CHAR) for i in new)
+
+    # -------------------------------------------------------------- views
+    def _activate(self, view: ViewSpec) -> Callable[[], None]:
+        saved = (self._factors, self._lam)
+        if view.kind == "base":
+            self._factors = None
+        elif view.kind == "ft":
+            self._factors, self._lam = self._real, 1.0
+        elif view.kind == "scaled":
+            self._factors, self._lam = self._real, view.lam
+        else:
+            self._factors, self._lam = self._null_factors(view), 1.0
+
+        def restore() -> None:
+            self._factors, self._lam = saved
+
+        return restore
+
+    def _null_factors(self, view: ViewSpec) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        a_real, b_real = self._real
+        rng = np.random.default_rng([view.seed, 0x5A7])
+        a = rng.normal(0.0, view.init_scale, a_real.shape).astype(np.float32)
+        # Only B carries sqrt(rank_scale), so Var(ΔW) grows linearly with rank_scale.
+        b_std = view.init_scale * np.sqrt(view.rank_scale)
+        b = rng.normal(0.0, b_std, b_real.shape).astype(np.float32)
+        if view.mode == "norm_matched":
+            real = np.linalg.norm(b_real @ a_real)
+            null = np.linalg.norm(b @ a)
+            b = (b * (real / null if null > 0 else 0.0)).astype(np.float32)
+        return a, b
+
+    def delta_weight(self) -> NDArray[np.float32]:
+        """ΔW of whatever adapter the open view runs with (zeros in the base view)."""
+        if self._factors is None:
+            return np.zeros((self.vocab_size, self._embed.shape[1]), np.float32)
+        a, b = self._factors
+        return (self._lam * self._scale * b @ a).astype(np.float32)
+
+    def _nonfinite_adapter_tensors(self) -> list[str]:
+        a, b = self._real
+        return [name for name, t in (("lora_a", a), ("lora_b", b)) if not np.all(np.isfinite(t))]

@@ -1,0 +1,111 @@
+"""Which backend to use here, how to build it, and what `doctor` reports.
+
+``auto`` means: MLX on Apple silicon; HF on CUDA; elsewhere HF if torch is installed,
+else MLX. Backends are imported only when chosen, so probing this costs no framework
+import unless asked.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+from typing import Any
+
+from sway_common.spec import ModelSpec
+
+BACKEND_CHOICES = ("auto", "mlx", "hf", "dummy")
+
+
+def is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cuda_available() -> bool:
+    if not installed("torch"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pick_backend(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    if is_apple_silicon() and installed("mlx_lm"):
+        return "mlx"
+    if installed("torch") and installed("peft"):
+        return "hf"
+    return "mlx"
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
+    """Construct the differential backend for ``model`` (base + adapter)."""
+    choice = pick_backend(backend if backend != "auto" else model.kind)
+    if choice == "dummy":
+        from sway_common.dummy import DummyDifferentialBackend
+
+        presets = {"trained": 1.0, "untrained": 0.0, "nan": 1.0}
+        adapter = model.adapter or "trained"
+        if adapter not in presets:
+            raise ValueError(f"dummy adapter must be one of {', '.join(presets)}, got {adapter!r}")
+        return DummyDifferentialBackend(adapter_strength=presets[adapter], nan_adapter=adapter == "nan")
+    if model.adapter is None:
+        raise ValueError("an adapter path is required (models.ft.adapter or --adapter-path)")
+    if choice == "mlx":
+        if not installed("mlx_lm"):
+            raise BackendUnavailableError(
+                "the MLX backend needs mlx-lm: pip install 'sway-mlx[mlx]' (or use --backend hf)"
+            )
+        from sway_mlx.backend import MLXDifferentialBackend
+
+        return MLXDifferentialBackend(model.base, model.adapter, dtype=model.dtype, **kw)
+    if choice == "hf":
+        if not (installed("torch") and installed("peft") and installed("transformers")):
+            raise BackendUnavailableError(
+                "the HF backend needs torch, transformers and peft: pip install 'sway-mlx[hf]' "
+                "(or use --backend mlx)"
+            )
+        from sway_hf.backend import HFDifferentialBackend
+
+        return HFDifferentialBackend(model.base, model.adapter, dtype=model.dtype, device=model.device, **kw)
+    raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def doctor_report() -> dict[str, Any]:
+    """Facts about this machine that decide which backend runs and how fast."""
+    report: dict[str, Any] = {
+        "platform": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+        "apple_silicon": is_apple_silicon(),
+        "packages": {
+            d: _version(d)
+            for d in ("sway-mlx", "mlx", "mlx-lm", "torch", "transformers", "peft", "numpy")
+        },
+        "backends": {},
+    }
+    for name, module in (("mlx", "mlx_lm"), ("hf", "peft")):
+        try:
+            importlib.import_module(module)
+            report["backends"][name] = "ok"
+        except Exception as e:  # a broken install should be reported, not crash doctor
+            report["backends"][name] = f"unavailable ({type(e).__name__}: {e})".splitlines()[0]
+    report["cuda"] = cuda_available() if report["backends"]["hf"] == "ok" else False
+    report["auto_picks"] = pick_backend("auto")
+    return report

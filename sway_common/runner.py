@@ -1,0 +1,192 @@
+"""Run a suite: preflight → seed → null calibration → probes in order → SuiteResult.
+
+Guarantees the reports rely on:
+
+- a backend that fails its finite check yields one ERROR result and nothing else runs,
+  so a NaN adapter can never PASS;
+- a probe that raises becomes an ERROR result and the rest still run;
+- Ctrl-C stops between probes and returns what finished (remaining probes SKIP);
+- the overall verdict cannot be PASS while a gating probe FAILs or ERRORs.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+
+from sway_common import __version__
+from sway_common.probes import REGISTRY, RunContext
+from sway_common.probes.null_adapter import NullAdapterConfig
+from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
+from sway_common.spec import ForeignProbeConfig, SuiteSpec
+from sway_common.types import ProbeResult, SuiteResult, Verdict
+
+DEFAULT_WEIGHTS = {"adherence": 1.0, "ablation": 1.0}
+
+
+def seed_everything(seed: int, backend: Any = None) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    hook = getattr(backend, "seed_everything", None)
+    if callable(hook):
+        hook(seed)
+
+
+def _preflight(backend: Any) -> ProbeResult | None:
+    if not isinstance(backend, PreflightCheckable):
+        return None
+    try:
+        ok, reason = backend.preflight_finite_check()
+    except Exception as e:  # a crash in the check is as disqualifying as a failed check
+        ok, reason = False, f"preflight crashed: {type(e).__name__}: {e}"
+    if ok:
+        return None
+    return ProbeResult(
+        name="preflight", kind="preflight", verdict=Verdict.ERROR, category="preflight",
+        message=f"{reason}; no probe was run", gating=True,
+    )
+
+
+def _ordered(spec: SuiteSpec, calibrated: bool) -> list[Any]:
+    """Null calibration first (added with defaults if the suite has none), then the rest."""
+    nulls = [c for c in spec.probes if isinstance(c, NullAdapterConfig)]
+    rest = [c for c in spec.probes if not isinstance(c, NullAdapterConfig)]
+    if not nulls and calibrated:
+        nulls = [NullAdapterConfig(name="null_baseline", kind="null_adapter")]
+    return nulls[:1] + rest + nulls[1:]
+
+
+def _run_one(cfg: Any, ctx: RunContext) -> ProbeResult:
+    start = time.perf_counter()
+    if isinstance(cfg, ForeignProbeConfig):
+        result = ProbeResult(
+            name=cfg.name, kind=cfg.kind, verdict=Verdict.SKIP, category="other", gating=False,
+            message=f"probe kind {cfg.kind!r} is not implemented by sway-mlx",
+        )
+    else:
+        probe = REGISTRY[cfg.kind]()
+        if not cfg.enabled:
+            result = probe.result(cfg, Verdict.SKIP, message="disabled in the spec")
+        else:
+            try:
+                result = probe.run(cfg, ctx)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:
+                result = probe.result(cfg, Verdict.ERROR, message=f"{type(e).__name__}: {e}")
+    result.duration_s = time.perf_counter() - start
+    return result
+
+
+def composite(
+    results: list[ProbeResult], weights: dict[str, float] | None = None
+) -> tuple[float | None, dict[str, float]]:
+    """Weighted mean of probe scores per category, then across categories."""
+    sums: dict[str, list[float]] = {}
+    for r in results:
+        if r.score is None or r.verdict is Verdict.SKIP:
+            continue
+        s = sums.setdefault(r.category, [0.0, 0.0])
+        s[0] += r.weight * r.score
+        s[1] += r.weight
+    cats = {c: v[0] / v[1] for c, v in sums.items() if v[1] > 0}
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    total = sum(w.get(c, 1.0) for c in cats)
+    score = sum(w.get(c, 1.0) * s for c, s in cats.items()) / total if total > 0 else None
+    return score, cats
+
+
+def overall_verdict(results: list[ProbeResult], score: float | None, threshold: float) -> Verdict:
+    gating = [r for r in results if r.gating]
+    if any(r.verdict is Verdict.ERROR for r in gating):
+        return Verdict.ERROR
+    if any(r.verdict is Verdict.FAIL for r in gating):
+        return Verdict.FAIL
+    if score is not None and score < threshold:
+        return Verdict.FAIL
+    if not any(r.verdict is Verdict.PASS for r in gating):
+        return Verdict.WARN  # nothing gating actually passed (all skipped or warned)
+    if any(r.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR) for r in results):
+        return Verdict.WARN
+    return Verdict.PASS
+
+
+def run_suite(
+    spec: SuiteSpec,
+    *,
+    backend: Any,
+    threshold: float | None = None,
+    show_progress: bool = False,
+    on_result: Callable[[ProbeResult], None] | None = None,
+) -> SuiteResult:
+    started = time.time()
+    threshold = spec.defaults.coverage_threshold if threshold is None else threshold
+    meta: dict[str, Any] = {
+        "spec": spec.source, "seed": spec.defaults.seed, "sway_version": __version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        **dict(getattr(backend, "info", {}) or {}),
+    }
+
+    def finish(results: list[ProbeResult], **extra: Any) -> SuiteResult:
+        score, cats = composite(results, spec.defaults.score_weights)
+        meta.update(extra, duration_s=round(time.time() - started, 3))
+        verdict = overall_verdict(results, score, threshold)
+        if extra.get("interrupted"):
+            verdict = Verdict.ERROR  # an incomplete run is never a verdict on the adapter
+        return SuiteResult(
+            probes=results, verdict=verdict, score=score,
+            category_scores=cats, threshold=threshold, meta=meta,
+        )
+
+    failed = _preflight(backend)
+    if failed is not None:
+        return finish([failed])
+
+    seed_everything(spec.defaults.seed, backend)
+    calibrated = isinstance(backend, NullCalibratedBackend)
+    null = spec.null_calibration() if calibrated else None
+    if null is not None:
+        meta["null"] = {"runs": null.runs, "mode": null.mode, "init_scale": null.init_scale}
+    configs = _ordered(spec, calibrated)
+    results: list[ProbeResult] = []
+
+    progress_cm: Any = nullcontext(None)
+    if show_progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress_cm = Progress(
+            TextColumn("[bold]{task.fields[probe]}"), BarColumn(), TextColumn("{task.description}"),
+            TimeElapsedColumn(), transient=True,
+        )
+    with progress_cm as progress:
+        task = progress.add_task("", total=len(configs), probe="") if progress else None
+
+        def note(msg: str) -> None:
+            if progress is not None:
+                progress.update(task, description=msg)
+
+        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k,
+                         null=null, progress=note)
+        for i, cfg in enumerate(configs):
+            if progress is not None:
+                progress.update(task, probe=f"{cfg.name} ({i + 1}/{len(configs)})", description="")
+            try:
+                result = _run_one(cfg, ctx)
+            except KeyboardInterrupt:
+                for rest in configs[i:]:
+                    results.append(ProbeResult(
+                        name=rest.name, kind=rest.kind, verdict=Verdict.SKIP, category="other",
+                        gating=False, message="not run: interrupted",
+                    ))
+                return finish(results, interrupted=True)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            if progress is not None:
+                progress.advance(task)
+    return finish(results)

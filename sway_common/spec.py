@@ -1,0 +1,317 @@
+"""Suite specs: the ``sway.yaml`` v1 format (as dlm-sway 0.1.0 reads it), validated up front.
+
+Every problem in a spec is collected and reported at once, with its path
+(``suite[2].promts``) and a did-you-mean for typos, before any model is loaded: a
+typo should cost a second, not a model download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sway_common.probes import REGISTRY, ProbeConfig
+from sway_common.probes.base import NullCalibration
+from sway_common.probes.null_adapter import NullAdapterConfig
+
+SUPPORTED_VERSION = 1
+BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
+# Probe kinds of dlm-sway that sway-mlx does not implement: such entries run as SKIP so
+# an existing suite still loads, while a kind nobody knows is a typo and an error.
+FOREIGN_KINDS = (
+    "section_internalization",
+    "leakage",
+    "paraphrase_invariance",
+    "calibration_drift",
+    "adapter_revert",
+    "dir",
+)
+
+
+class SpecError(ValueError):
+    """All problems found in one spec."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass
+class ModelSpec:
+    base: str
+    kind: str = "auto"
+    adapter: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class Defaults:
+    seed: int = 0
+    top_k: int = 256
+    differential: bool = True
+    coverage_threshold: float = 0.5
+    score_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ForeignProbeConfig(ProbeConfig):
+    """An entry of a probe kind this tool does not implement; it reports SKIP."""
+
+
+@dataclass
+class SuiteSpec:
+    probes: list[ProbeConfig]
+    defaults: Defaults = field(default_factory=Defaults)
+    model: ModelSpec | None = None
+    """The fine-tuned model (base + adapter); None when a backend is handed in directly."""
+    source: str = "<suite>"
+
+    def null_calibration(self) -> NullCalibration:
+        for cfg in self.probes:
+            if isinstance(cfg, NullAdapterConfig) and cfg.enabled:
+                return cfg.calibration()
+        return NullCalibration()
+
+
+# --------------------------------------------------------------------------- checks
+def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_keys(
+    data: dict[str, Any], allowed: typing.Iterable[str], path: str, problems: list[str]
+) -> None:
+    allowed = list(allowed)
+    for key in data:
+        if key not in allowed:
+            problems.append(
+                f"{path}.{key}: unknown field{_did_you_mean(str(key), allowed)}"
+                f" (allowed: {', '.join(allowed)})"
+            )
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    """Check ``value`` against a type hint; return it converted, or record a problem."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(
+                f"{path}: {value!r} is not one of {', '.join(map(repr, args))}"
+                f"{_did_you_mean(str(value), map(str, args))}"
+            )
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            problems.append(f"{path}: expected a list, got {type(value).__name__}")
+            return value
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
+                return value
+            return tuple(_coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
+            return value
+        return {k: _coerce(v, args[1], f"{path}.{k}", problems) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _unknown_keys(data, fields, path, problems)
+    before = len(problems)
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{path}.{name}", problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{path}.{name}: required field is missing")
+    if len(problems) > before:
+        return None
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- parsing
+def _parse_probe(entry: Any, i: int, problems: list[str]) -> ProbeConfig | None:
+    path = f"suite[{i}]"
+    if not isinstance(entry, dict):
+        problems.append(f"{path}: expected a mapping with name and kind")
+        return None
+    name, kind = entry.get("name"), entry.get("kind")
+    if isinstance(name, str):
+        path = f"suite[{i}] ({name})"
+    if not isinstance(kind, str):
+        problems.append(f"{path}.kind: required; one of {', '.join(sorted(REGISTRY))}")
+        return None
+    if kind in FOREIGN_KINDS:
+        return ForeignProbeConfig(name=str(name or kind), kind=kind)
+    if kind not in REGISTRY:
+        problems.append(
+            f"{path}.kind: unknown probe kind {kind!r}{_did_you_mean(kind, REGISTRY)}"
+            f" (known: {', '.join(sorted(REGISTRY))})"
+        )
+        return None
+    probe_cls = REGISTRY[kind]
+    cfg = _build_dataclass(probe_cls.Config, entry, path, problems)
+    if cfg is not None:
+        problems.extend(f"{path}.{p}" for p in probe_cls().check(cfg))
+    return cfg
+
+
+def _parse_model(data: Any, path: str, problems: list[str]) -> ModelSpec | None:
+    spec = _build_dataclass(ModelSpec, data, path, problems)
+    if spec is not None and spec.kind not in BACKEND_KINDS:
+        problems.append(
+            f"{path}.kind: {spec.kind!r} is not one of {', '.join(BACKEND_KINDS)}"
+            f"{_did_you_mean(spec.kind, BACKEND_KINDS)}"
+        )
+    return spec
+
+
+def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None) -> SuiteSpec:
+    """Validate a decoded spec document; raise :class:`SpecError` listing every problem."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise SpecError(source, ["the document must be a mapping with version, models, suite"])
+    _unknown_keys(data, ("version", "models", "defaults", "suite", "dlm_source"), "", problems)
+    if data.get("version", SUPPORTED_VERSION) != SUPPORTED_VERSION:
+        problems.append(f"version: {data.get('version')!r} is not supported (this build reads 1)")
+
+    model = None
+    models = data.get("models")
+    if not isinstance(models, dict):
+        problems.append("models: required mapping with 'ft' (base + adapter)")
+    else:
+        _unknown_keys(models, ("base", "ft"), "models", problems)
+        ft = _parse_model(models.get("ft"), "models.ft", problems) if "ft" in models else None
+        base = _parse_model(models["base"], "models.base", problems) if "base" in models else None
+        if "ft" not in models:
+            problems.append("models.ft: required (the base model and the adapter to test)")
+        elif ft is not None and not ft.adapter:
+            problems.append("models.ft.adapter: required (path to the adapter to test)")
+        if base is not None and ft is not None and base.base != ft.base:
+            problems.append(
+                f"models.base.base: {base.base!r} differs from models.ft.base {ft.base!r}; "
+                "the views share one base model"
+            )
+        model = ft
+        if model is not None and base_dir is not None:
+            model = _resolve_paths(model, base_dir)
+
+    defaults = _build_dataclass(Defaults, data.get("defaults", {}), "defaults", problems) or Defaults()
+    if not defaults.differential:
+        problems.append("defaults.differential: false is not supported; views always share one model")
+    if not 0.0 <= defaults.coverage_threshold <= 1.0:
+        problems.append("defaults.coverage_threshold: must lie in [0, 1]")
+    if defaults.top_k < 1:
+        problems.append("defaults.top_k: must be >= 1")
+
+    suite = data.get("suite")
+    probes: list[ProbeConfig] = []
+    if not isinstance(suite, list) or not suite:
+        problems.append("suite: required non-empty list of probe entries")
+    else:
+        for i, entry in enumerate(suite):
+            cfg = _parse_probe(entry, i, problems)
+            if cfg is not None:
+                probes.append(cfg)
+        seen: set[str] = set()
+        for cfg in probes:
+            if cfg.name in seen:
+                problems.append(f"suite: probe name {cfg.name!r} is used twice; names must be unique")
+            seen.add(cfg.name)
+
+    if problems:
+        raise SpecError(source, problems)
+    return SuiteSpec(probes=probes, defaults=defaults, model=model, source=source)
+
+
+def _resolve_paths(model: ModelSpec, base_dir: Path) -> ModelSpec:
+    """Relative local paths are relative to the spec file, like any config file."""
+
+    def fix(value: str | None) -> str | None:
+        if value is None or Path(value).expanduser().is_absolute():
+            return value
+        candidate = base_dir / value
+        return str(candidate) if candidate.exists() else value
+
+    return dataclasses.replace(model, base=fix(model.base) or model.base, adapter=fix(model.adapter))
+
+
+def load_spec(path: str | Path) -> SuiteSpec:
+    """Read and validate a YAML or JSON spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # both parsers' errors carry line numbers in their text
+        raise SpecError(str(path), [f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"]) from None
+    return parse_spec(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def quick_suite(
+    prompts: list[str], *, runs: int = 8, model: ModelSpec | None = None, seed: int = 0
+) -> SuiteSpec:
+    """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation."""
+    from sway_common.probes.adapter_ablation import AdapterAblationConfig
+    from sway_common.probes.delta_kl import DeltaKLConfig
+
+    return SuiteSpec(
+        probes=[
+            NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
+            DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
+            AdapterAblationConfig(name="ablation", kind="adapter_ablation", prompts=list(prompts)),
+        ],
+        defaults=Defaults(seed=seed),
+        model=model,
+        source="quick suite",
+    )

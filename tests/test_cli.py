@@ -1,0 +1,110 @@
+"""The CLI through click's runner: reports, exit codes, errors before any model loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sway_common.cli import app
+from sway_common.report import load_json
+
+SPEC = """
+version: 1
+models:
+  ft: {{kind: dummy, base: dummy, adapter: {adapter}}}
+defaults: {{seed: 0}}
+suite:
+  - {{name: null_baseline, kind: null_adapter, runs: 5}}
+  - {{name: doc, kind: delta_kl, prompts: ["The keeper said", "In the storm", "A ledger entry"]}}
+  - {{name: shape, kind: adapter_ablation, prompts: ["The keeper said", "In the storm"]}}
+"""
+
+
+def _spec(tmp_path: Path, adapter: str = "trained", body: str = SPEC) -> Path:
+    path = tmp_path / f"{adapter}.yaml"
+    path.write_text(body.format(adapter=adapter))
+    return path
+
+
+def test_eval_writes_all_four_reports(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["eval", str(_spec(tmp_path)), "--json", str(out / "r.json"),
+            "--markdown", str(out / "r.md"), "--junit", str(out / "r.xml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "delta_kl" in result.output
+    suite = load_json(out / "r.json")
+    assert [p.name for p in suite.probes] == ["null_baseline", "doc", "shape"]
+    assert "| doc |" in (out / "r.md").read_text() or "doc" in (out / "r.md").read_text()
+    root = ET.parse(out / "r.xml").getroot()
+    assert root.get("failures") == "0" and len(root.findall(".//testcase")) == 3
+
+
+def test_gate_exits_one_for_an_untrained_adapter(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["gate", str(_spec(tmp_path, "untrained"))])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("FAIL")
+
+
+def test_nan_adapter_exits_two(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["eval", str(_spec(tmp_path, "nan")), "--json", str(out)])
+    assert result.exit_code == 2
+    assert [p.verdict.value for p in load_json(out).probes] == ["ERROR"]
+
+
+def test_gate_threshold_overrides_the_spec(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["gate", str(_spec(tmp_path)), "--threshold", "1.0"])
+    assert result.exit_code == 1
+
+
+def test_spec_with_two_typos_exits_two_naming_both_without_loading(tmp_path: Path, monkeypatch) -> None:
+    import sway_common.platform as platform
+
+    def forbidden(*a, **k):
+        raise AssertionError("a backend was built for an invalid spec")
+
+    monkeypatch.setattr(platform, "build_backend", forbidden)
+    body = SPEC.replace("runs: 5", "rnus: 5").replace("prompts: [\"The keeper", "prompt: [\"The keeper", 1)
+    result = CliRunner().invoke(app, ["eval", str(_spec(tmp_path, body=body))])
+    assert result.exit_code == 2
+    assert "rnus" in result.output and "did you mean 'runs'" in result.output
+    assert "prompt:" not in result.output or "did you mean 'prompts'" in result.output
+
+
+def test_missing_spec_and_bad_adapter_are_one_line_errors(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "cannot read" in result.output
+    result = CliRunner().invoke(app, ["eval", str(_spec(tmp_path, "bogus"))])
+    assert result.exit_code == 2 and "dummy adapter must be one of" in result.output
+
+
+def test_list_probes_and_doctor() -> None:
+    result = CliRunner().invoke(app, ["list-probes"])
+    assert result.exit_code == 0
+    for kind in ("delta_kl", "null_adapter", "adapter_ablation"):
+        assert kind in result.output
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    report = json.loads(result.output)
+    assert report["auto_picks"] in ("mlx", "hf") and "backends" in report
+
+
+def test_help_teaches() -> None:
+    result = CliRunner().invoke(app, ["--help"])
+    assert "null" in result.output and "eval" in result.output and "gate" in result.output
+
+
+@pytest.mark.parametrize("module", ["sway_common", "sway_common.cli", "sway_common.runner", "sway_common.spec"])
+def test_importing_sway_common_loads_neither_mlx_nor_torch(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        "bad = [m for m in ('mlx', 'torch', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
