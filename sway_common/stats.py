@@ -1,0 +1,210 @@
+"""Statistics against a small null sample: z, small-sample p-values, bootstrap, fits.
+
+K null adapters give K numbers, often fewer than ten, so every test here is honest
+about small n: a degenerate null yields no z and no p rather than a huge one, and
+the parametric p-value uses Student's t written out with the math module (no scipy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from sway_common.types import NullStats
+
+_CF_MAX_ITER = 20_000
+_CF_TOL = 1e-15
+_TINY = 1e-300
+
+
+def _finite_array(values: ArrayLike, what: str) -> NDArray[np.float64]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be 1-D")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} contain non-finite entries")
+    return arr
+
+
+def _finite(x: float, what: str) -> float:
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{what} is not finite: {x!r}")
+    return x
+
+
+def null_stats(values: Sequence[float]) -> NullStats:
+    """Summarise a metric measured under K null adapters.
+
+    ``std`` is the sample standard deviation (ddof=1). The result is degenerate when
+    ``n < 2`` or ``std <= max(1e-12, 1e-9 * |mean|)``: dividing by such a std would
+    turn roundoff into a z in the thousands. An empty sample is degenerate with mean
+    and std 0.0, so callers need no special case for "no nulls drawn".
+    """
+    arr = _finite_array(values, "null values")
+    n = int(arr.size)
+    mean = float(arr.mean()) if n else 0.0
+    std = float(arr.std(ddof=1)) if n >= 2 else 0.0
+    degenerate = n < 2 or std <= max(1e-12, 1e-9 * abs(mean))
+    return NullStats(mean=mean, std=std, n=n, values=[float(v) for v in arr], degenerate=degenerate)
+
+
+def z_score(x: float, stats: NullStats) -> float | None:
+    """``(x - mean) / std``, or None when the null is degenerate."""
+    x = _finite(x, "observed value")
+    if stats.degenerate:
+        return None
+    return (x - stats.mean) / stats.std
+
+
+def _beta_cf(a: float, b: float, x: float) -> float:
+    """Continued fraction for I_x(a, b), evaluated with the modified Lentz method.
+
+    Converges quickly for ``x < (a + 1) / (a + b + 2)``; callers use the symmetry
+    I_x(a, b) = 1 - I_{1-x}(b, a) to stay in that region.
+    """
+
+    def guard(v: float) -> float:
+        return v if abs(v) > _TINY else _TINY
+
+    c = 1.0
+    d = 1.0 / guard(1.0 - (a + b) * x / (a + 1.0))
+    h = d
+    for m in range(1, _CF_MAX_ITER):
+        two_m = 2.0 * m
+        # Even step of the fraction.
+        coef = m * (b - m) * x / ((a + two_m - 1.0) * (a + two_m))
+        d = 1.0 / guard(1.0 + coef * d)
+        c = guard(1.0 + coef / c)
+        h *= d * c
+        # Odd step.
+        coef = -(a + m) * (a + b + m) * x / ((a + two_m) * (a + two_m + 1.0))
+        d = 1.0 / guard(1.0 + coef * d)
+        c = guard(1.0 + coef / c)
+        step = d * c
+        h *= step
+        if abs(step - 1.0) < _CF_TOL:
+            return h
+    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
+
+
+def betainc(a: float, b: float, x: float, *, one_minus_x: float | None = None) -> float:
+    """Regularised incomplete beta function I_x(a, b) for ``a, b > 0``, ``0 <= x <= 1``.
+
+    ``one_minus_x`` lets a caller pass ``1 - x`` computed without cancellation.
+    """
+    if not (a > 0.0 and b > 0.0):
+        raise ValueError("betainc needs a > 0 and b > 0")
+    y = 1.0 - x if one_minus_x is None else one_minus_x
+    if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+        raise ValueError(f"betainc x must lie in [0, 1], got {x!r}")
+    if x == 0.0:
+        return 0.0
+    if y == 0.0:
+        return 1.0
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_cf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_cf(b, a, y) / b
+
+
+def t_sf(t: float, df: float) -> float:
+    """Upper tail P(T > t) of Student's t with ``df`` degrees of freedom."""
+    t = _finite(t, "t")
+    if not df > 0.0:
+        raise ValueError(f"df must be positive, got {df!r}")
+    t2 = t * t
+    # P(|T| > |t|) = I_{df/(df+t^2)}(df/2, 1/2); 1 - x is formed directly for precision.
+    if math.isinf(t2):
+        two_sided = 0.0
+    else:
+        two_sided = betainc(0.5 * df, 0.5, df / (df + t2), one_minus_x=t2 / (df + t2))
+    half = 0.5 * two_sided
+    return half if t >= 0.0 else 1.0 - half
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) of Student's t with ``df`` degrees of freedom."""
+    return t_sf(-t, df)
+
+
+def p_value(x: float, stats: NullStats) -> float | None:
+    """One-sided p that a fresh null draw is at least ``x``, or None when degenerate.
+
+    Uses the prediction-interval statistic ``t = (x - mean) / (std * sqrt(1 + 1/n))``
+    with ``n - 1`` degrees of freedom, which accounts for the mean and std being
+    estimated from only ``n`` draws (assumes the null metric is roughly normal).
+    """
+    x = _finite(x, "observed value")
+    if stats.degenerate:
+        return None
+    n = stats.n
+    t = (x - stats.mean) / (stats.std * math.sqrt(1.0 + 1.0 / n))
+    return min(max(t_sf(t, n - 1), 0.0), 1.0)
+
+
+def empirical_p(x: float, values: Sequence[float]) -> float:
+    """Rank p-value ``(1 + #{v >= x}) / (n + 1)``: distribution-free, never below 1/(n+1)."""
+    x = _finite(x, "observed value")
+    arr = _finite_array(values, "null values")
+    return (1.0 + float(np.count_nonzero(arr >= x))) / (arr.size + 1.0)
+
+
+def bootstrap_ci(
+    values: Sequence[float],
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    stat: Callable[[NDArray[np.float64]], Any] = np.mean,
+) -> tuple[float, float]:
+    """Percentile bootstrap ``1 - alpha`` interval for ``stat`` of ``values``.
+
+    Resampling uses ``numpy.random.default_rng(seed)``, so a seed fixes the interval.
+    """
+    arr = _finite_array(values, "values")
+    if arr.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if n_boot < 1:
+        raise ValueError("n_boot must be at least 1")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError("alpha must lie in (0, 1)")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, arr.size, size=(n_boot, arr.size))
+    draws = np.fromiter((float(stat(arr[row])) for row in idx), dtype=np.float64, count=n_boot)
+    lo, hi = np.quantile(draws, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares line through ``(x, y)``: ``(slope, intercept, r2)``.
+
+    R² is 1 for points on a line. When ``y`` is constant (spread within 1e-12 of its
+    magnitude) there is no variance to explain and R² is defined as 0.0: a flat
+    response is "no dose-response", which a caller must not read as a perfect fit.
+    """
+    xa = _finite_array(x, "x")
+    ya = _finite_array(y, "y")
+    if xa.shape != ya.shape:
+        raise ValueError(f"x and y differ in length: {xa.size} vs {ya.size}")
+    if xa.size < 2:
+        raise ValueError("linear_fit needs at least two points")
+    dx = xa - xa.mean()
+    sxx = float(np.dot(dx, dx))
+    if np.ptp(xa) <= 1e-12 * float(np.max(np.abs(xa))) or sxx == 0.0:
+        raise ValueError("x is constant: the slope is undefined")
+    y_mean = float(ya.mean())
+    if np.ptp(ya) <= 1e-12 * float(np.max(np.abs(ya))):
+        return 0.0, y_mean, 0.0
+    slope = float(np.dot(dx, ya - y_mean)) / sxx
+    intercept = y_mean - slope * float(xa.mean())
+    resid = ya - (slope * xa + intercept)
+    dy = ya - y_mean
+    r2 = 1.0 - float(np.dot(resid, resid)) / float(np.dot(dy, dy))
+    return slope, intercept, min(max(r2, 0.0), 1.0)

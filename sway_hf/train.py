@@ -1,0 +1,80 @@
+"""Train a LoRA adapter with PEFT on a few text chunks: the demo's trainer on torch.
+
+Deliberately small: full-batch AdamW over the chunks for a fixed number of steps.
+Writes a standard PEFT adapter dir (and Trainer-style ``checkpoint-N/`` dirs when
+``save_every`` is set), atomically, so a cache never holds a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def train_lora(
+    model_dir: str | Path,
+    chunks: Sequence[str],
+    out_dir: str | Path,
+    *,
+    steps: int,
+    rank: int = 8,
+    alpha: float = 16.0,
+    learning_rate: float = 1e-3,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    num_layers: int = 8,
+    seed: int = 0,
+    max_tokens: int = 128,
+    save_every: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    # Only the last blocks, as mlx-lm's --num-layers does: backprop then stops there,
+    # which is most of the cost of a step on a CPU.
+    depth = model.config.num_hidden_layers
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+        bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=list(range(max(0, depth - num_layers), depth)),
+    )
+    model = get_peft_model(model, config)
+    batch = tokenizer(
+        list(chunks), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
+    ).to(device)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
+    )
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=out.parent))
+    try:
+        model.train()
+        for step in range(1, steps + 1):
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(step, float(loss.detach()))
+            if save_every and step % save_every == 0 and step < steps:
+                model.save_pretrained(str(tmp / f"checkpoint-{step}"))
+        model.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
