@@ -1,0 +1,334 @@
+"""LoRA adapters on disk: detect, read, write, convert between PEFT and mlx-lm.
+
+One in-memory form, :class:`AdapterWeights`, holds every adapter as PEFT orients it:
+``a`` is ``(r, in)``, ``b`` is ``(out, r)`` and the update is ``ΔW = scale · b @ a``,
+added to ``W`` where ``y = x @ W.T``. Module names are the causal-LM paths that both
+transformers and mlx-lm use (``model.layers.3.self_attn.q_proj``).
+
+- PEFT: ``adapter_config.json`` + ``adapter_model.safetensors`` with
+  ``base_model.model.<name>.lora_A.weight`` (r, in), ``...lora_B.weight`` (out, r) and,
+  for DoRA, ``...lora_magnitude_vector`` (out,). ``scale = alpha / r`` (``alpha / sqrt(r)``
+  with rsLoRA); ``rank_pattern`` / ``alpha_pattern`` override r / alpha per module.
+- mlx-lm: ``adapter_config.json`` (``fine_tune_type``, ``num_layers``,
+  ``lora_parameters: {rank, scale, dropout, keys}``) + ``adapters.safetensors`` (or a
+  checkpoint ``NNNNNNN_adapters.safetensors``) with ``<name>.lora_a`` (in, r),
+  ``<name>.lora_b`` (r, out) and, for DoRA, ``<name>.m`` (out,).
+
+Anything this form cannot represent (modules_to_save, LoRA biases, embedding or conv
+LoRA, other PEFT tuners, base-rewriting initialisations) is refused with
+:class:`AdapterFormatError`, never dropped. Only numpy and safetensors are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sway_common.adapter_files import (
+    AdapterFormatError,
+    load_safetensors,
+    save_safetensors,
+)
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterWeights",
+    "LoraModule",
+    "convert_adapter",
+    "detect_format",
+    "read_adapter",
+    "write_mlx_adapter",
+    "write_peft_adapter",
+]
+
+AdapterFormat = Literal["peft", "mlx"]
+
+PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+MLX_WEIGHTS = "adapters.safetensors"
+CONFIG_NAME = "adapter_config.json"
+# Our own field in an mlx-lm adapter_config.json; mlx-lm ignores keys it does not know.
+SWAY_FIELD = "sway_lora"
+_LAYER_RE = re.compile(r"^(?P<prefix>.*?\blayers)\.(?P<idx>\d+)\.(?P<suffix>.+)$")
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-wrapped Linear: ``ΔW = scale · b @ a`` in PEFT orientation."""
+
+    a: NDArray[np.float32]
+    """(r, in)"""
+    b: NDArray[np.float32]
+    """(out, r)"""
+    scale: float
+    magnitude: NDArray[np.float32] | None = None
+    """DoRA: the learned norm of each output row of the adapted weight, (out,)."""
+
+    def __post_init__(self) -> None:
+        if self.a.ndim != 2 or self.b.ndim != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise AdapterFormatError(
+                f"LoRA factors do not chain: a {self.a.shape} (r, in), b {self.b.shape} (out, r)"
+            )
+        if self.magnitude is not None and self.magnitude.shape != (self.b.shape[0],):
+            raise AdapterFormatError(
+                f"DoRA magnitude has shape {self.magnitude.shape}, expected ({self.b.shape[0]},)"
+            )
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of the wrapped weight."""
+        return int(self.b.shape[0]), int(self.a.shape[1])
+
+    def delta(self) -> NDArray[np.float32]:
+        """The low-rank update ``scale · b @ a``, (out, in).
+
+        For DoRA this is only the direction update; the adapted weight also rescales
+        each row to ``magnitude`` (see :meth:`merged`).
+        """
+        return (np.float32(self.scale) * (self.b @ self.a)).astype(np.float32)
+
+    def merged(self, base: NDArray[np.floating]) -> NDArray[np.float32]:
+        """The adapted weight for base weight ``base`` (out, in), as PEFT and mlx-lm merge it."""
+        w = np.asarray(base, dtype=np.float32) + self.delta()
+        if self.magnitude is None:
+            return w
+        norms = np.linalg.norm(w, axis=1)
+        return (self.magnitude / norms)[:, None].astype(np.float32) * w
+
+    def frobenius_norm(self) -> float:
+        """``‖scale · b @ a‖_F`` without forming the (out, in) matrix."""
+        a = self.a.astype(np.float64)
+        b = self.b.astype(np.float64)
+        # ‖BA‖²_F = tr((BᵀB)(AAᵀ)), an r×r product.
+        sq = float(np.sum((b.T @ b) * (a @ a.T)))
+        return abs(self.scale) * math.sqrt(max(sq, 0.0))
+
+
+def content_hash(modules: dict[str, LoraModule], dora: bool) -> str:
+    """Hash of what the adapter computes: names, shapes, factor bytes, scales; not its path.
+
+    The form is canonical (float32, PEFT orientation), so the same adapter hashes the
+    same whether it was read from PEFT or mlx-lm files.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"dora" if dora else b"lora")
+    for name in sorted(modules):
+        m = modules[name]
+        h.update(name.encode("utf-8") + b"\x00")
+        h.update(repr(float(m.scale)).encode() + b"\x00")
+        tensors = [m.a, m.b] + ([m.magnitude] if m.magnitude is not None else [])
+        for t in tensors:
+            t32 = np.ascontiguousarray(t, dtype=np.float32)
+            h.update(repr(t32.shape).encode())
+            h.update(t32.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class AdapterWeights:
+    """A LoRA / DoRA adapter in canonical form, whatever format it came from."""
+
+    fmt: AdapterFormat
+    dora: bool
+    modules: dict[str, LoraModule]
+    config: dict[str, Any] = field(default_factory=dict)
+    """The source adapter_config.json, as read."""
+    content_hash: str = ""
+    path: Path | None = None
+    """Where it was read from (informational; not part of the hash)."""
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise AdapterFormatError("the adapter holds no LoRA modules")
+        if self.dora and any(m.magnitude is None for m in self.modules.values()):
+            raise AdapterFormatError("a DoRA adapter needs a magnitude vector on every module")
+        if not self.content_hash:
+            self.content_hash = content_hash(self.modules, self.dora)
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def target_keys(self) -> list[str]:
+        """Module names relative to their transformer block (``self_attn.q_proj``)."""
+        return sorted({split_layer_name(n)[2] for n in self.modules})
+
+    @property
+    def layers(self) -> list[int]:
+        """Indices of the transformer blocks holding at least one LoRA module."""
+        return sorted({i for n in self.modules if (i := split_layer_name(n)[1]) is not None})
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return {n: m.scale for n, m in self.modules.items()}
+
+    def frobenius_norms(self) -> dict[str, float]:
+        """``‖ΔW‖_F`` of each module's low-rank update (DoRA: the direction update)."""
+        return {n: m.frobenius_norm() for n, m in sorted(self.modules.items())}
+
+
+def split_layer_name(name: str) -> tuple[str, int | None, str]:
+    """``model.layers.3.self_attn.q_proj`` -> (``model.layers``, 3, ``self_attn.q_proj``)."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return "", None, name
+    return m["prefix"], int(m["idx"]), m["suffix"]
+
+
+# ------------------------------------------------------------------ detection
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"cannot read {path}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{path} does not hold a JSON object")
+    return cfg
+
+
+def _resolve(path: str | Path) -> tuple[Path, Path | None]:
+    """(adapter dir, chosen weights file or None) for a dir or a weights-file path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p, None
+    if p.is_file() and p.suffix == ".safetensors":
+        return p.parent, p
+    if p.is_file() and p.name == CONFIG_NAME:
+        return p.parent, None
+    if p.is_file() and p.suffix == ".bin":
+        raise AdapterFormatError(
+            f"{p} is a pickled torch file; re-save the adapter with safetensors "
+            "(PEFT: save_pretrained(..., safe_serialization=True))"
+        )
+    raise AdapterFormatError(f"no adapter at {p}: expected a directory or a .safetensors file")
+
+
+def detect_format(path: str | Path) -> AdapterFormat:
+    """``"peft"`` or ``"mlx"`` for an adapter dir (or one of its weights files)."""
+    root, weights = _resolve(path)
+    if weights is not None:
+        return "peft" if weights.name.startswith("adapter_model") else "mlx"
+    cfg_path = root / CONFIG_NAME
+    if cfg_path.is_file():
+        cfg = _load_config(cfg_path)
+        if "peft_type" in cfg:
+            return "peft"
+        if "lora_parameters" in cfg or "fine_tune_type" in cfg:
+            return "mlx"
+    if (root / PEFT_WEIGHTS).is_file() or (root / "adapter_model.bin").is_file():
+        return "peft"
+    if (root / MLX_WEIGHTS).is_file():
+        return "mlx"
+    raise AdapterFormatError(
+        f"{root} is not a LoRA adapter: expected adapter_config.json with "
+        f"{PEFT_WEIGHTS} (PEFT) or {MLX_WEIGHTS} (mlx-lm)"
+    )
+
+
+def read_adapter(path: str | Path) -> AdapterWeights:
+    """Read a PEFT or mlx-lm adapter dir, or one chosen weights/checkpoint file."""
+    # adapter_formats builds on the types above, so it is imported late to avoid a cycle.
+    from sway_common.adapter_formats import read_mlx, read_peft
+
+    root, weights = _resolve(path)
+    fmt = detect_format(path)
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise AdapterFormatError(f"{root} has no {CONFIG_NAME}; it is needed for rank and scale")
+    cfg = _load_config(cfg_path)
+    if fmt == "peft":
+        weights = weights or root / PEFT_WEIGHTS
+        if not weights.is_file():
+            hint = (
+                " (only adapter_model.bin is there: re-save it with safetensors, "
+                "save_pretrained(..., safe_serialization=True))"
+                if (root / "adapter_model.bin").is_file()
+                else ""
+            )
+            raise AdapterFormatError(f"{root} has no {PEFT_WEIGHTS}{hint}")
+        modules, dora = read_peft(cfg, load_safetensors(weights))
+    else:
+        weights = weights or root / MLX_WEIGHTS
+        if not weights.is_file():
+            raise AdapterFormatError(f"{root} has no {MLX_WEIGHTS}")
+        modules, dora = read_mlx(cfg, load_safetensors(weights))
+    return AdapterWeights(fmt=fmt, dora=dora, modules=modules, config=cfg, path=weights)
+
+
+# ------------------------------------------------------------------ writing
+def write_mlx_adapter(
+    w: AdapterWeights, dst: str | Path, *, allow_rescale: bool = False
+) -> Path:
+    """Write ``w`` as an mlx-lm adapter dir that ``mlx_lm`` loads as-is.
+
+    mlx-lm has one rank, one scale and a "last ``num_layers`` blocks" rule. So:
+
+    - ``num_layers`` is kept from an mlx-lm source, else -1 (every block); mlx-lm then
+      also wraps untargeted (block, key) pairs, whose ``lora_b`` stays zero: ΔW = 0;
+    - smaller ranks are zero-padded to the largest one (same ΔW);
+    - per-module scales are folded into ``lora_b`` relative to one shared scale. When
+      a module's ratio is a power of two the fold is exact and our reader undoes it
+      bit for bit; otherwise it would round, so it is refused unless
+      ``allow_rescale=True``;
+    - the true per-module rank and scale go in the ``sway_lora`` config field, which
+      :func:`read_adapter` uses to give back the original factors.
+    """
+    from sway_common.adapter_formats import mlx_payload
+
+    tensors, cfg = mlx_payload(w, allow_rescale=allow_rescale)
+    return _write_dir(Path(dst), MLX_WEIGHTS, tensors, cfg, "mlx")
+
+
+def write_peft_adapter(
+    w: AdapterWeights, dst: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``w`` as a PEFT LoRA dir (float32) that ``PeftModel.from_pretrained`` loads.
+
+    Targets are exact: ``target_modules`` lists block-relative keys plus
+    ``layers_to_transform`` when the adapter covers every (block, key) pair of its
+    blocks, else a regex naming each module. Per-module ranks and scales go in
+    ``rank_pattern`` / ``alpha_pattern``, with alpha chosen so that alpha / r gives
+    back each scale exactly.
+    """
+    from sway_common.adapter_formats import peft_payload
+
+    tensors, cfg = peft_payload(w, base_model_name_or_path)
+    return _write_dir(Path(dst), PEFT_WEIGHTS, tensors, cfg, "pt")
+
+
+def _write_dir(
+    dst: Path, weights_name: str, tensors: dict[str, np.ndarray], cfg: dict, fmt: str
+) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, dst / weights_name, fmt)
+    # The config goes last: a dir with a config is a finished adapter.
+    tmp = dst / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(dst / CONFIG_NAME)
+    return dst
+
+
+def convert_adapter(
+    src: str | Path, dst: str | Path, to: AdapterFormat, *, allow_rescale: bool = False
+) -> Path:
+    """Read the adapter at ``src`` and write it in format ``to`` under ``dst``."""
+    w = read_adapter(src)
+    if to == "mlx":
+        return write_mlx_adapter(w, dst, allow_rescale=allow_rescale)
+    if to == "peft":
+        base = w.config.get("base_model_name_or_path") or w.config.get("model")
+        return write_peft_adapter(w, dst, base_model_name_or_path=base)
+    raise ValueError(f"unknown adapter format {to!r}; choose 'mlx' or 'peft'")

@@ -1,0 +1,200 @@
+"""Build the tiny on-disk models and adapters the test-suite shares.
+
+Everything here is deterministic (fixed seeds) and small enough to build in seconds
+on two CPU cores, so tests never need a model hub. ``conftest.py`` wraps these
+builders in session-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCUMENT_PATH = REPO_ROOT / "sway_common" / "data" / "demo_document.md"
+
+# Generic English so the tokenizer sees ordinary words, not only the demo document's.
+GENERIC_ENGLISH = """\
+The quick brown fox jumps over the lazy dog. The answer is simple: read the question twice.
+A model is a set of numbers that turns one text into the next word, one token at a time.
+Once upon a time there was a small village by the sea, where people fished and told stories.
+It is raining today, so we stay inside, drink tea and read books about history and science.
+What is the capital of France? The capital of France is Paris. Two plus two is four.
+She opened the door, looked at the sky and said that the weather would be fine tomorrow.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } " ' - /
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+TINY_VOCAB = 384
+TINY_SEED = 1234
+
+
+def corpus_text() -> str:
+    return DOCUMENT_PATH.read_text(encoding="utf-8") + "\n" + GENERIC_ENGLISH
+
+
+def document_chunks(max_chars: int = 240) -> list[str]:
+    """The demo document cut into paragraph-sized training texts."""
+    text = DOCUMENT_PATH.read_text(encoding="utf-8")
+    chunks: list[str] = []
+    for para in text.split("\n\n"):
+        para = " ".join(para.split())
+        while para:
+            chunks.append(para[:max_chars])
+            para = para[max_chars:]
+    return [c for c in chunks if c]
+
+
+def _build_tokenizer(dst: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Untrimmed offsets, as GPT-2-style tokenizers report them: a token's span includes its
+    # leading space, which is what the backends' prompt/completion boundary logic expects.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([corpus_text()], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<pad>",
+        model_max_length=256,
+    )
+    fast.save_pretrained(str(dst))
+
+
+def build_tiny_model(dst: Path) -> Path:
+    """A random fp32 LlamaForCausalLM (2 layers, hidden 64) with a trained byte-level BPE."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dst.mkdir(parents=True, exist_ok=True)
+    _build_tokenizer(dst)
+    tokenizer = AutoTokenizer.from_pretrained(str(dst))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    # The default init (std 0.02) gives near-uniform next-token distributions; a
+    # larger std makes the random model peaked enough for top-k tests to mean something.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(TINY_SEED)
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if "embed" in name else 0.1))
+    model.save_pretrained(str(dst), safe_serialization=True)
+    return dst
+
+
+def train_tiny_peft_adapter(model_dir: Path, dst: Path, steps: int = 40) -> Path:
+    """PEFT LoRA r=4 alpha=8 on q_proj/v_proj, trained with Adam on the demo document."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(TINY_SEED)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, cfg)
+    ids = tokenizer(document_chunks(), return_tensors="pt", padding=True)
+    labels = ids["input_ids"].clone()
+    labels[ids["attention_mask"] == 0] = -100
+    opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    # Ops this small gain nothing from threads, and on a busy 2-core box torch's thread
+    # pool made the 40 steps ~6x slower (15 s vs 2.6 s measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            out = peft_model(**ids, labels=labels)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    peft_model.eval()
+    peft_model.save_pretrained(str(dst))
+    return dst
+
+
+def mlx_env() -> dict[str, str]:
+    """Environment for an mlx subprocess: OpenBLAS preloaded when present (40x faster matmul)."""
+    env = dict(os.environ)
+    blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+    if sys.platform == "linux" and Path(blas).exists() and blas not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = (blas + " " + env.get("LD_PRELOAD", "")).strip()
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def train_tiny_mlx_adapter(model_dir: Path, dst: Path, work: Path, iters: int = 20) -> Path:
+    """LoRA r=4 on q_proj/v_proj of both layers, trained by ``python -m mlx_lm lora``.
+
+    Checkpoints every 10 iterations, so ``0000010_adapters.safetensors`` and
+    ``0000020_adapters.safetensors`` sit next to ``adapters.safetensors``.
+    """
+    data = work / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    chunks = document_chunks()
+    with open(data / "train.jsonl", "w", encoding="utf-8") as f:
+        for c in chunks:
+            f.write(json.dumps({"text": c}) + "\n")
+    with open(data / "valid.jsonl", "w", encoding="utf-8") as f:
+        for c in chunks[:2]:
+            f.write(json.dumps({"text": c}) + "\n")
+    # JSON is valid YAML, and the CLI only takes rank/scale/keys from a config file.
+    cfg = {
+        "lora_parameters": {
+            "rank": 4,
+            "scale": 2.0,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        }
+    }
+    cfg_path = work / "lora.yaml"
+    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
+    cmd = [
+        sys.executable, "-m", "mlx_lm", "lora",
+        "--model", str(model_dir), "--train", "--data", str(data),
+        "--iters", str(iters), "--batch-size", "2", "--num-layers", "2",
+        "--learning-rate", "1e-2", "--save-every", "10", "--steps-per-eval", "1000",
+        "--val-batches", "1", "--steps-per-report", "10", "--seed", "0",
+        "--max-seq-length", "256", "--adapter-path", str(dst), "-c", str(cfg_path),
+    ]
+    proc = subprocess.run(cmd, env=mlx_env(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not (dst / "adapters.safetensors").exists():
+        raise RuntimeError(
+            f"mlx_lm lora failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return dst
