@@ -50,7 +50,7 @@ def _build_or_fail(model: Any, backend: str) -> Any:
 
 
 def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | None,
-             reports: dict[str, str | None], quiet: bool = False) -> NoReturn:
+             reports: dict[str, str | None], plot_dir: str | None = None, quiet: bool = False) -> NoReturn:
     from sway_common.report import (
         headline,
         render_terminal,
@@ -74,6 +74,10 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
     for kind, path in reports.items():
         if path:
             writers[kind](result, path)
+    if plot_dir:
+        from sway_common.report.plots import write_plots
+
+        write_plots(result, Path(plot_dir))
     if not quiet:
         console = Console()
         render_terminal(result, console)
@@ -93,6 +97,7 @@ def report_options(f: Any) -> Any:
     f = click.option("--backend", type=click.Choice(["auto", "mlx", "hf", "dummy"]), default="auto", show_default=True,
                      help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX.")(f)
     f = click.option("--seed", type=int, default=None, help="Override the spec's seed.")(f)
+    f = click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots (z per probe against the null band, ablation curve) into this directory.")(f)
     return f
 
 
@@ -109,6 +114,10 @@ def app() -> None:
     Quick start:
       sway-mlx eval sway.yaml --json result.json   # run a suite
       sway-mlx gate sway.yaml --threshold 0.6      # CI: exit 1 below the threshold
+      sway-mlx eval --model M --adapter-path A     # quick check, no spec needed
+      sway-mlx checkpoints adapters/ --model M     # every checkpoint of a run
+      sway-mlx watch adapters/ --model M           # evaluate checkpoints as they land
+      sway-mlx demo                                # the whole idea, offline
       sway-mlx list-probes                         # what a suite can contain
       sway-mlx doctor                              # which backend runs here
     """
@@ -140,7 +149,7 @@ def read_prompts(path: str | None) -> list[str]:
 @click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None, prompts_file: str | None,
              runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, threshold: float | None) -> None:
+             backend: str, seed: int | None, plot_dir: str | None, threshold: float | None) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
 
     \b
@@ -165,7 +174,7 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None,
         if not Path(adapter_path).exists():
             fail(f"adapter path {adapter_path} does not exist")
         spec = quick_suite(read_prompts(prompts_file), runs=runs, model=ModelSpec(base=model, adapter=adapter_path))
-    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path})
+    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path}, plot_dir)
 
 
 @app.command("gate")
@@ -173,10 +182,10 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None,
 @report_options
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def gate_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, threshold: float | None) -> None:
+             backend: str, seed: int | None, plot_dir: str | None, threshold: float | None) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
     spec = _load_spec_or_fail(spec_path)
-    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path}, quiet=True)
+    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path}, plot_dir, quiet=True)
 
 
 @app.command("list-probes")
@@ -261,6 +270,12 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     except (OSError, RuntimeError, ImportError, ValueError) as e:
         fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     sys.exit(code)
+
+
+from sway_common.cli_loop import checkpoints_cmd, watch_cmd  # noqa: E402  (needs app, fail above)
+
+app.add_command(checkpoints_cmd)
+app.add_command(watch_cmd)
 
 
 def main() -> None:

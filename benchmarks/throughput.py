@@ -1,0 +1,158 @@
+"""Scoring throughput of the MLX and HF backends on a SmolLM2-135M-shaped model.
+
+Builds (once, in --work) a model with SmolLM2-135M's architecture and random weights,
+a byte-level BPE tokenizer, and a random LoRA adapter on q_proj/v_proj (r=8), so the
+benchmark needs no download and runs the same on a laptop, this CPU box or a GPU.
+Then, per backend and batch size, it times the two hot paths of every probe through
+the public view API:
+
+- ``logprob_of_batch``: full-sequence scoring (B texts of T tokens), reported in tokens/s;
+- ``next_token_dist_batch``: last-position distributions (B prompts of T tokens), prompts/s;
+
+in the base view and the fine-tuned (LoRA) view, with the result cache cleared before
+each timed run. Results go to a JSON file and a printed table.
+
+    python benchmarks/throughput.py --backends hf,mlx --batches 1,8 --seq 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SMOLLM2_135M = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
+    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 0,
+}
+WORDS = ("light keeper storm ledger tide granite beam harbour schooner lamp garden "
+         "steps gallery winter oil green flash reef crew bell chapel archive").split()
+
+
+def build_model(work: Path) -> tuple[Path, Path]:
+    """A random-weight SmolLM2-135M-shaped model dir and a random PEFT LoRA, built once."""
+    model_dir, adapter_dir = work / "model", work / "adapter"
+    if (adapter_dir / "adapter_config.json").exists():
+        return model_dir, adapter_dir
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(WORDS, 64)) for _ in range(200)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=torch.float32)
+    model.save_pretrained(str(model_dir))
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    peft.save_pretrained(str(adapter_dir))
+    return model_dir, adapter_dir
+
+
+def texts_of_length(backend: Any, n: int, tokens: int, seed: int) -> list[str]:
+    """n distinct texts of about ``tokens`` tokens (decode-then-encode may merge a few)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = list(rng.choice(WORDS, tokens * 2))
+        ids = backend._encode(" ".join(words))[0][:tokens]
+        out.append(backend.tokenizer.decode(ids))
+    return out
+
+
+def timed(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Namespace) -> list[dict]:
+    if name == "mlx":
+        from sway_mlx.backend import MLXDifferentialBackend as Backend
+
+        kw: dict[str, Any] = {"dtype": args.dtype}
+    else:
+        from sway_hf.backend import HFDifferentialBackend as Backend
+
+        kw = {"dtype": args.dtype, "device": args.device}
+    records = []
+    for batch in args.batches:
+        backend = Backend(model_dir, adapter, batch_size=batch, **kw)
+        texts = texts_of_length(backend, batch, args.seq, seed=batch)
+        for view_name in ("base", "ft"):
+            opener = backend.as_base if view_name == "base" else backend.as_finetuned
+
+            def score() -> None:
+                backend._cache.clear()
+                with opener() as view:
+                    view.logprob_of_batch([t[:1] for t in texts], [t[1:] for t in texts])
+
+            def next_token() -> None:
+                backend._cache.clear()
+                with opener() as view:
+                    view.next_token_dist_batch(texts, top_k=256)
+
+            for op, fn, unit in (("logprob_of_batch", score, "tokens"), ("next_token_dist_batch", next_token, "prompts")):
+                fn()  # warm-up: compilation, allocator, first-touch
+                seconds = timed(fn, args.repeats)
+                work = batch * args.seq if unit == "tokens" else batch
+                records.append({
+                    "backend": name, "device": backend.info.get("device", "metal/cpu" if name == "mlx" else "?"),
+                    "dtype": backend.info.get("dtype"), "op": op, "view": view_name, "batch": batch,
+                    "seq": args.seq, "seconds": seconds, f"{unit}_per_s": work / seconds,
+                })
+                print(f"{name:4} {view_name:4} {op:22} B={batch:<3} T={args.seq}: "
+                      f"{work / seconds:12,.0f} {unit}/s  ({seconds * 1000:.1f} ms)", flush=True)
+        backend.close()
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="hf,mlx", help="comma-separated: hf, mlx")
+    parser.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--seq", type=int, default=256, help="tokens per text")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto", help="HF backend device")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/sway-bench"), help="where the model is built")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    args = parser.parse_args()
+
+    model_dir, adapter = build_model(args.work)
+    records = []
+    for name in args.backends.split(","):
+        records += bench_backend(name.strip(), model_dir, adapter, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": f"{platform.system()} {platform.machine()}", "python": sys.version.split()[0],
+               "argv": sys.argv[1:], "records": records}
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

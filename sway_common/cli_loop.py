@@ -1,0 +1,339 @@
+"""`sway-mlx checkpoints` and `sway-mlx watch`: an adapter's signal over its training run.
+
+Registered on the main ``app`` by ``sway_common.cli``. Helpers from ``cli`` are imported
+inside the commands, so importing this module first cannot start an import cycle.
+Every input is checked (run dir, checkpoints, model, prompts, plotting) before a model
+loads or a file is written; bad input is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from sway_common.checkpoints import CheckpointRow, TrajectorySummary
+from sway_common.report.files import format_effect, format_metric, format_z
+from sway_common.types import Verdict
+
+TRAJECTORY_PNG = "sway-trajectory.png"
+HISTORY_JSONL = "sway-history.jsonl"
+
+
+def _fail(message: str) -> Any:
+    from sway_common.cli import fail
+
+    fail(message)
+
+
+def recorded_base_model(run_dir: Path) -> str | None:
+    """The base model a run's adapter config names (mlx-lm ``model``, PEFT
+    ``base_model_name_or_path``), so ``--model`` can usually be left out."""
+    for cfg in [run_dir / "adapter_config.json", *sorted(run_dir.glob("checkpoint-*/adapter_config.json"))]:
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        name = (data.get("model") or data.get("base_model_name_or_path")) if isinstance(data, dict) else None
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """One prompt per non-blank line of ``path``; the built-in generic prompts without one."""
+    from sway_common.probes.base import DEFAULT_PROMPTS
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"cannot read the prompts file {path}: {getattr(e, 'strerror', None) or e}")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        _fail(f"the prompts file {path} holds no prompts (one per line)")
+    return prompts
+
+
+def _resolve_inputs(
+    run_dir: str | None, adapter_path: str | None, model: str | None, no_plot: bool
+) -> tuple[Path, str]:
+    if run_dir and adapter_path and Path(run_dir) != Path(adapter_path):
+        _fail("give the run directory once: as DIR or as --adapter-path, not both")
+    given = run_dir or adapter_path
+    if not given:
+        _fail("missing the training run directory: give DIR (or --adapter-path, as for mlx_lm.lora)")
+    path = Path(given).expanduser()
+    if not path.is_dir():
+        _fail(f"{path} is not a directory; give the training run's output (adapter) directory")
+    if model is None:
+        model = recorded_base_model(path)
+        if model is None:
+            _fail(f"no --model given and no adapter_config.json in {path} names the base model")
+        Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
+    if not no_plot:
+        from sway_common.platform import installed
+
+        if not installed("matplotlib"):
+            _fail("plots need matplotlib: pip install 'sway-mlx[plot]' (or pass --no-plot)")
+    return path, model
+
+
+def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.argument("run_dir", metavar="[DIR]", required=False, type=click.Path()),
+        click.option("--adapter-path", type=click.Path(), help="The run directory, named as mlx_lm.lora names it (same as DIR)."),
+        click.option("--model", help="Base model: local dir or Hugging Face id. Default: the one the run's adapter_config.json records."),
+        click.option("--backend", type=click.Choice(["auto", "mlx", "hf"]), default="auto", show_default=True,
+                     help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX."),
+        click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+                     help="Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain."),
+        click.option("--runs", type=click.IntRange(min=2), default=8, show_default=True,
+                     help="Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the null adapters."),
+        click.option("--no-plot", is_flag=True, help="Write no PNG."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+# ------------------------------------------------------------------ rendering
+def rows_table(rows: list[CheckpointRow]) -> Table:
+    from sway_common.report.terminal import VERDICT_STYLES
+
+    table = Table(title="Adapter vs null adapters, per checkpoint", title_justify="left")
+    table.add_column("Step", justify="right")
+    table.add_column("Checkpoint")
+    table.add_column("JS (nats)", justify="right")
+    table.add_column("Null mean ± sd", justify="right")
+    table.add_column("z", justify="right")
+    table.add_column("Effect", justify="right")
+    table.add_column("Verdict")
+    for r in rows:
+        null = "—" if r.null_mean is None else f"{format_metric(r.null_mean)} ± {format_metric(r.null_std)}"
+        table.add_row(
+            str(r.step), Text(r.label), format_metric(r.divergence), null, format_z(r.z),
+            format_effect(r.effect_ratio), Text(r.verdict.value, style=VERDICT_STYLES[r.verdict]),
+        )
+    return table
+
+
+def print_summary(console: Console, rows: list[CheckpointRow], summary: TrajectorySummary) -> None:
+    for r in rows:
+        if r.verdict is Verdict.ERROR:
+            console.print(Text(f"{r.label}: {r.message}", style="red"))
+    first = summary.first_pass
+    if first is None:
+        console.print(Text("No checkpoint rose above noise: every one is within what a random "
+                           "adapter of the same shape does.", style="yellow"))
+    else:
+        console.print(Text(f"First above noise: {first.label} (z={format_z(first.z)}, "
+                           f"{format_metric(first.divergence)} nats).", style="green"))
+    if summary.best is not None and summary.best is not first:
+        console.print(f"Best: {summary.best.label} (z={format_z(summary.best.z)}).", highlight=False)
+    for g in summary.regressions:
+        console.print(Text(f"Regression at {g.label}: {g.reason}", style="red"))
+
+
+def _plot(rows: list[CheckpointRow], path: Path | None, console: Console) -> None:
+    if path is None or not rows:
+        return
+    from sway_common.report.plots import plot_trajectory
+
+    try:
+        plot_trajectory(rows, path)
+    except (OSError, ValueError) as e:  # a plot is a convenience; the numbers are printed
+        console.print(f"[yellow]could not write the plot {path}: {e}[/]", highlight=False)
+
+
+# ------------------------------------------------------------------ checkpoints
+@click.command("checkpoints")
+@shared_options
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help=f"Where to write the trajectory PNG [default: DIR/{TRAJECTORY_PNG}].")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows and the summary as JSON here.")
+def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
+                    prompts_file: str | None, runs: int, seed: int, no_plot: bool,
+                    plot_path: str | None, json_path: str | None) -> None:
+    """Test every checkpoint of a training run against random adapters of its shape.
+
+    DIR is the run's output directory: mlx-lm's --adapter-path (NNNNNNN_adapters.safetensors
+    files, written with --save-every N) or an HF Trainer output_dir (checkpoint-N/ dirs
+    holding a PEFT adapter). The base model loads once; each checkpoint is swapped in.
+
+    For each checkpoint: the mean next-token JS divergence from the base model over the
+    prompts, and its z against K null adapters (seeded random adapters with the same rank,
+    targets and per-module norm). PASS means the checkpoint moved the model beyond noise.
+
+    \b
+    Examples:
+      sway-mlx checkpoints adapters/ --model mlx-community/SmolLM2-135M-Instruct
+      sway-mlx checkpoints out/ --prompts domain.txt --runs 16 --json traj.json
+
+    Prints a table, names the first checkpoint above noise and any later regression
+    (a checkpoint that stops passing, or whose z halves from the best so far), and
+    plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
+    it does not, 2 on bad input.
+    """
+    from sway_common.checkpoints import (
+        BackendBuildError,
+        CheckpointError,
+        discover_checkpoints,
+        evaluate_checkpoints,
+        summarize,
+    )
+
+    path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
+    try:
+        ckpts = discover_checkpoints(path)
+    except (CheckpointError, OSError) as e:
+        _fail(str(e))
+    prompts = read_prompts(prompts_file)
+    plot = None if no_plot else Path(plot_path) if plot_path else path / TRAJECTORY_PNG
+    console, err = Console(), Console(stderr=True)
+    err.print(f"{len(ckpts)} checkpoints in {path} ({ckpts[0].label} … {ckpts[-1].label}); "
+              f"{len(prompts)} prompts, {runs} null adapters each", highlight=False)
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    rows: list[CheckpointRow] = []
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
+                        console=err, transient=True, disable=not err.is_terminal)
+    task = progress.add_task("checkpoints", total=len(ckpts), what="")
+
+    def on_row(row: CheckpointRow) -> None:
+        rows.append(row)  # kept here too, so Ctrl-C can still show what finished
+        progress.advance(task)
+
+    try:
+        with progress:
+            evaluate_checkpoints(
+                path, model=model, backend=backend, prompts=prompts, runs=runs, seed=seed,
+                checkpoints=ckpts, on_row=on_row,
+                on_status=lambda c, what: progress.update(task, description=c.label, what=what),
+            )
+    except BackendBuildError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: showing the checkpoints that finished")
+    summary = summarize(rows)
+    console.print(rows_table(rows))
+    print_summary(console, rows, summary)
+    _plot(rows, plot, err)
+    if plot is not None and plot.exists():
+        console.print(f"Plot: {plot}", highlight=False)
+    if json_path:
+        _write_json(Path(json_path), path, model, backend, prompts, runs, seed, rows, summary)
+        console.print(f"JSON: {json_path}", highlight=False)
+    if len(rows) < len(ckpts):
+        sys.exit(130)
+    sys.exit(0 if summary.last_passes else 1)
+
+
+def _write_json(target: Path, run_dir: Path, model: str, backend: str, prompts: list[str], runs: int,
+                seed: int, rows: list[CheckpointRow], summary: TrajectorySummary) -> None:
+    from sway_common.report.files import atomic_write_text, to_jsonable
+
+    payload = {
+        "schema_version": 1, "run_dir": str(run_dir), "model": model, "backend": backend,
+        "prompts": prompts, "runs": runs, "seed": seed, "rows": [r.to_dict() for r in rows],
+        "summary": {
+            "line": summary.line, "last_passes": summary.last_passes,
+            "first_pass_step": summary.first_pass.step if summary.first_pass else None,
+            "best_step": summary.best.step if summary.best else None,
+            "regressions": [vars(g) for g in summary.regressions],
+        },
+    }
+    atomic_write_text(target, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------ watch
+@click.command("watch")
+@shared_options
+@click.option("--history", "history_path", type=click.Path(dir_okay=False),
+              help=f"JSONL file, one line per tested checkpoint; a restarted watch skips what it holds [default: DIR/{HISTORY_JSONL}].")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
+              help="Seconds between looks at DIR.")
+@click.option("--settle", "settle_s", type=click.FloatRange(min=0.0), default=None,
+              help="Seconds a checkpoint's files must stay unchanged before it is read [default: --poll].")
+@click.option("--max-checkpoints", type=click.IntRange(min=1), default=None,
+              help="Stop after testing this many new checkpoints (default: run until Ctrl-C).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help=f"PNG redrawn after every checkpoint [default: DIR/{TRAJECTORY_PNG}].")
+def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
+              prompts_file: str | None, runs: int, seed: int, no_plot: bool, history_path: str | None,
+              poll_s: float, settle_s: float | None, max_checkpoints: int | None,
+              plot_path: str | None) -> None:
+    """Test each checkpoint while training runs, as soon as it is written.
+
+    Start it beside your trainer, pointing at the same directory:
+
+    \b
+      mlx_lm.lora --model M --train --data data/ --adapter-path adapters/ --save-every 100 &
+      sway-mlx watch adapters/ --model M --prompts domain.txt
+
+    A checkpoint is read once its files stopped changing (half-written files are waited
+    for, a corrupt one is recorded as ERROR and the watch goes on). The base model loads
+    once, at the first checkpoint. Each result is appended to the history file and
+    flushed to disk, so Ctrl-C (or a crash) loses nothing: run the same command again to
+    resume. Delete the history to re-test with other prompts or another model.
+
+    Exit 0 when stopped (Ctrl-C or --max-checkpoints), 2 on bad input or if the base
+    model cannot load.
+    """
+    from sway_common.checkpoints import BackendBuildError, CheckpointError, summarize
+    from sway_common.watch import read_history, watch
+
+    path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
+    prompts = read_prompts(prompts_file)
+    history = Path(history_path) if history_path else path / HISTORY_JSONL
+    plot = None if no_plot else Path(plot_path) if plot_path else path / TRAJECTORY_PNG
+    console, err = Console(), Console(stderr=True)
+    try:
+        known = len(read_history(history))
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"cannot read the history {history}: {getattr(e, 'strerror', None) or e}")
+    err.print(f"watching {path} ({len(prompts)} prompts, {runs} null adapters per checkpoint); "
+              f"history {history}" + (f" ({known} already tested)" if known else "")
+              + "; Ctrl-C to stop", highlight=False)
+    from sway_common.report.terminal import VERDICT_STYLES
+
+    def on_row(r: CheckpointRow) -> None:
+        line = Text(f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z):>8}  ")
+        line.append(r.verdict.value, style=VERDICT_STYLES[r.verdict])
+        if r.verdict is not Verdict.PASS:
+            line.append(f"  {r.message}", style="dim")
+        console.print(line)
+        _plot(read_history(history), plot, err)
+
+    status = err.status("waiting for checkpoints", spinner="dots")
+    try:
+        with status:
+            watch(path, model=model, backend=backend, prompts=prompts, history=history, poll_s=poll_s,
+                  settle_s=settle_s, max_checkpoints=max_checkpoints, runs=runs, seed=seed,
+                  on_row=on_row, on_status=lambda msg: status.update(msg))
+    except (BackendBuildError, CheckpointError) as e:
+        _fail(str(e))
+    rows = read_history(history)
+    if rows:
+        print_summary(console, rows, summarize(rows))
+        if plot is not None and plot.exists():
+            console.print(f"Plot: {plot}", highlight=False)
+    console.print(f"History: {history} ({len(rows)} checkpoints)", highlight=False)
