@@ -22,7 +22,11 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 def trainer_env() -> dict[str, str]:
     """mlx[cpu] on Linux links a reference BLAS; OpenBLAS makes float32 ~40x faster."""
     env = dict(os.environ)
-    if sys.platform == "linux" and Path(OPENBLAS).exists() and OPENBLAS not in env.get("LD_PRELOAD", ""):
+    if (
+        sys.platform == "linux"
+        and Path(OPENBLAS).exists()
+        and OPENBLAS not in env.get("LD_PRELOAD", "")
+    ):
         env["LD_PRELOAD"] = (OPENBLAS + " " + env.get("LD_PRELOAD", "")).strip()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -54,22 +58,54 @@ def train_lora(
         (data / "train.jsonl").write_text(lines, encoding="utf-8")
         (data / "valid.jsonl").write_text(lines, encoding="utf-8")
         # The CLI takes rank, scale and target keys only from a config file (JSON is YAML).
-        config = {"lora_parameters": {
-            "rank": rank, "scale": alpha / rank, "dropout": 0.0, "keys": list(targets),
-        }}
+        config = {
+            "lora_parameters": {
+                "rank": rank,
+                "scale": alpha / rank,
+                "dropout": 0.0,
+                "keys": list(targets),
+            }
+        }
         (tmp / "lora.yaml").write_text(json.dumps(config), encoding="utf-8")
         adapter = tmp / "adapter"
         cmd = [
-            sys.executable, "-m", "mlx_lm", "lora", "--model", str(model_dir), "--train",
-            "--data", str(data), "--iters", str(steps), "--batch-size", str(len(chunks)),
-            "--num-layers", str(num_layers), "--learning-rate", str(learning_rate), "--seed", str(seed),
-            "--max-seq-length", str(max_tokens), "--steps-per-report", "1",
-            "--steps-per-eval", str(steps + 1), "--val-batches", "1",
-            "--save-every", str(save_every or steps + 1),
-            "--adapter-path", str(adapter), "-c", str(tmp / "lora.yaml"),
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "lora",
+            "--model",
+            str(model_dir),
+            "--train",
+            "--data",
+            str(data),
+            "--iters",
+            str(steps),
+            "--batch-size",
+            str(len(chunks)),
+            "--num-layers",
+            str(num_layers),
+            "--learning-rate",
+            str(learning_rate),
+            "--seed",
+            str(seed),
+            "--max-seq-length",
+            str(max_tokens),
+            "--steps-per-report",
+            "1",
+            "--steps-per-eval",
+            str(steps + 1),
+            "--val-batches",
+            "1",
+            "--save-every",
+            str(save_every or steps + 1),
+            "--adapter-path",
+            str(adapter),
+            "-c",
+            str(tmp / "lora.yaml"),
         ]
-        proc = subprocess.Popen(cmd, env=trainer_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         log = []
         assert proc.stdout is not None
         for line in proc.stdout:

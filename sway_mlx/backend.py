@@ -1,0 +1,269 @@
+"""The MLX differential backend: one mlx-lm model, LoRA views swapped in place.
+
+Views, caching, bucketing, windows and preflight live in
+:class:`sway_common.backend.DifferentialBackendBase`; this module supplies the MLX
+hooks: padded batched forwards, the LM head applied only where it is needed, and
+generation through mlx-lm.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load
+
+from sway_common.adapters import read_adapter
+from sway_common.backend import DifferentialBackendBase, ViewSpec
+from sway_common.models import normalize_config, parse_dtype, resolve_model_dir
+from sway_common.protocols import ViewConflictError
+from sway_mlx import lora
+
+# The most float32 logits one step of ``_token_logprobs`` may hold (2**25 floats = 128 MiB).
+LOGIT_BUDGET = 1 << 25
+# Long windows cost O(T²) attention memory on MLX's CPU path; cap what "the model's
+# context" means unless the caller asks for more.
+DEFAULT_MAX_CONTEXT = 2048
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class MLXDifferentialBackend(DifferentialBackendBase):
+    """Base, fine-tuned, λ-scaled and null views of one mlx-lm model and a LoRA adapter.
+
+    ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` an mlx-lm
+    adapter dir (or one of its ``NNNNNNN_adapters.safetensors`` checkpoints) or a PEFT
+    adapter dir.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        adapter_path: str | Path,
+        *,
+        dtype: str = "auto",
+        batch_size: int = 8,
+        max_context: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_dir = resolve_model_dir(model)
+        # transformers v5 configs keep rope_theta inside rope_parameters, where mlx-lm
+        # does not look: load from a normalised copy or the logits are silently wrong.
+        self.model, self._wrapper, config = load(
+            str(normalize_config(self.model_dir)), return_config=True
+        )
+        self.model.eval()
+        self.dtype = self._pick_dtype(dtype, config)
+        self.model.set_dtype(_DTYPES[self.dtype])
+        mx.eval(self.model.parameters())
+        # The wrapper has no __call__; the HF fast tokenizer inside it gives offsets.
+        self.tokenizer = self._wrapper._tokenizer
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{self.model_dir} has no fast tokenizer (tokenizer.json); character offsets "
+                "are needed to split prompt and completion tokens"
+            )
+        self.batch_size = max(1, int(batch_size))
+        text_config = config.get("text_config") or {}
+        ctx = (
+            config.get("max_position_embeddings")
+            or text_config.get("max_position_embeddings")
+            or DEFAULT_MAX_CONTEXT
+        )
+        self.max_context = int(max_context or min(int(ctx), DEFAULT_MAX_CONTEXT))
+        self._inner, self._head = self._split_forward()
+        self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
+        self._model_name = str(model)
+        self.slots: list[lora.LoraSlot] = []
+        self.set_adapter(adapter_path)
+
+    # ------------------------------------------------------------- loading
+    @staticmethod
+    def _pick_dtype(dtype: str, config: dict[str, Any]) -> str:
+        """``auto``: float32 on CPU (half precision matmuls are ~40× slower there), the
+        model's own half precision on a GPU (Metal, CUDA)."""
+        chosen = parse_dtype(dtype)
+        if chosen != "auto":
+            return chosen
+        if mx.default_device().type != mx.DeviceType.gpu:
+            return "float32"
+        own = str(config.get("torch_dtype") or config.get("dtype") or "")
+        return own if own in ("float16", "bfloat16") else "bfloat16"
+
+    def _split_forward(
+        self,
+    ) -> tuple[Callable[[mx.array], mx.array], Callable[[mx.array], mx.array]]:
+        """(trunk, head) so the LM head runs only at the positions a caller needs.
+
+        Works for mlx-lm models shaped ``Model.model`` + ``lm_head`` or tied embeddings.
+        A short forward checks the split against the full model; architectures that do
+        more after the trunk (logit soft-capping, scaling) fall back to full logits.
+        """
+        model = self.model
+
+        def head(h: mx.array) -> mx.array:
+            # Looked up per call: an adapter may wrap lm_head after this was built.
+            if "lm_head" in model:
+                return model.lm_head(h)
+            return model.model.embed_tokens.as_linear(h)
+
+        def full(ids: mx.array) -> mx.array:
+            return model(ids)
+
+        inner = model.get("model") if isinstance(model, nn.Module) else None
+        has_head = "lm_head" in model or (
+            inner is not None and hasattr(inner.get("embed_tokens"), "as_linear")
+        )
+        if inner is None or not has_head:
+            return full, lambda logits: logits
+        probe = mx.array([[1, 2, 3, 4]])
+        try:
+            split, reference = head(inner(probe)), model(probe)
+            same = split.shape == reference.shape and bool(
+                mx.allclose(split, reference, rtol=1e-4, atol=1e-4)
+            )
+        except (TypeError, AttributeError, ValueError, IndexError):
+            same = False
+        if not same:
+            return full, lambda logits: logits
+        return (lambda ids: model.model(ids)), head
+
+    def set_adapter(self, adapter_path: str | Path) -> None:
+        """Swap in another adapter of the same base model without reloading the base.
+
+        Base-view results stay cached (their key holds no adapter); adapter views are
+        keyed by the new adapter's content hash.
+        """
+        if self.active_view is not None:
+            raise ViewConflictError("close the open view before changing the adapter")
+        weights = read_adapter(adapter_path)
+        lora.detach(self.slots)
+        try:
+            slots = lora.attach(self.model, weights.modules)
+        except Exception:
+            # Leave the backend as it was: the previous adapter, fully installed.
+            lora.install_real(self.slots)
+            raise
+        self.slots = slots
+        # New layers start in training mode; eval keeps any dropout off.
+        self.model.eval()
+        mx.eval([(s.a, s.b, s.scale) for s in self.slots])
+        self.adapter_hash = weights.content_hash
+        self.adapter_path = Path(adapter_path)
+        ranks = sorted({s.rank for s in self.slots})
+        self.info = {
+            "backend": "mlx",
+            "model": self._model_name,
+            "model_dir": str(self.model_dir),
+            "adapter": str(adapter_path),
+            "adapter_hash": self.adapter_hash,
+            "dtype": self.dtype,
+            "device": str(mx.default_device()),
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "targets": sorted({s.path.rsplit(".", 1)[-1] for s in self.slots}),
+            "modules": len(self.slots),
+            "dora": any(s.dora for s in self.slots),
+            "max_context": self.max_context,
+            "batch_size": self.batch_size,
+        }
+
+    # --------------------------------------------------------------- views
+    def _activate(self, view: ViewSpec) -> Callable[[], None]:
+        slots = self.slots
+        try:
+            # λ = 0 swaps modules like the base view: exact, and no LoRA matmuls.
+            if view.kind == "base" or (view.kind == "scaled" and view.lam == 0.0):
+                lora.install_base(slots)
+            elif view.kind == "scaled":
+                lora.install_scaled(slots, view.lam)
+            elif view.kind == "null":
+                lora.install_null(
+                    slots,
+                    view.seed,
+                    init_scale=view.init_scale,
+                    rank_scale=view.rank_scale,
+                    mode=view.mode,
+                )
+            else:
+                lora.install_real(slots)
+        except BaseException:
+            lora.install_real(slots)
+            raise
+        return lambda: lora.install_real(slots)
+
+    # ------------------------------------------------------------- scoring
+    def _padded(self, batch: list[list[int]]) -> tuple[mx.array, np.ndarray]:
+        """Right-padded ids and row lengths.
+
+        With a causal mask, a real token never attends to a later position, so the pads
+        after it cannot change its output and positions need no offset; each row is read
+        at its own last real index rather than at the last column.
+        """
+        lengths = np.array([len(ids) for ids in batch], dtype=np.int64)
+        ids = np.zeros((len(batch), int(lengths.max())), dtype=np.int32)
+        for i, row in enumerate(batch):
+            ids[i, : len(row)] = row
+        return mx.array(ids), lengths
+
+    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+        ids, lengths = self._padded(batch)
+        hidden = self._inner(ids)
+        last = hidden[mx.arange(len(batch)), mx.array(lengths - 1)]
+        logits = self._head(last[:, None, :])[:, 0, :].astype(mx.float32)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return np.array(logprobs)
+
+    def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        ids, lengths = self._padded(batch)
+        hidden = self._inner(ids)
+        mx.eval(hidden)
+        targets = ids[:, 1:]
+        n_pos = targets.shape[1]
+        # Chunk positions so the float32 (rows × positions × vocab) logits never exist
+        # at once for long texts.
+        step = max(1, LOGIT_BUDGET // max(1, len(batch) * self.vocab_size))
+        pieces = []
+        for start in range(0, n_pos, step):
+            end = min(n_pos, start + step)
+            logits = self._head(hidden[:, start:end]).astype(mx.float32)
+            picked = mx.take_along_axis(logits, targets[:, start:end, None], axis=-1)[..., 0]
+            chunk = picked - mx.logsumexp(logits, axis=-1)
+            mx.eval(chunk)
+            pieces.append(np.array(chunk))
+        full = np.concatenate(pieces, axis=1) if pieces else np.zeros((len(batch), 0), np.float32)
+        return [full[i, : n - 1].astype(np.float32) for i, n in enumerate(lengths)]
+
+    # ---------------------------------------------------------- generation
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        if max_new_tokens == 0:
+            return ""
+        if temperature > 0:
+            mx.random.seed(int(seed) % (1 << 32))
+        ids, _ = self._encode(prompt)
+        sampler = make_sampler(temp=max(0.0, float(temperature)))
+        pieces = [
+            response.text
+            for response in stream_generate(
+                self.model, self._wrapper, ids, max_tokens=max_new_tokens, sampler=sampler
+            )
+        ]
+        return "".join(pieces)
+
+    # -------------------------------------------------------------- checks
+    def _nonfinite_adapter_tensors(self) -> list[str]:
+        return lora.nonfinite(self.slots)
+
+    def _release(self) -> None:
+        if getattr(self, "slots", None):
+            lora.detach(self.slots)
+        self.slots = []
+        self.model = None
+        gc.collect()
+        mx.clear_cache()
