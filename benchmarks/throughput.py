@@ -35,8 +35,10 @@ SMOLLM2_135M = {
     "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
     "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 0,
 }
-WORDS = ("light keeper storm ledger tide granite beam harbour schooner lamp garden "
-         "steps gallery winter oil green flash reef crew bell chapel archive").split()
+WORDS = [
+    "light", "keeper", "storm", "ledger", "tide", "granite", "beam", "harbour", "schooner",
+    "lamp", "garden", "steps", "gallery", "winter", "oil", "green", "flash", "reef", "crew",
+]
 
 
 def build_model(work: Path) -> tuple[Path, Path]:
@@ -81,13 +83,15 @@ def texts_of_length(backend: Any, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-def timed(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def run_op(backend: Any, view_name: str, op: str, texts: list[str]) -> None:
+    """One uncached pass of ``op`` over ``texts`` in a fresh view."""
+    backend._cache.clear()
+    opener = backend.as_base if view_name == "base" else backend.as_finetuned
+    with opener() as view:
+        if op == "logprob_of_batch":
+            view.logprob_of_batch([t[:1] for t in texts], [t[1:] for t in texts])
+        else:
+            view.next_token_dist_batch(texts, top_k=256)
 
 
 def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Namespace) -> list[dict]:
@@ -104,24 +108,17 @@ def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Name
         backend = Backend(model_dir, adapter, batch_size=batch, **kw)
         texts = texts_of_length(backend, batch, args.seq, seed=batch)
         for view_name in ("base", "ft"):
-            opener = backend.as_base if view_name == "base" else backend.as_finetuned
-
-            def score() -> None:
-                backend._cache.clear()
-                with opener() as view:
-                    view.logprob_of_batch([t[:1] for t in texts], [t[1:] for t in texts])
-
-            def next_token() -> None:
-                backend._cache.clear()
-                with opener() as view:
-                    view.next_token_dist_batch(texts, top_k=256)
-
-            for op, fn, unit in (("logprob_of_batch", score, "tokens"), ("next_token_dist_batch", next_token, "prompts")):
-                fn()  # warm-up: compilation, allocator, first-touch
-                seconds = timed(fn, args.repeats)
+            for op, unit in (("logprob_of_batch", "tokens"), ("next_token_dist_batch", "prompts")):
+                run_op(backend, view_name, op, texts)  # warm-up: compilation, allocator, first touch
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    run_op(backend, view_name, op, texts)
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
                 work = batch * args.seq if unit == "tokens" else batch
                 records.append({
-                    "backend": name, "device": backend.info.get("device", "metal/cpu" if name == "mlx" else "?"),
+                    "backend": name, "device": backend.info.get("device", "default"),
                     "dtype": backend.info.get("dtype"), "op": op, "view": view_name, "batch": batch,
                     "seq": args.seq, "seconds": seconds, f"{unit}_per_s": work / seconds,
                 })

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from sway_common import __version__
 
-TRAINED_STEPS = 24
+TRAINED_STEPS = 16
 ONE_STEP = 1
 
 
@@ -35,7 +35,7 @@ class DemoAdapter:
 
 
 ADAPTERS = (DemoAdapter("trained", TRAINED_STEPS), DemoAdapter("one step", ONE_STEP))
-TRAIN_SETTINGS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "learning_rate": 1e-3, "seed": 0}
+TRAIN_SETTINGS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "learning_rate": 3e-3, "seed": 0}
 
 
 def demo_document() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+# mlx-lm's report lines: "Iter 3: Train loss 2.345, ..." (older) or "     3    2.345 ▼ ..." (0.32's
+# table). Only the progress display depends on this; the adapter does not.
+REPORT_LINE = re.compile(r"^\s*(?:Iter\s+)?(\d+):?\s+(?:Train loss\s+)?([0-9]+\.[0-9]+)\b")
 
 
 def trainer_env() -> dict[str, str]:
@@ -110,11 +114,9 @@ def train_lora(
         assert proc.stdout is not None
         for line in proc.stdout:
             log.append(line)
-            # "Iter 3: Train loss 2.345, ..." is mlx-lm's per-report line.
-            if on_step is not None and line.startswith("Iter ") and "Train loss" in line:
-                head, _, rest = line.partition(":")
-                loss = rest.split("Train loss", 1)[1].split(",", 1)[0].strip()
-                on_step(int(head.split()[1]), float(loss))
+            match = REPORT_LINE.match(line)
+            if on_step is not None and match:
+                on_step(int(match.group(1)), float(match.group(2)))
         if proc.wait() != 0 or not (adapter / "adapters.safetensors").exists():
             raise RuntimeError("mlx_lm lora failed:\n" + "".join(log[-30:]))
         if out.exists():

@@ -1,0 +1,343 @@
+"""The Hugging Face differential backend: one transformers model, one PEFT LoRA adapter.
+
+Views, caching, bucketing, windows and preflight live in
+:class:`sway_common.backend.DifferentialBackendBase`; this module supplies the torch
+hooks: left-padded batched forwards with the LM head applied only where it is needed,
+chunked per-token scoring, seeded generation, and adapter loading (PEFT dirs directly,
+mlx-lm dirs through a conversion to PEFT).
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sway_common.adapters import convert_adapter, detect_format, read_adapter
+from sway_common.backend import DifferentialBackendBase, ViewSpec
+from sway_common.models import parse_dtype, resolve_model_dir
+from sway_common.protocols import ViewConflictError
+from sway_hf import lora
+
+# The most float32 logits one step of ``_token_logprobs`` may hold (2**25 floats = 128 MiB).
+LOGIT_BUDGET = 1 << 25
+# Rolling windows cost O(T²) attention; cap what "the model's context" means unless the
+# caller asks for more (some configs advertise 128k positions).
+DEFAULT_MAX_CONTEXT = 2048
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str = "auto") -> str:
+    """``auto``: cuda, then mps, then cpu."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _mps_half_works() -> bool:
+    try:
+        x = torch.ones(2, 2, dtype=torch.float16, device="mps")
+        return bool(torch.isfinite(x @ x).all())
+    except (RuntimeError, TypeError):
+        return False
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    """``auto``: bfloat16 on CUDA, float16 on MPS (float32 where it fails), float32 on CPU.
+
+    Half precision on CPU ran ~5× slower than float32 with torch here, and is less exact.
+    """
+    chosen = parse_dtype(dtype)
+    if chosen not in (None, "auto"):
+        return chosen
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16"
+    if kind == "mps":
+        return "float16" if _mps_half_works() else "float32"
+    return "float32"
+
+
+class HFDifferentialBackend(DifferentialBackendBase):
+    """Base, fine-tuned, λ-scaled and null views of one transformers model + PEFT adapter.
+
+    ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` a PEFT adapter
+    dir or an mlx-lm adapter dir (converted to PEFT on load). ``device_map`` (e.g.
+    ``"auto"``) spreads a model too large for one GPU with accelerate; it needs
+    ``device="auto"``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        adapter_path: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 8,
+        max_context: int | None = None,
+        device_map: str | dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_dir = resolve_model_dir(model)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{self.model_dir} has no fast tokenizer (tokenizer.json); character offsets "
+                "are needed to split prompt and completion tokens"
+            )
+        if device_map is not None and device != "auto":
+            raise ValueError("device_map spreads the model itself; use it with device='auto'")
+        spread = device_map is not None
+        base = AutoModelForCausalLM.from_pretrained(
+            str(self.model_dir),
+            dtype=_DTYPES[self.dtype],
+            device_map=device_map if spread else None,
+            low_cpu_mem_usage=True,
+        )
+        if not spread:
+            base.to(self.device)
+        base.eval()
+        self._causal_lm = base
+        config = base.config.get_text_config()
+        ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
+        self.max_context = int(max_context or min(int(ctx), DEFAULT_MAX_CONTEXT))
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
+        self._split_head = self._check_split_head()
+        self.batch_size = max(1, int(batch_size))
+        self._model_name = str(model)
+        self._loads = 0
+        self.adapter = ""
+        self.slots: list[lora.LoraSlot] = []
+        self.model: PeftModel | None = None
+        self.set_adapter(adapter_path)
+
+    # ------------------------------------------------------------- loading
+    @contextmanager
+    def _as_peft_dir(self, adapter_path: Path) -> Iterator[Path]:
+        """A PEFT adapter dir for ``adapter_path``: itself, or a converted temporary copy.
+
+        mlx-lm dirs and single weights files (checkpoints) go through the conversion.
+        """
+        if adapter_path.is_dir() and detect_format(adapter_path) == "peft":
+            yield adapter_path
+            return
+        with tempfile.TemporaryDirectory(prefix="sway-hf-adapter-") as tmp:
+            out = Path(tmp) / "peft"
+            convert_adapter(adapter_path, out, to="peft")
+            yield out
+
+    def set_adapter(self, adapter_path: str | Path) -> None:
+        """Swap in another adapter of the same base model without reloading the base.
+
+        Base-view results stay cached (their key holds no adapter); adapter views are
+        keyed by the new adapter's content hash. On failure the previous adapter stays.
+        """
+        if self.active_view is not None:
+            raise ViewConflictError("close the open view before changing the adapter")
+        adapter_path = Path(adapter_path)
+        weights = read_adapter(adapter_path)
+        name = f"sway{self._loads}"
+        with self._as_peft_dir(adapter_path) as peft_dir, warnings.catch_warnings():
+            # PEFT reads a property transformers v5 deprecated; not the user's concern.
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(
+                    self._causal_lm, str(peft_dir), adapter_name=name, is_trainable=False
+                )
+            else:
+                try:
+                    self.model.load_adapter(str(peft_dir), adapter_name=name, is_trainable=False)
+                except Exception:
+                    if name in self.model.peft_config:  # half-injected: take it out again
+                        self.model.delete_adapter(name)
+                    raise
+        self._loads += 1
+        slots = lora.find_slots(self.model, name)
+        if not slots:
+            if self.adapter:
+                self.model.delete_adapter(name)
+            raise ValueError(f"{adapter_path} holds no LoRA layer this model could load")
+        if self.adapter:
+            # Only now is the old adapter dropped: a failed load leaves it in place.
+            self.model.set_adapter(name)
+            self.model.delete_adapter(self.adapter)
+        self.model.eval()
+        self.adapter = name
+        self.slots = slots
+        self.adapter_hash = weights.content_hash
+        self.adapter_path = adapter_path
+        cfg = self.model.peft_config[name]
+        ranks = sorted({s.rank for s in self.slots})
+        self.info = {
+            "backend": "hf",
+            "model": self._model_name,
+            "model_dir": str(self.model_dir),
+            "adapter": str(adapter_path),
+            "adapter_hash": self.adapter_hash,
+            "dtype": self.dtype,
+            "device": str(self._input_device()),
+            "rank": ranks[0] if len(ranks) == 1 else ranks,
+            "alpha": cfg.lora_alpha,
+            "targets": sorted({s.path.rsplit(".", 1)[-1] for s in self.slots}),
+            "modules": len(self.slots),
+            "dora": any(s.dora for s in self.slots),
+            "max_context": self.max_context,
+            "batch_size": self.batch_size,
+        }
+
+    # --------------------------------------------------------------- views
+    def _activate(self, view: ViewSpec) -> Callable[[], None]:
+        assert self.model is not None, "the backend was closed"
+        return lora.activate(self.model, self.slots, self.adapter, view)
+
+    # ------------------------------------------------------------- scoring
+    def _input_device(self) -> torch.device:
+        return self._causal_lm.get_input_embeddings().weight.device
+
+    def _padded(self, batch: list[list[int]], *, left: bool) -> tuple[torch.Tensor, ...]:
+        """ids, attention mask and position ids of a padded batch.
+
+        Positions count real tokens only, so a left-padded row sees the same rotary
+        positions as it would alone.
+        """
+        width = max(len(row) for row in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            cols = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, cols] = torch.tensor(row, dtype=torch.long)
+            mask[i, cols] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self._input_device()
+        return ids.to(device), mask.to(device), positions.to(device)
+
+    def _hidden(self, batch: list[list[int]], *, left: bool) -> tuple[torch.Tensor, ...]:
+        """What the LM head still has to be applied to, with the padded ids and mask.
+
+        Normally the decoder body's final hidden states; for an architecture whose
+        causal-LM forward does more than ``lm_head`` after the body, already the logits.
+        """
+        ids, mask, positions = self._padded(batch, left=left)
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+        if self._split_head:
+            return self._causal_lm.get_decoder()(**kw).last_hidden_state, ids, mask
+        return self._causal_lm(**kw).logits, ids, mask
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Looked up per call: a new adapter may wrap lm_head.
+        logits = self._causal_lm.get_output_embeddings()(hidden).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of some positions (bf16 cannot go to numpy, nor softmax well)."""
+        return self._head(hidden) if self._split_head else hidden.float()
+
+    @torch.inference_mode()
+    def _check_split_head(self) -> bool:
+        """Does body + ``lm_head`` (+ soft-capping) give the model's own logits?
+
+        Checked once on the plain base model. Where it does not (logit scaling in the
+        forward, say) scoring falls back to full-sequence logits: slower, still right.
+        """
+        ids = torch.arange(1, 6, device=self._input_device())[None, :] % self.vocab_size
+        reference = self._causal_lm(input_ids=ids, use_cache=False).logits.float()
+        try:
+            split = self._head(self._causal_lm.get_decoder()(input_ids=ids).last_hidden_state)
+        except (AttributeError, TypeError, ValueError):
+            return False
+        return split.shape == reference.shape and bool(
+            torch.allclose(split, reference, rtol=1e-3, atol=1e-3)
+        )
+
+    @torch.inference_mode()
+    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+        # Left padding puts every prompt's last token in the last column.
+        hidden, _, _ = self._hidden(batch, left=True)
+        logits = self._logits(hidden[:, -1, :])
+        return torch.log_softmax(logits, dim=-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+        hidden, ids, mask = self._hidden(batch, left=False)
+        # Position t of row i predicts token t + 1; keep the positions that have one.
+        keep = mask[:, 1:].bool()
+        states = hidden[:, :-1][keep]
+        targets = ids[:, 1:][keep].to(states.device)
+        # Chunk positions so the float32 (positions × vocab) logits of a long text never
+        # exist at once.
+        step = max(1, LOGIT_BUDGET // self.vocab_size)
+        pieces = []
+        for start in range(0, states.shape[0], step):
+            logits = self._logits(states[start : start + step])
+            picked = logits.gather(-1, targets[start : start + step, None].to(logits.device))
+            pieces.append((picked[:, 0] - torch.logsumexp(logits, dim=-1)).cpu())
+        flat = torch.cat(pieces).numpy() if pieces else np.zeros(0, np.float32)
+        out: list[np.ndarray] = []
+        offset = 0
+        for row in batch:
+            n = max(0, len(row) - 1)
+            out.append(flat[offset : offset + n].astype(np.float32))
+            offset += n
+        return out
+
+    # ---------------------------------------------------------- generation
+    @torch.inference_mode()
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        if max_new_tokens == 0:
+            return ""
+        assert self.model is not None, "the backend was closed"
+        ids, _ = self._encode(prompt)
+        device = self._input_device()
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if temperature > 0:
+            # Plain temperature sampling: the model's own top-k/top-p defaults would make
+            # the same seed mean different things on different models.
+            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": 1.0, "top_k": 0}
+        # A forked RNG: the draw depends on ``seed`` only and leaves the caller's state alone.
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(seed))
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=int(max_new_tokens),
+                pad_token_id=pad,
+                **sampling,
+            )
+        return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    # -------------------------------------------------------------- checks
+    def _nonfinite_adapter_tensors(self) -> list[str]:
+        return lora.nonfinite(self.slots)
+
+    def _release(self) -> None:
+        cuda = torch.device(self.device).type == "cuda"
+        self.slots = []
+        self.model = None
+        self._causal_lm = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()

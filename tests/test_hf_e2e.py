@@ -1,0 +1,158 @@
+"""End to end on SmolLM2-135M: train a LoRA on the demo document, then run the quick suite.
+
+A trained adapter must stand out from its nulls on the document's prompts; an untrained
+one (B = 0) must not PASS; a NaN adapter must end as a single ERROR. One backend is
+loaded once and the adapters are swapped in with ``set_adapter``, as ``checkpoints``
+does. Run with ``pytest -m slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sway_common.runner import run_suite  # noqa: E402
+from sway_common.scoring import text_hash  # noqa: E402
+from sway_common.spec import quick_suite  # noqa: E402
+from sway_common.types import Verdict  # noqa: E402
+from sway_hf.backend import HFDifferentialBackend  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.hf]
+
+DATA = Path(__file__).resolve().parents[1] / "sway_common" / "data"
+TRAIN = {
+    "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "num_layers": 8, "steps": 10,
+    "lr": 6e-3, "seed": 0,
+}
+TIMINGS: dict[str, float] = {}
+
+
+def _prompts() -> list[str]:
+    lines = (DATA / "demo_prompts.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _paragraphs() -> list[str]:
+    text = (DATA / "demo_document.md").read_text(encoding="utf-8")
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+
+
+def _lora_model(model_dir: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(TRAIN["seed"])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["alpha"], target_modules=TRAIN["targets"],
+                     lora_dropout=0.0, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # PEFT trips a transformers v5 deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, cfg)
+
+
+def _train(model_dir: Path, dst: Path) -> list[float]:
+    from sway_hf.train import train_lora
+
+    losses: list[float] = []
+    train_lora(
+        model_dir, _paragraphs(), dst, steps=TRAIN["steps"], rank=TRAIN["r"],
+        alpha=TRAIN["alpha"], learning_rate=TRAIN["lr"], targets=TRAIN["targets"],
+        num_layers=TRAIN["num_layers"], seed=TRAIN["seed"],
+        on_step=lambda _step, loss: losses.append(loss),
+    )
+    # Written last: its presence marks a finished adapter in the cache.
+    (dst / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(smollm2_dir: Path) -> Path:
+    """q_proj/v_proj r=8 on the last 8 blocks, full-batch AdamW on the demo document.
+
+    Training takes most of this test's time on a 2-core CPU, so the adapter is kept in
+    the temp dir under a key of the recipe, the document, the model config and the
+    trainer's source.
+    """
+    key = text_hash(
+        json.dumps(TRAIN, sort_keys=True),
+        (DATA / "demo_document.md").read_text(encoding="utf-8"),
+        (smollm2_dir / "config.json").read_text(encoding="utf-8"),
+        (DATA.parents[1] / "sway_hf" / "train.py").read_text(encoding="utf-8"),
+    )
+    dst = Path(tempfile.gettempdir()) / "sway-hf-e2e" / key
+    if not (dst / "losses.json").is_file():
+        started = time.perf_counter()
+        _train(smollm2_dir, dst)
+        TIMINGS["train_s"] = time.perf_counter() - started
+    losses = json.loads((dst / "losses.json").read_text(encoding="utf-8"))
+    assert losses[-1] < 0.7 * losses[0], f"training did not bite: {losses}"
+    return dst
+
+
+@pytest.fixture(scope="module")
+def untrained_adapter(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh PEFT LoRA saved without training: B = 0, so ΔW = 0."""
+    dst = tmp_path_factory.mktemp("smollm2_untrained")
+    _lora_model(smollm2_dir).save_pretrained(str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2_dir: Path, trained_adapter: Path):
+    started = time.perf_counter()
+    b = HFDifferentialBackend(smollm2_dir, trained_adapter)
+    TIMINGS["load_s"] = time.perf_counter() - started
+    yield b
+    b.close()
+    print("\nHF e2e timings (s):", {k: round(v, 1) for k, v in TIMINGS.items()})
+
+
+def _run(backend: HFDifferentialBackend, adapter: Path, label: str):
+    started = time.perf_counter()
+    backend.set_adapter(adapter)
+    result = run_suite(quick_suite(_prompts(), runs=8), backend=backend)
+    TIMINGS[f"{label}_suite_s"] = time.perf_counter() - started
+    for p in result.probes:
+        print(f"\n[{label}] {p.kind}: {p.verdict.value} z={p.z} {p.message}")
+    return result
+
+
+def test_trained_adapter_stands_out(backend, trained_adapter: Path) -> None:
+    result = _run(backend, trained_adapter, "trained")
+    delta = next(p for p in result.probes if p.kind == "delta_kl")
+    assert delta.z is not None and delta.z >= 3, delta.message
+    assert delta.verdict is Verdict.PASS, delta.message
+
+
+def test_untrained_adapter_does_not_pass(backend, untrained_adapter: Path) -> None:
+    result = _run(backend, untrained_adapter, "untrained")
+    delta = next(p for p in result.probes if p.kind == "delta_kl")
+    assert delta.verdict is not Verdict.PASS, delta.message
+    assert result.verdict is not Verdict.PASS
+
+
+def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "nan_adapter"
+    shutil.copytree(trained_adapter, bad)
+    weights = bad / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if "lora_A" in k)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    result = _run(backend, bad, "nan")
+    assert [p.verdict for p in result.probes] == [Verdict.ERROR]
+    assert result.verdict is Verdict.ERROR
+    assert "NaN" in result.probes[0].message
