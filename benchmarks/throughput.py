@@ -48,12 +48,13 @@ def build_model(work: Path) -> tuple[Path, Path]:
         return model_dir, adapter_dir
     import torch
     from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()  # without it decode() leaks "Ġ" and texts re-encode longer
     trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     rng = np.random.default_rng(0)
@@ -116,14 +117,16 @@ def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Name
                     run_op(backend, view_name, op, texts)
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times)
-                work = batch * args.seq if unit == "tokens" else batch
+                # Count what was really scored: decode-then-encode can shift a few tokens.
+                n_tokens = sum(len(backend._encode(t)[0]) for t in texts)
+                work = n_tokens if unit == "tokens" else batch
                 records.append({
                     "backend": name, "device": backend.info.get("device", "default"),
                     "dtype": backend.info.get("dtype"), "op": op, "view": view_name, "batch": batch,
-                    "seq": args.seq, "seconds": seconds, f"{unit}_per_s": work / seconds,
+                    "seq": args.seq, "tokens": n_tokens, "seconds": seconds, f"{unit}_per_s": work / seconds,
                 })
                 print(f"{name:4} {view_name:4} {op:22} B={batch:<3} T={args.seq}: "
-                      f"{work / seconds:12,.0f} {unit}/s  ({seconds * 1000:.1f} ms)", flush=True)
+                      f"{work / seconds:12,.1f} {unit}/s  ({seconds * 1000:.1f} ms)", flush=True)
         backend.close()
     return records
 
