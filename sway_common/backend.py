@@ -86,6 +86,31 @@ def check_null_args(init_scale: float, rank_scale: float, mode: str) -> None:
         raise ValueError(f"null mode must be one of {NULL_MODES}, got {mode!r}")
 
 
+def describe(backend: DifferentialBackendBase, name: str, model: str, device: str,
+             slots: Sequence[Any], **extra: Any) -> dict[str, Any]:
+    """The ``info`` a backend reports: what is loaded and how the adapter is shaped.
+
+    ``slots`` are the backend's adapted modules (anything with ``rank``, ``path``, ``dora``).
+    """
+    ranks = sorted({s.rank for s in slots})
+    return {
+        "backend": name,
+        "model": model,
+        "model_dir": str(getattr(backend, "model_dir", "")),
+        "adapter": str(getattr(backend, "adapter_path", "")),
+        "adapter_hash": backend.adapter_hash,
+        "dtype": getattr(backend, "dtype", None),
+        "device": device,
+        "rank": ranks[0] if len(ranks) == 1 else ranks,
+        "targets": sorted({s.path.rsplit(".", 1)[-1] for s in slots}),
+        "modules": len(slots),
+        "dora": any(s.dora for s in slots),
+        "max_context": backend.max_context,
+        "batch_size": backend.batch_size,
+        **extra,
+    }
+
+
 class DifferentialBackendBase(ABC):
     """One loaded model, many views. Subclasses set the attributes below and the hooks."""
 

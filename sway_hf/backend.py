@@ -23,7 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
-from sway_common.backend import DifferentialBackendBase, ViewSpec
+from sway_common.backend import DifferentialBackendBase, ViewSpec, describe
 from sway_common.models import parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_hf import lora
@@ -185,23 +185,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self.adapter_hash = weights.content_hash
         self.adapter_path = adapter_path
         cfg = self.model.peft_config[name]
-        ranks = sorted({s.rank for s in self.slots})
-        self.info = {
-            "backend": "hf",
-            "model": self._model_name,
-            "model_dir": str(self.model_dir),
-            "adapter": str(adapter_path),
-            "adapter_hash": self.adapter_hash,
-            "dtype": self.dtype,
-            "device": str(self._input_device()),
-            "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "alpha": cfg.lora_alpha,
-            "targets": sorted({s.path.rsplit(".", 1)[-1] for s in self.slots}),
-            "modules": len(self.slots),
-            "dora": any(s.dora for s in self.slots),
-            "max_context": self.max_context,
-            "batch_size": self.batch_size,
-        }
+        self.info = describe(self, "hf", self._model_name, str(self._input_device()), self.slots, alpha=cfg.lora_alpha)
 
     # --------------------------------------------------------------- views
     def _activate(self, view: ViewSpec) -> Callable[[], None]:

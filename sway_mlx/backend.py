@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
-from sway_common.backend import DifferentialBackendBase, ViewSpec
+from sway_common.backend import DifferentialBackendBase, ViewSpec, describe
 from sway_common.models import normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_mlx import lora
@@ -157,22 +157,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         mx.eval([(s.a, s.b, s.scale) for s in self.slots])
         self.adapter_hash = weights.content_hash
         self.adapter_path = Path(adapter_path)
-        ranks = sorted({s.rank for s in self.slots})
-        self.info = {
-            "backend": "mlx",
-            "model": self._model_name,
-            "model_dir": str(self.model_dir),
-            "adapter": str(adapter_path),
-            "adapter_hash": self.adapter_hash,
-            "dtype": self.dtype,
-            "device": str(mx.default_device()),
-            "rank": ranks[0] if len(ranks) == 1 else ranks,
-            "targets": sorted({s.path.rsplit(".", 1)[-1] for s in self.slots}),
-            "modules": len(self.slots),
-            "dora": any(s.dora for s in self.slots),
-            "max_context": self.max_context,
-            "batch_size": self.batch_size,
-        }
+        self.info = describe(self, "mlx", self._model_name, str(mx.default_device()), self.slots)
 
     # --------------------------------------------------------------- views
     def _activate(self, view: ViewSpec) -> Callable[[], None]:

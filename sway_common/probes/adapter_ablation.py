@@ -10,7 +10,6 @@ the adapter is indistinguishable from noise, so the λ=1 point must also beat th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from sway_common.divergence import divergence
 from sway_common.protocols import ScalableDifferentialBackend
@@ -18,9 +17,8 @@ from sway_common.stats import linear_fit
 from sway_common.types import ProbeResult, Verdict
 
 from .base import (
-    DEFAULT_PROMPTS,
+    DivergenceConfig,
     Probe,
-    ProbeConfig,
     RunContext,
     judge_against_null,
     mean_divergence,
@@ -29,17 +27,11 @@ from .base import (
 
 
 @dataclass
-class AdapterAblationConfig(ProbeConfig):
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+class AdapterAblationConfig(DivergenceConfig):
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25])
-    divergence: Literal["js", "kl"] = "js"
-    top_k: int | None = None
     assert_linearity_gte: float = 0.85
     assert_saturation_between: tuple[float, float] = (0.3, 1.05)
     assert_overshoot_gte: float = 1.02
-    assert_z_gte: float = 3.0
-    assert_mean_gte: float = 0.02
-    min_effect: float = 1e-3
 
 
 def saturation_lambda(lams: list[float], curve: list[float], level: float) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from sway_common.divergence import divergence
 from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
@@ -40,6 +40,20 @@ class ProbeConfig:
     weight: float = 1.0
     gate: bool | None = None
     """Whether a FAIL fails the suite; None keeps the probe kind's default."""
+
+
+@dataclass
+class DivergenceConfig(ProbeConfig):
+    """Fields of the probes that judge a mean next-token divergence against the null."""
+
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    divergence: Literal["js", "kl"] = "js"
+    top_k: int | None = None
+    assert_z_gte: float = 3.0
+    assert_mean_gte: float = 0.02
+    """Fixed threshold, used only when no null calibration is possible."""
+    min_effect: float = 1e-3
+    """Effect floor in nats: below it an adapter fails however significant it is."""
 
 
 @dataclass(frozen=True)

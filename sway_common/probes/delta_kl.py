@@ -9,15 +9,13 @@ It cannot say whether the change is *correct*, only that it is real.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 from sway_common.types import ProbeResult
 
 from .base import (
-    DEFAULT_PROMPTS,
+    DivergenceConfig,
     Probe,
-    ProbeConfig,
     RunContext,
     judge_against_null,
     mean_divergence,
@@ -26,15 +24,8 @@ from .base import (
 
 
 @dataclass
-class DeltaKLConfig(ProbeConfig):
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    divergence: Literal["js", "kl"] = "js"
-    top_k: int | None = None
-    assert_z_gte: float = 3.0
-    assert_mean_gte: float = 0.02
-    """Fixed threshold, used only when no null calibration is possible."""
-    min_effect: float = 1e-3
-    """Effect floor in nats: below it an adapter fails however significant it is."""
+class DeltaKLConfig(DivergenceConfig):
+    """delta_kl takes exactly the shared divergence fields."""
 
 
 @register
