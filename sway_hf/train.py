@@ -1,6 +1,7 @@
 """Train a LoRA adapter with PEFT on a few text chunks: the demo's trainer on torch.
 
-Deliberately small: full-batch AdamW over the chunks for a fixed number of steps.
+Deliberately small: AdamW over the chunks for a fixed number of steps, each step on
+``batch_size`` chunks taken in turn (all of them by default).
 Writes a standard PEFT adapter dir (and Trainer-style ``checkpoint-N/`` dirs when
 ``save_every`` is set), atomically, so a cache never holds a half-written adapter.
 """
@@ -26,6 +27,7 @@ def train_lora(
     num_layers: int = 8,
     seed: int = 0,
     max_tokens: int = 128,
+    batch_size: int | None = None,
     save_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
@@ -48,10 +50,11 @@ def train_lora(
         layers_to_transform=list(range(max(0, depth - num_layers), depth)),
     )
     model = get_peft_model(model, config)
-    batch = tokenizer(
+    encoded = tokenizer(
         list(chunks), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
     ).to(device)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    size = min(batch_size or len(chunks), len(chunks))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.0
     )
@@ -62,7 +65,9 @@ def train_lora(
     try:
         model.train()
         for step in range(1, steps + 1):
-            loss = model(**batch, labels=labels).loss
+            rows = [((step - 1) * size + i) % len(chunks) for i in range(size)]
+            batch = {k: v[rows] for k, v in encoded.items()}
+            loss = model(**batch, labels=labels[rows]).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

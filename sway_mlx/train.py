@@ -49,6 +49,7 @@ def train_lora(
     num_layers: int = 8,
     seed: int = 0,
     max_tokens: int = 128,
+    batch_size: int | None = None,
     save_every: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
@@ -85,7 +86,7 @@ def train_lora(
             "--iters",
             str(steps),
             "--batch-size",
-            str(len(chunks)),
+            str(min(batch_size or len(chunks), len(chunks))),
             "--num-layers",
             str(num_layers),
             "--learning-rate",

@@ -36,8 +36,7 @@ def tiny_peft_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
 def tiny_mlx_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """mlx-lm LoRA r=4 (scale 2.0) on q_proj/v_proj, 20 iterations; checkpoints at 10 and 20."""
     dst = tmp_path_factory.mktemp("tiny_mlx_adapter")
-    work = tmp_path_factory.mktemp("tiny_mlx_work")
-    return fixtures_build.train_tiny_mlx_adapter(tiny_model_dir, dst, work)
+    return fixtures_build.train_tiny_mlx_adapter(tiny_model_dir, dst)
 
 
 @pytest.fixture(scope="session")

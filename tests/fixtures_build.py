@@ -7,10 +7,6 @@ builders in session-scoped fixtures.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,53 +144,15 @@ def train_tiny_peft_adapter(model_dir: Path, dst: Path, steps: int = 40) -> Path
     return dst
 
 
-def mlx_env() -> dict[str, str]:
-    """Environment for an mlx subprocess: OpenBLAS preloaded when present (40x faster matmul)."""
-    env = dict(os.environ)
-    blas = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
-    if sys.platform == "linux" and Path(blas).exists() and blas not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = (blas + " " + env.get("LD_PRELOAD", "")).strip()
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def train_tiny_mlx_adapter(model_dir: Path, dst: Path, work: Path, iters: int = 20) -> Path:
-    """LoRA r=4 on q_proj/v_proj of both layers, trained by ``python -m mlx_lm lora``.
+def train_tiny_mlx_adapter(model_dir: Path, dst: Path, iters: int = 20) -> Path:
+    """LoRA r=4 on q_proj/v_proj of both layers, trained by mlx-lm's own trainer.
 
     Checkpoints every 10 iterations, so ``0000010_adapters.safetensors`` and
     ``0000020_adapters.safetensors`` sit next to ``adapters.safetensors``.
     """
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    chunks = document_chunks()
-    with open(data / "train.jsonl", "w", encoding="utf-8") as f:
-        for c in chunks:
-            f.write(json.dumps({"text": c}) + "\n")
-    with open(data / "valid.jsonl", "w", encoding="utf-8") as f:
-        for c in chunks[:2]:
-            f.write(json.dumps({"text": c}) + "\n")
-    # JSON is valid YAML, and the CLI only takes rank/scale/keys from a config file.
-    cfg = {
-        "lora_parameters": {
-            "rank": 4,
-            "scale": 2.0,
-            "dropout": 0.0,
-            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
-        }
-    }
-    cfg_path = work / "lora.yaml"
-    cfg_path.write_text(json.dumps(cfg), encoding="utf-8")
-    cmd = [
-        sys.executable, "-m", "mlx_lm", "lora",
-        "--model", str(model_dir), "--train", "--data", str(data),
-        "--iters", str(iters), "--batch-size", "2", "--num-layers", "2",
-        "--learning-rate", "1e-2", "--save-every", "10", "--steps-per-eval", "1000",
-        "--val-batches", "1", "--steps-per-report", "10", "--seed", "0",
-        "--max-seq-length", "256", "--adapter-path", str(dst), "-c", str(cfg_path),
-    ]
-    proc = subprocess.run(cmd, env=mlx_env(), capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not (dst / "adapters.safetensors").exists():
-        raise RuntimeError(
-            f"mlx_lm lora failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return dst
+    from sway_mlx.train import train_lora
+
+    return train_lora(
+        model_dir, document_chunks(), dst, steps=iters, rank=4, alpha=8.0, learning_rate=1e-2,
+        num_layers=2, max_tokens=256, batch_size=2, save_every=10,
+    )

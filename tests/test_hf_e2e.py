@@ -156,3 +156,31 @@ def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path:
     assert [p.verdict for p in result.probes] == [Verdict.ERROR]
     assert result.verdict is Verdict.ERROR
     assert "NaN" in result.probes[0].message
+
+
+@pytest.mark.parametrize(
+    ("which", "exit_code", "expected"),
+    [
+        ("trained", 0, "above its null on 8 prompts"),
+        ("untrained", 1, "indistinguishable from a null adapter"),
+    ],
+)
+def test_quick_eval_ends_in_one_actionable_line(
+    which: str, exit_code: int, expected: str, smollm2_dir: Path,
+    trained_adapter: Path, untrained_adapter: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    import sway_common.data
+    from sway_common.cli import app
+
+    adapter = trained_adapter if which == "trained" else untrained_adapter
+    prompts = Path(sway_common.data.__file__).parent / "demo_prompts.txt"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(smollm2_dir), "--adapter-path", str(adapter),
+        "--prompts", str(prompts), "--backend", "hf",
+    ])
+    assert result.exit_code == exit_code, result.output
+    # The headline is the last thing printed; rich may wrap it, so compare words.
+    tail = " ".join(result.output.split()[-40:])
+    assert expected in tail, result.output

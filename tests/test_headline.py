@@ -1,0 +1,39 @@
+"""The one-line summary a person acts on, for each kind of outcome."""
+
+from __future__ import annotations
+
+from sway_common.dummy import DummyDifferentialBackend
+from sway_common.report import headline
+from sway_common.runner import run_suite
+from sway_common.spec import quick_suite
+from sway_common.types import NullStats, ProbeResult, SuiteResult, Verdict
+
+PROMPTS = ["The keeper said", "In the storm", "A ledger entry:", "Tell me about the light"]
+
+
+def _line(**backend_kw) -> str:
+    return headline(run_suite(quick_suite(PROMPTS, runs=5), backend=DummyDifferentialBackend(**backend_kw)))
+
+
+def test_trained_adapter_reads_as_sigmas_above_its_null() -> None:
+    line = _line()
+    assert line.startswith("adapter is ") and "σ above its null on 4 prompts" in line
+    assert "× a random adapter of the same size" in line
+
+
+def test_untrained_adapter_reads_as_indistinguishable() -> None:
+    assert _line(adapter_strength=0.0) == "adapter is indistinguishable from a null adapter on 4 prompts"
+
+
+def test_nan_adapter_reads_as_not_evaluated() -> None:
+    line = _line(nan_adapter=True)
+    assert line.startswith("adapter could not be evaluated:") and "NaN" in line
+
+
+def test_significant_but_negligible_says_so() -> None:
+    dk = ProbeResult(
+        name="dk", kind="delta_kl", verdict=Verdict.FAIL, raw=2.9e-4, z=7.6, effect_ratio=2.8,
+        null=NullStats(mean=1e-4, std=2.4e-5, n=8), evidence={"per_prompt": [0.0] * 8},
+    )
+    line = headline(SuiteResult(probes=[dk], verdict=Verdict.FAIL, score=0.1))
+    assert "7.6σ above its null on 8 prompts but its effect is negligible" in line
