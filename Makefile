@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
 
 ifeq ($(UNAME),Darwin)
-EXTRAS := mlx,hf,plot,dev
+EXTRAS := mlx,hf,gguf,plot,dev
 TORCH :=
 else
 EXTRAS := mlx,hf,gguf,plot,dev
