@@ -5,11 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
 
-ifeq ($(UNAME),Darwin)
 EXTRAS := mlx,hf,gguf,plot,dev
+ifeq ($(UNAME),Darwin)
 TORCH :=
 else
-EXTRAS := mlx,hf,gguf,plot,dev
 # The CPU build; a plain `torch` would pull several GB of CUDA libraries.
 TORCH ?= torch==2.13.0
 endif
