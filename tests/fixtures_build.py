@@ -156,3 +156,27 @@ def train_tiny_mlx_adapter(model_dir: Path, dst: Path, iters: int = 20) -> Path:
         model_dir, document_chunks(), dst, steps=iters, rank=4, alpha=8.0, learning_rate=1e-2,
         num_layers=2, max_tokens=256, batch_size=2, save_every=10,
     )
+
+
+def build_tiny_dora_adapter(model_dir: Path, dst: Path, seed: int = 0) -> Path:
+    """A PEFT DoRA adapter (r=4, q/v) standing in for a trained one: B and magnitudes moved."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    with warnings.catch_warnings():  # PEFT trips a transformers v5 deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=gen))
+    peft_model.save_pretrained(str(dst))
+    return dst

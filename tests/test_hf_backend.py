@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -386,32 +385,11 @@ def test_generate_greedy_is_deterministic_and_sampling_seeded(backend) -> None:
 
 
 # ---------------------------------------------------------------------- DoRA
-@pytest.fixture(scope="module")
-def dora_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
-                     init_lora_weights=False)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():  # PEFT trips a transformers v5 deprecation notice
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, cfg)
-    with torch.no_grad():  # stand in for training: move the magnitudes too
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.2 * torch.rand(p.shape))
-    dst = tmp_path_factory.mktemp("dora_adapter")
-    peft_model.save_pretrained(str(dst))
-    return dst
-
-
-def test_dora_views(tiny_model_dir: Path, dora_adapter: Path) -> None:
+def test_dora_views(tiny_model_dir: Path, tiny_dora_adapter: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    with HFDifferentialBackend(tiny_model_dir, dora_adapter) as b:
+    with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter) as b:
         assert b.info["dora"] and all(s.dora for s in b.slots)
         ids = [b._encode(p)[0] for p in PROMPTS[:3]]
         with torch.no_grad():

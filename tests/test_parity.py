@@ -128,24 +128,8 @@ def test_same_verdicts_on_the_same_suite(pair) -> None:
     assert results[0].verdict == results[1].verdict
 
 
-def test_dora_parity(tiny_model_dir: Path, tmp_path: Path) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    model = get_peft_model(
-        hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
-    )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=gen))
-    model.save_pretrained(str(tmp_path / "dora"))
-    mlx_b, hf_b = _pair(tiny_model_dir, tmp_path / "dora")
+def test_dora_parity(tiny_model_dir: Path, tiny_dora_adapter: Path) -> None:
+    mlx_b, hf_b = _pair(tiny_model_dir, tiny_dora_adapter)
     try:
         for opener, args in (("as_base", ()), ("as_finetuned", ()), ("as_scaled_adapter", (0.5,))):
             assert rolling_gap(mlx_b, hf_b, opener, *args) <= TOL, opener
