@@ -81,7 +81,7 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
     if not quiet:
         console = Console()
         render_terminal(result, console)
-        console.print(f"[bold]{headline(result)}[/]", highlight=False)
+        console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
     else:
         click.echo(f"{result.verdict.value} score={result.score if result.score is None else round(result.score, 3)} threshold={result.threshold}")
     if result.meta.get("interrupted"):

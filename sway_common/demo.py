@@ -122,7 +122,7 @@ def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = 
             console.rule(f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})")
             result = run_suite(quick_suite(prompts, runs=runs), backend=engine, show_progress=console.is_terminal)
             render_terminal(result, console)
-            console.print(f"[bold]→ {headline(result)}[/]", highlight=False)
+            console.print(f"[bold]→ {headline(result)}[/]", highlight=False, soft_wrap=True)
             if plot_dir is not None:
                 from sway_common.report.plots import write_plots
 
