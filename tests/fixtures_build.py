@@ -7,6 +7,7 @@ builders in session-scoped fixtures.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,12 +172,33 @@ def build_tiny_dora_adapter(model_dir: Path, dst: Path, seed: int = 0) -> Path:
     with warnings.catch_warnings():  # PEFT trips a transformers v5 deprecation notice
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, cfg)
+    randomize_lora(peft_model, seed)
+    peft_model.save_pretrained(str(dst))
+    return dst
+
+
+def randomize_lora(peft_model: object, seed: int) -> None:
+    """Stand in for training: random B (so ΔW != 0) and, for DoRA, moved magnitudes."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in peft_model.named_parameters():
+        for name, p in peft_model.named_parameters():  # type: ignore[attr-defined]
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=gen))
-    peft_model.save_pretrained(str(dst))
+
+
+def nan_copy(src: Path, dst: Path, factor: str = "lora_B") -> Path:
+    """A copy of a PEFT adapter dir with one NaN in its first ``factor`` tensor."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if factor in k)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path))
     return dst

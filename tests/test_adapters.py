@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 import numpy as np
 import pytest
 
@@ -47,13 +48,7 @@ def _peft_adapter(model_dir: Path, dst: Path, seed: int = 0, merge: bool = True,
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
     kwargs.update(lora_kwargs)
     pm = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    fixtures_build.randomize_lora(pm, seed)
     pm.save_pretrained(str(dst))
     if not merge:
         return dst, base, {}

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sway_common.protocols import ViewConflictError  # noqa: E402
@@ -346,22 +347,11 @@ def test_failed_set_adapter_keeps_the_old_one(backend, tiny_peft_adapter: Path, 
         assert np.array_equal(backend._last_logprobs(ids), ft)
 
 
-def _nan_copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    path = dst / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    key = sorted(k for k in tensors if "lora_B" in k)[0]
-    tensors[key] = tensors[key].clone()
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(path))
-    return dst
-
-
 def test_preflight_flags_nan_adapter(
     backend, tiny_model_dir: Path, tiny_peft_adapter: Path, tmp_path: Path
 ) -> None:
     assert backend.preflight_finite_check() == (True, "base and fine-tuned views give finite logits")
-    bad = _nan_copy(tiny_peft_adapter, tmp_path / "nan_adapter")
+    bad = fixtures_build.nan_copy(tiny_peft_adapter, tmp_path / "nan_adapter")
     with HFDifferentialBackend(tiny_model_dir, bad) as b:
         ok, reason = b.preflight_finite_check()
         assert b.active_view is None

@@ -9,7 +9,6 @@ does. Run with ``pytest -m slow``.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 import warnings
@@ -21,7 +20,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
-from safetensors.torch import load_file, save_file  # noqa: E402
+
+import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 
 from sway_common.runner import run_suite  # noqa: E402
 from sway_common.scoring import text_hash  # noqa: E402
@@ -144,14 +144,7 @@ def test_untrained_adapter_does_not_pass(backend, untrained_adapter: Path) -> No
 
 
 def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "nan_adapter"
-    shutil.copytree(trained_adapter, bad)
-    weights = bad / "adapter_model.safetensors"
-    tensors = load_file(str(weights))
-    key = sorted(k for k in tensors if "lora_A" in k)[0]
-    tensors[key] = tensors[key].clone()
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(weights))
+    bad = fixtures_build.nan_copy(trained_adapter, tmp_path / "nan_adapter", factor="lora_A")
     result = _run(backend, bad, "nan")
     assert [p.verdict for p in result.probes] == [Verdict.ERROR]
     assert result.verdict is Verdict.ERROR
