@@ -208,3 +208,13 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, fl
     dy = ya - y_mean
     r2 = 1.0 - float(np.dot(resid, resid)) / float(np.dot(dy, dy))
     return slope, intercept, min(max(r2, 0.0), 1.0)
+
+
+def format_z(z: float | None) -> str:
+    if z is None:
+        return "—"
+    z = float(z)
+    if not math.isfinite(z):
+        return f"{z:+}σ"
+    # Decimals on a z in the hundreds suggest a precision K null draws cannot give.
+    return f"{z:+.0f}σ" if abs(z) >= 100 else f"{z:+.1f}σ"

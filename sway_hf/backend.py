@@ -23,7 +23,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
-from sway_common.backend import DifferentialBackendBase, ViewSpec, describe
+from sway_common.backend.base import DifferentialBackendBase, ViewSpec, describe
 from sway_common.models import parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_hf import lora

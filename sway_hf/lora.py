@@ -23,9 +23,9 @@ import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from sway_common.backend import ViewSpec
+from sway_common.backend.base import ViewSpec
 from sway_common.protocols import NullMode
-from sway_common.scoring import text_hash
+from sway_common.backend.scoring import text_hash
 
 Restore = Callable[[], None]
 

@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
-from sway_common.backend import DifferentialBackendBase, ViewSpec, describe
+from sway_common.backend.base import DifferentialBackendBase, ViewSpec, describe
 from sway_common.models import normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_mlx import lora

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCUMENT_PATH = REPO_ROOT / "sway_common" / "data" / "demo_document.md"
+DOCUMENT_PATH = REPO_ROOT / "sway_common" / "app" / "data" / "demo_document.md"
 
 # Generic English so the tokenizer sees ordinary words, not only the demo document's.
 GENERIC_ENGLISH = """\
@@ -59,7 +59,6 @@ def _build_tokenizer(dst: Path) -> None:
         vocab_size=TINY_VOCAB,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
     )
     tok.train_from_iterator([corpus_text()], trainer=trainer)
     fast = PreTrainedTokenizerFast(

@@ -15,7 +15,7 @@ import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 import numpy as np
 import pytest
 
-from sway_common.adapter_files import load_safetensors
+from sway_common.adapters.files import load_safetensors
 from sway_common.adapters import (
     AdapterFormatError,
     AdapterWeights,

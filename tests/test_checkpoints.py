@@ -12,15 +12,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from sway_common import platform
-from sway_common.checkpoints import (
-    CheckpointError,
-    CheckpointRow,
-    discover_checkpoints,
-    evaluate_checkpoints,
-    summarize,
-)
-from sway_common.cli_loop import checkpoints_cmd
+from sway_common.app import platform
+from sway_common.app.checkpoints import evaluate_checkpoints
+from sway_common.suite.trajectory import CheckpointError, CheckpointRow, discover_checkpoints, summarize
+from sway_common.app.loop_cli import checkpoints_cmd
 from sway_common.types import Verdict
 
 PROMPTS = ["The keeper said", "In the storm"]
@@ -281,7 +276,7 @@ def test_light_imports() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, sway_common.checkpoints, sway_common.watch, sway_common.cli_loop, "
+    code = ("import sys, sway_common.app.checkpoints, sway_common.app.watch, sway_common.app.loop_cli, "
             "sway_common.report.plots; heavy = {'torch', 'mlx', 'matplotlib', 'transformers'} & "
             "{m.split('.')[0] for m in sys.modules}; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sway_common.cli import app
+from sway_common.app.cli import app
 from sway_common.report import load_json
 
 SPEC = """
@@ -65,7 +65,7 @@ def test_gate_threshold_overrides_the_spec(tmp_path: Path) -> None:
 
 
 def test_spec_with_two_typos_exits_two_naming_both_without_loading(tmp_path: Path, monkeypatch) -> None:
-    import sway_common.platform as platform
+    import sway_common.app.platform as platform
 
     def forbidden(*a, **k):
         raise AssertionError("a backend was built for an invalid spec")
@@ -100,7 +100,7 @@ def test_help_teaches() -> None:
     assert "null" in result.output and "eval" in result.output and "gate" in result.output
 
 
-@pytest.mark.parametrize("module", ["sway_common", "sway_common.cli", "sway_common.runner", "sway_common.spec"])
+@pytest.mark.parametrize("module", ["sway_common", "sway_common.app.cli", "sway_common.suite.runner", "sway_common.suite.spec"])
 def test_importing_sway_common_loads_neither_mlx_nor_torch(module: str) -> None:
     code = (
         f"import sys, {module}\n"

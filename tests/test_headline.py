@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sway_common.dummy import DummyDifferentialBackend
+from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.report import headline
-from sway_common.runner import run_suite
-from sway_common.spec import quick_suite
+from sway_common.suite.runner import run_suite
+from sway_common.suite.spec import quick_suite
 from sway_common.types import NullStats, ProbeResult, SuiteResult, Verdict
 
 PROMPTS = ["The keeper said", "In the storm", "A ledger entry:", "Tell me about the light"]

@@ -23,15 +23,15 @@ pytest.importorskip("transformers")
 
 import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 
-from sway_common.runner import run_suite  # noqa: E402
-from sway_common.scoring import text_hash  # noqa: E402
-from sway_common.spec import quick_suite  # noqa: E402
+from sway_common.suite.runner import run_suite  # noqa: E402
+from sway_common.backend.scoring import text_hash  # noqa: E402
+from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
 from sway_hf.backend import HFDifferentialBackend  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.hf]
 
-DATA = Path(__file__).resolve().parents[1] / "sway_common" / "data"
+DATA = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data"
 TRAIN = {
     "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "num_layers": 8, "steps": 10,
     "lr": 6e-3, "seed": 0,
@@ -164,11 +164,11 @@ def test_quick_eval_ends_in_one_actionable_line(
 ) -> None:
     from click.testing import CliRunner
 
-    import sway_common.data
-    from sway_common.cli import app
+    import sway_common.app.data
+    from sway_common.app.cli import app
 
     adapter = trained_adapter if which == "trained" else untrained_adapter
-    prompts = Path(sway_common.data.__file__).parent / "demo_prompts.txt"
+    prompts = Path(sway_common.app.data.__file__).parent / "demo_prompts.txt"
     result = CliRunner().invoke(app, [
         "eval", "--model", str(smollm2_dir), "--adapter-path", str(adapter),
         "--prompts", str(prompts), "--backend", "hf",

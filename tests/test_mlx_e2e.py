@@ -19,8 +19,8 @@ import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from sway_common.models import normalize_config  # noqa: E402
-from sway_common.runner import run_suite  # noqa: E402
-from sway_common.spec import quick_suite  # noqa: E402
+from sway_common.suite.runner import run_suite  # noqa: E402
+from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
 from sway_mlx.train import train_lora  # noqa: E402
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.mlx]
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     line.strip()
-    for line in (REPO / "sway_common" / "data" / "demo_prompts.txt").read_text().splitlines()
+    for line in (REPO / "sway_common" / "app" / "data" / "demo_prompts.txt").read_text().splitlines()
     if line.strip()
 ]
 TIMINGS: dict[str, float] = {}

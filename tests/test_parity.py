@@ -17,8 +17,8 @@ pytest.importorskip("peft")
 
 import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 
-from sway_common.runner import run_suite  # noqa: E402
-from sway_common.spec import quick_suite  # noqa: E402
+from sway_common.suite.runner import run_suite  # noqa: E402
+from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_hf.backend import HFDifferentialBackend  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
 

@@ -8,16 +8,16 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from sway_common.checkpoints import CheckpointRow  # noqa: E402
-from sway_common.dummy import DummyDifferentialBackend  # noqa: E402
+from sway_common.suite.trajectory import CheckpointRow  # noqa: E402
+from sway_common.backend.dummy import DummyDifferentialBackend  # noqa: E402
 from sway_common.report.plots import (  # noqa: E402
     plot_ablation,
     plot_trajectory,
     plot_z,
     write_plots,
 )
-from sway_common.runner import run_suite  # noqa: E402
-from sway_common.spec import SuiteSpec, quick_suite  # noqa: E402
+from sway_common.suite.runner import run_suite  # noqa: E402
+from sway_common.suite.spec import SuiteSpec, quick_suite  # noqa: E402
 from sway_common.types import NullStats, ProbeResult, SuiteResult, Verdict  # noqa: E402
 
 PROMPTS = ["The keeper said", "Tell me about the light", "In the storm", "A ledger entry:"]

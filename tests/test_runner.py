@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sway_common.dummy import DummyDifferentialBackend
+from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.probes import REGISTRY
 from sway_common.probes.delta_kl import DeltaKLConfig
-from sway_common.runner import composite, overall_verdict, run_suite
-from sway_common.spec import Defaults, SuiteSpec, quick_suite
+from sway_common.suite.runner import composite, overall_verdict, run_suite
+from sway_common.suite.spec import Defaults, SuiteSpec, quick_suite
 from sway_common.types import ProbeResult, Verdict
 
 PROMPTS = ["The keeper said", "Tell me about the light", "In the storm", "A ledger entry:"]

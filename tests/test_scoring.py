@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sway_common.dummy import DummyDifferentialBackend
+from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.protocols import (
     DifferentialBackend,
     NullCalibratedBackend,
@@ -16,7 +16,7 @@ from sway_common.protocols import (
     ScoringModel,
     ViewConflictError,
 )
-from sway_common.scoring import (
+from sway_common.backend.scoring import (
     completion_start,
     length_buckets,
     rolling_windows,

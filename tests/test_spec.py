@@ -10,7 +10,7 @@ import pytest
 from sway_common.probes.adapter_ablation import AdapterAblationConfig
 from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
-from sway_common.spec import ForeignProbeConfig, SpecError, load_spec, parse_spec
+from sway_common.suite.spec import ForeignProbeConfig, SpecError, load_spec, parse_spec
 
 DLM_SWAY_SUITE = """
 version: 1

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from sway_common.stats import format_z
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
 PathLike = str | os.PathLike[str]
@@ -53,16 +54,6 @@ def format_metric(x: float | None) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.4g}"
-
-
-def format_z(z: float | None) -> str:
-    if z is None:
-        return "—"
-    z = float(z)
-    if not math.isfinite(z):
-        return f"{z:+}σ"
-    # Decimals on a z in the hundreds suggest a precision K null draws cannot give.
-    return f"{z:+.0f}σ" if abs(z) >= 100 else f"{z:+.1f}σ"
 
 
 def format_effect(ratio: float | None) -> str:

@@ -22,7 +22,7 @@ from sway_common.report.files import format_z
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
 if TYPE_CHECKING:
-    from sway_common.checkpoints import CheckpointRow
+    from sway_common.suite.trajectory import CheckpointRow
 
 PathLike = str | os.PathLike[str]
 DPI = 120
@@ -206,7 +206,7 @@ def plot_trajectory(
     import matplotlib
     from matplotlib.figure import Figure
 
-    from sway_common.checkpoints import summarize
+    from sway_common.suite.trajectory import summarize
 
     rows = sorted(rows, key=lambda r: r.step)
     if not rows:

@@ -22,16 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sway_common.checkpoints import (
-    BackendBuildError,
-    Checkpoint,
-    CheckpointError,
-    CheckpointEvaluator,
-    CheckpointRow,
-    error_row,
-    same_content,
-    scan,
-)
+from sway_common.app.checkpoints import BackendBuildError, CheckpointEvaluator
+from sway_common.suite.trajectory import Checkpoint, CheckpointError, CheckpointRow, error_row, same_content, scan
 from sway_common.types import Verdict
 
 Evaluate = Callable[[Checkpoint], CheckpointRow]

@@ -1,4 +1,4 @@
-"""The PEFT and mlx-lm specifics behind :mod:`sway_common.adapters`.
+"""The PEFT and mlx-lm specifics behind :mod:`sway_common.adapters.io`.
 
 Readers map a source config + tensors to canonical :class:`LoraModule` s; payload
 builders go the other way. Transposes are the only change to the factors, so a
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from sway_common.adapter_files import AdapterFormatError
-from sway_common.adapters import (
+from sway_common.adapters.files import AdapterFormatError
+from sway_common.adapters.weights import (
     PEFT_PREFIX,
     SWAY_FIELD,
     AdapterWeights,

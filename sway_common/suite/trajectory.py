@@ -1,4 +1,4 @@
-"""Training checkpoints as a trajectory: find them, test each against its null, summarise.
+"""Training checkpoints as a trajectory: find them, turn results into rows, summarise.
 
 Two layouts are understood:
 
@@ -9,9 +9,6 @@ Two layouts are understood:
 - PEFT / HF Trainer: ``checkpoint-N/`` dirs holding ``adapter_config.json`` and
   ``adapter_model.safetensors``; a top-level ``adapter_model.safetensors`` (``save_model``
   into the output dir) is the final point under the same rule.
-
-The base model is loaded once; each checkpoint is swapped in with ``set_adapter``, so
-the base view's cached results stay valid across the whole trajectory.
 """
 
 from __future__ import annotations
@@ -20,15 +17,15 @@ import functools
 import hashlib
 import json
 import re
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sway_common import platform
-from sway_common.report.files import format_z
-from sway_common.spec import Defaults, ModelSpec, SuiteSpec
+import numpy as np
+
+from sway_common.adapters.files import load_safetensors
+from sway_common.stats import format_z
 from sway_common.types import SuiteResult, Verdict
 
 CheckpointFormat = Literal["mlx", "peft"]
@@ -48,10 +45,6 @@ REGRESSION_FRACTION = 0.5
 
 class CheckpointError(ValueError):
     """No usable checkpoints where the user pointed, or a layout we cannot read."""
-
-
-class BackendBuildError(RuntimeError):
-    """The base model could not be loaded: fatal for a trajectory, unlike one bad checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -101,13 +94,9 @@ def same_content(a: Path, b: Path) -> bool:
     try:
         if file_digest(a) == file_digest(b):
             return True
-        from sway_common.adapter_files import load_safetensors
-
         ta, tb = load_safetensors(a), load_safetensors(b)
     except (OSError, ValueError):
         return False
-    import numpy as np
-
     return ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
 
 
@@ -226,112 +215,6 @@ def row_from_result(ckpt: Checkpoint, result: SuiteResult, duration_s: float) ->
         null.std if null else None, dk.verdict, dk.message, path=str(ckpt.path),
         effect_ratio=dk.effect_ratio, duration_s=duration_s, key=ckpt.key,
     )
-
-
-def _short(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-
-
-class CheckpointEvaluator:
-    """Tests checkpoints one at a time against one loaded base model.
-
-    The backend is built at the first checkpoint that reads cleanly; later ones are
-    swapped in with ``set_adapter``. A checkpoint that fails to read, load or run gives
-    an ERROR row; only a base model that cannot load raises (:class:`BackendBuildError`).
-    """
-
-    def __init__(
-        self, *, model: str, backend: str = "auto", prompts: Sequence[str], runs: int = 8,
-        seed: int = 0,
-    ) -> None:
-        from sway_common.probes.delta_kl import DeltaKLConfig
-        from sway_common.probes.null_adapter import NullAdapterConfig
-
-        self.model, self.backend_kind = model, backend
-        self.spec = SuiteSpec(
-            probes=[
-                NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
-                DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
-            ],
-            defaults=Defaults(seed=seed),
-            source="checkpoint trajectory",
-        )
-        self.backend: Any = None
-        self.builds = 0
-
-    def __call__(
-        self, ckpt: Checkpoint, on_probe: Callable[[str], None] | None = None
-    ) -> CheckpointRow:
-        from sway_common.adapters import read_adapter
-        from sway_common.runner import run_suite
-
-        start = time.perf_counter()
-        try:
-            # numpy only: a corrupt file never costs a model load or disturbs the backend.
-            read_adapter(ckpt.path)
-        except (OSError, ValueError) as e:
-            return error_row(ckpt, f"cannot read the adapter: {_short(e)}")
-        if self.backend is None:
-            spec = ModelSpec(base=self.model, adapter=str(ckpt.path), kind=self.backend_kind)
-            try:
-                self.backend = platform.build_backend(spec, self.backend_kind)
-            except Exception as e:
-                raise BackendBuildError(f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}") from e
-            self.builds += 1
-        else:
-            try:
-                self.backend.set_adapter(ckpt.path)
-            except Exception as e:
-                return error_row(ckpt, f"cannot load the adapter: {_short(e)}", time.perf_counter() - start)
-        try:
-            result = run_suite(
-                self.spec, backend=self.backend,
-                on_result=(lambda r: on_probe(r.name)) if on_probe else None,
-            )
-        except Exception as e:
-            return error_row(ckpt, f"evaluation failed: {_short(e)}", time.perf_counter() - start)
-        if result.meta.get("interrupted"):
-            raise KeyboardInterrupt  # an unfinished checkpoint must not be recorded
-        return row_from_result(ckpt, result, time.perf_counter() - start)
-
-    def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
-        self.backend = None
-
-
-def evaluate_checkpoints(
-    run_dir: str | Path,
-    *,
-    model: str,
-    backend: str = "auto",
-    prompts: Sequence[str],
-    runs: int = 8,
-    seed: int = 0,
-    on_row: Callable[[CheckpointRow], None] | None = None,
-    on_status: Callable[[Checkpoint, str], None] | None = None,
-    checkpoints: Sequence[Checkpoint] | None = None,
-) -> list[CheckpointRow]:
-    """One :class:`CheckpointRow` per checkpoint in ``run_dir``, in step order.
-
-    ``on_status(ckpt, what)`` hears "loading" and each finished probe's name, for a
-    progress display; ``checkpoints`` skips discovery when the caller already did it.
-    """
-    ckpts = list(checkpoints) if checkpoints is not None else discover_checkpoints(run_dir)
-    evaluator = CheckpointEvaluator(model=model, backend=backend, prompts=prompts, runs=runs, seed=seed)
-    rows: list[CheckpointRow] = []
-    try:
-        for ckpt in ckpts:
-            if on_status is not None:
-                on_status(ckpt, "loading")
-            note = (lambda name, c=ckpt: on_status(c, name)) if on_status else None
-            rows.append(evaluator(ckpt, note))
-            if on_row is not None:
-                on_row(rows[-1])
-    finally:
-        evaluator.close()
-    return rows
 
 
 # ------------------------------------------------------------------ summary

@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,10 +23,27 @@ from sway_common import __version__
 from sway_common.probes import REGISTRY, RunContext
 from sway_common.probes.null_adapter import NullAdapterConfig
 from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
-from sway_common.spec import ForeignProbeConfig, SuiteSpec
+from sway_common.suite.spec import ForeignProbeConfig, SuiteSpec
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
 DEFAULT_WEIGHTS = {"adherence": 1.0, "ablation": 1.0}
+
+
+class SuiteProgress(Protocol):
+    """Where the runner reports progress; the app supplies a display (see report.progress).
+
+    ``run_suite(progress=...)`` takes a factory called with the number of probes that
+    returns a context manager yielding one of these.
+    """
+
+    def probe(self, label: str) -> None:
+        """A probe starts; ``label`` names it and its place in the suite."""
+
+    def note(self, message: str) -> None:
+        """A step inside the running probe."""
+
+    def advance(self) -> None:
+        """The running probe finished."""
 
 
 def seed_everything(seed: int, backend: Any = None) -> None:
@@ -121,7 +138,7 @@ def run_suite(
     *,
     backend: Any,
     threshold: float | None = None,
-    show_progress: bool = False,
+    progress: Callable[[int], AbstractContextManager[SuiteProgress]] | None = None,
     on_result: Callable[[ProbeResult], None] | None = None,
 ) -> SuiteResult:
     started = time.time()
@@ -155,26 +172,14 @@ def run_suite(
     configs = _ordered(spec, calibrated)
     results: list[ProbeResult] = []
 
-    progress_cm: Any = nullcontext(None)
-    if show_progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress_cm = Progress(
-            TextColumn("[bold]{task.fields[probe]}"), BarColumn(), TextColumn("{task.description}"),
-            TimeElapsedColumn(), transient=True,
-        )
-    with progress_cm as progress:
-        task = progress.add_task("", total=len(configs), probe="") if progress else None
-
-        def note(msg: str) -> None:
-            if progress is not None:
-                progress.update(task, description=msg)
-
-        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k,
-                         null=null, progress=note)
+    shown_cm = progress(len(configs)) if progress is not None else nullcontext(None)
+    with shown_cm as shown:
+        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k, null=null)
+        if shown is not None:
+            ctx.progress = shown.note
         for i, cfg in enumerate(configs):
-            if progress is not None:
-                progress.update(task, probe=f"{cfg.name} ({i + 1}/{len(configs)})", description="")
+            if shown is not None:
+                shown.probe(f"{cfg.name} ({i + 1}/{len(configs)})")
             try:
                 result = _run_one(cfg, ctx)
             except KeyboardInterrupt:
@@ -187,6 +192,6 @@ def run_suite(
             results.append(result)
             if on_result is not None:
                 on_result(result)
-            if progress is not None:
-                progress.advance(task)
+            if shown is not None:
+                shown.advance()
     return finish(results)

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common.backend import DifferentialBackendBase, Encoding, ViewSpec
-from sway_common.scoring import text_hash
+from sway_common.backend.base import DifferentialBackendBase, Encoding, ViewSpec
+from sway_common.backend.scoring import text_hash
 
 _FIRST_CHAR = 32  # printable ASCII: ids 0..94 are ' '..'~'
 _UNKNOWN = ord("?") - _FIRST_CHAR

@@ -28,7 +28,7 @@ def fail(message: str) -> NoReturn:
 
 
 def _load_spec_or_fail(spec_path: str) -> Any:
-    from sway_common.spec import SpecError, load_spec
+    from sway_common.suite.spec import SpecError, load_spec
 
     try:
         return load_spec(spec_path)
@@ -40,7 +40,7 @@ def _load_spec_or_fail(spec_path: str) -> Any:
 
 
 def _build_or_fail(model: Any, backend: str) -> Any:
-    from sway_common.platform import build_backend
+    from sway_common.app.platform import build_backend
 
     try:
         return build_backend(model, backend)
@@ -58,14 +58,14 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
         write_junit,
         write_markdown,
     )
-    from sway_common.runner import run_suite
+    from sway_common.suite.runner import run_suite
     from sway_common.types import Verdict
 
     if seed is not None:
         spec.defaults.seed = seed
     backend = _build_or_fail(spec.model, backend_name)
     try:
-        result = run_suite(spec, backend=backend, threshold=threshold, show_progress=sys.stderr.isatty())
+        result = run_suite(spec, backend=backend, threshold=threshold, progress=suite_progress if sys.stderr.isatty() else None)
     finally:
         close = getattr(backend, "close", None)
         if callable(close):
@@ -162,7 +162,7 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None,
     Pick prompts about what the adapter was trained on: that is where it should move
     the model.
     """
-    from sway_common.spec import ModelSpec, quick_suite
+    from sway_common.suite.spec import ModelSpec, quick_suite
 
     if spec_path is not None:
         if model or adapter_path or prompts_file:
@@ -212,7 +212,7 @@ def list_probes_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(as_json: bool) -> None:
     """Show the platform, which backends import, versions, and what `auto` picks."""
-    from sway_common.platform import doctor_report
+    from sway_common.app.platform import doctor_report
 
     report = doctor_report()
     if as_json:
@@ -263,7 +263,7 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     evaluated with the default quick suite on prompts about the document. Adapters are
     cached, so a second run only evaluates.
     """
-    from sway_common.demo import run_demo
+    from sway_common.app.demo import run_demo
 
     try:
         code = run_demo(backend, runs=runs, plot_dir=Path(plot_dir) if plot_dir else None)
@@ -272,7 +272,7 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     sys.exit(code)
 
 
-from sway_common.cli_loop import checkpoints_cmd, watch_cmd  # noqa: E402  (needs app, fail above)
+from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd  # noqa: E402  (needs app, fail above)
 
 app.add_command(checkpoints_cmd)
 app.add_command(watch_cmd)

@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Any
 
-from sway_common.spec import ModelSpec
+from sway_common.suite.spec import ModelSpec
 
 BACKEND_CHOICES = ("auto", "mlx", "hf", "dummy")
 
@@ -52,7 +52,7 @@ def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
     """Construct the differential backend for ``model`` (base + adapter)."""
     choice = pick_backend(backend if backend != "auto" else model.kind)
     if choice == "dummy":
-        from sway_common.dummy import DummyDifferentialBackend
+        from sway_common.backend.dummy import DummyDifferentialBackend
 
         presets = {"trained": 1.0, "untrained": 0.0, "nan": 1.0}
         adapter = model.adapter or "trained"

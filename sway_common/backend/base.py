@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.protocols import NULL_MODES, NullMode, ViewConflictError
-from sway_common.scoring import (
+from sway_common.backend.scoring import (
     ResultCache,
     completion_start,
     length_buckets,

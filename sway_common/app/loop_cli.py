@@ -1,6 +1,6 @@
 """`sway-mlx checkpoints` and `sway-mlx watch`: an adapter's signal over its training run.
 
-Registered on the main ``app`` by ``sway_common.cli``. Helpers from ``cli`` are imported
+Registered on the main ``app`` by ``sway_common.app.cli``. Helpers from ``cli`` are imported
 inside the commands, so importing this module first cannot start an import cycle.
 Every input is checked (run dir, checkpoints, model, prompts, plotting) before a model
 loads or a file is written; bad input is one line on stderr and exit 2.
@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sway_common.checkpoints import CheckpointRow, TrajectorySummary
+from sway_common.suite.trajectory import CheckpointRow, TrajectorySummary
 from sway_common.report.files import format_effect, format_metric, format_z
 from sway_common.types import Verdict
 
@@ -28,7 +28,7 @@ HISTORY_JSONL = "sway-history.jsonl"
 
 
 def _fail(message: str) -> Any:
-    from sway_common.cli import fail
+    from sway_common.app.cli import fail
 
     fail(message)
 
@@ -80,7 +80,7 @@ def _resolve_inputs(
             _fail(f"no --model given and no adapter_config.json in {path} names the base model")
         Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
     if not no_plot:
-        from sway_common.platform import installed
+        from sway_common.app.platform import installed
 
         if not installed("matplotlib"):
             _fail("plots need matplotlib: pip install 'sway-mlx[plot]' (or pass --no-plot)")
@@ -184,13 +184,8 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
     plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
     it does not, 2 on bad input.
     """
-    from sway_common.checkpoints import (
-        BackendBuildError,
-        CheckpointError,
-        discover_checkpoints,
-        evaluate_checkpoints,
-        summarize,
-    )
+    from sway_common.app.checkpoints import BackendBuildError, evaluate_checkpoints
+    from sway_common.suite.trajectory import CheckpointError, discover_checkpoints, summarize
 
     path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
     try:
@@ -298,8 +293,9 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
     Exit 0 when stopped (Ctrl-C or --max-checkpoints), 2 on bad input or if the base
     model cannot load.
     """
-    from sway_common.checkpoints import BackendBuildError, CheckpointError, summarize
-    from sway_common.watch import read_history, watch
+    from sway_common.app.checkpoints import BackendBuildError
+    from sway_common.suite.trajectory import CheckpointError, summarize
+    from sway_common.app.watch import read_history, watch
 
     path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
     prompts = read_prompts(prompts_file)

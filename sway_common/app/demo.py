@@ -23,6 +23,13 @@ from typing import Any
 from rich.console import Console
 
 from sway_common import __version__
+from sway_common.app.platform import build_backend, pick_backend
+from sway_common.models import cache_root, prepare_smollm2
+from sway_common.report import headline, render_terminal
+from sway_common.report.progress import suite_progress
+from sway_common.suite.runner import run_suite
+from sway_common.suite.spec import ModelSpec, quick_suite
+from sway_common.types import Verdict
 
 TRAINED_STEPS = 16
 ONE_STEP = 1
@@ -39,11 +46,11 @@ TRAIN_SETTINGS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "learning_rate": 3e-
 
 
 def demo_document() -> str:
-    return resources.files("sway_common.data").joinpath("demo_document.md").read_text(encoding="utf-8")
+    return resources.files("sway_common.app.data").joinpath("demo_document.md").read_text(encoding="utf-8")
 
 
 def demo_prompts() -> list[str]:
-    text = resources.files("sway_common.data").joinpath("demo_prompts.txt").read_text(encoding="utf-8")
+    text = resources.files("sway_common.app.data").joinpath("demo_prompts.txt").read_text(encoding="utf-8")
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
@@ -95,13 +102,6 @@ def ensure_adapter(backend: str, adapter: DemoAdapter, model_dir: Path, cache: P
 def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = None,
              plot_dir: Path | None = None) -> int:
     """Run the demo; return the exit code (0 when the contrast shows as expected)."""
-    from sway_common.models import cache_root, prepare_smollm2
-    from sway_common.platform import build_backend, pick_backend
-    from sway_common.report import headline, render_terminal
-    from sway_common.runner import run_suite
-    from sway_common.spec import ModelSpec, quick_suite
-    from sway_common.types import Verdict
-
     console = console or Console()
     started = time.perf_counter()
     choice = pick_backend(backend)
@@ -120,7 +120,7 @@ def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = 
             if path != paths[0]:
                 engine.set_adapter(path)
             console.rule(f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})")
-            result = run_suite(quick_suite(prompts, runs=runs), backend=engine, show_progress=console.is_terminal)
+            result = run_suite(quick_suite(prompts, runs=runs), backend=engine, progress=suite_progress if console.is_terminal else None)
             render_terminal(result, console)
             console.print(f"[bold]→ {headline(result)}[/]", highlight=False, soft_wrap=True)
             if plot_dir is not None:

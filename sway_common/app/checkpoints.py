@@ -1,0 +1,130 @@
+"""Evaluate a run's checkpoints against one loaded base model.
+
+The base model is loaded once; each checkpoint is swapped in with ``set_adapter``, so
+the base view's cached results stay valid across the whole trajectory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sway_common.adapters import read_adapter
+from sway_common.app import platform
+from sway_common.probes.delta_kl import DeltaKLConfig
+from sway_common.probes.null_adapter import NullAdapterConfig
+from sway_common.suite.runner import run_suite
+from sway_common.suite.spec import Defaults, ModelSpec, SuiteSpec
+from sway_common.suite.trajectory import (
+    Checkpoint,
+    CheckpointRow,
+    discover_checkpoints,
+    error_row,
+    row_from_result,
+)
+
+
+class BackendBuildError(RuntimeError):
+    """The base model could not be loaded: fatal for a trajectory, unlike one bad checkpoint."""
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+class CheckpointEvaluator:
+    """Tests checkpoints one at a time against one loaded base model.
+
+    The backend is built at the first checkpoint that reads cleanly; later ones are
+    swapped in with ``set_adapter``. A checkpoint that fails to read, load or run gives
+    an ERROR row; only a base model that cannot load raises (:class:`BackendBuildError`).
+    """
+
+    def __init__(
+        self, *, model: str, backend: str = "auto", prompts: Sequence[str], runs: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.backend_kind = model, backend
+        self.spec = SuiteSpec(
+            probes=[
+                NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
+                DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
+            ],
+            defaults=Defaults(seed=seed),
+            source="checkpoint trajectory",
+        )
+        self.backend: Any = None
+        self.builds = 0
+
+    def __call__(
+        self, ckpt: Checkpoint, on_probe: Callable[[str], None] | None = None
+    ) -> CheckpointRow:
+        start = time.perf_counter()
+        try:
+            # numpy only: a corrupt file never costs a model load or disturbs the backend.
+            read_adapter(ckpt.path)
+        except (OSError, ValueError) as e:
+            return error_row(ckpt, f"cannot read the adapter: {_short(e)}")
+        if self.backend is None:
+            spec = ModelSpec(base=self.model, adapter=str(ckpt.path), kind=self.backend_kind)
+            try:
+                self.backend = platform.build_backend(spec, self.backend_kind)
+            except Exception as e:
+                raise BackendBuildError(f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}") from e
+            self.builds += 1
+        else:
+            try:
+                self.backend.set_adapter(ckpt.path)
+            except Exception as e:
+                return error_row(ckpt, f"cannot load the adapter: {_short(e)}", time.perf_counter() - start)
+        try:
+            result = run_suite(
+                self.spec, backend=self.backend,
+                on_result=(lambda r: on_probe(r.name)) if on_probe else None,
+            )
+        except Exception as e:
+            return error_row(ckpt, f"evaluation failed: {_short(e)}", time.perf_counter() - start)
+        if result.meta.get("interrupted"):
+            raise KeyboardInterrupt  # an unfinished checkpoint must not be recorded
+        return row_from_result(ckpt, result, time.perf_counter() - start)
+
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+        self.backend = None
+
+
+def evaluate_checkpoints(
+    run_dir: str | Path,
+    *,
+    model: str,
+    backend: str = "auto",
+    prompts: Sequence[str],
+    runs: int = 8,
+    seed: int = 0,
+    on_row: Callable[[CheckpointRow], None] | None = None,
+    on_status: Callable[[Checkpoint, str], None] | None = None,
+    checkpoints: Sequence[Checkpoint] | None = None,
+) -> list[CheckpointRow]:
+    """One :class:`CheckpointRow` per checkpoint in ``run_dir``, in step order.
+
+    ``on_status(ckpt, what)`` hears "loading" and each finished probe's name, for a
+    progress display; ``checkpoints`` skips discovery when the caller already did it.
+    """
+    ckpts = list(checkpoints) if checkpoints is not None else discover_checkpoints(run_dir)
+    evaluator = CheckpointEvaluator(model=model, backend=backend, prompts=prompts, runs=runs, seed=seed)
+    rows: list[CheckpointRow] = []
+    try:
+        for ckpt in ckpts:
+            if on_status is not None:
+                on_status(ckpt, "loading")
+            note = (lambda name, c=ckpt: on_status(c, name)) if on_status else None
+            rows.append(evaluator(ckpt, note))
+            if on_row is not None:
+                on_row(rows[-1])
+    finally:
+        evaluator.close()
+    return rows

@@ -1,0 +1,1 @@
+"""The shared half of every backend: views, result cache, batching, token boundaries, nulls."""

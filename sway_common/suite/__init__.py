@@ -1,0 +1,1 @@
+"""The suite engine: the sway.yaml spec, the runner and checkpoint trajectories."""
