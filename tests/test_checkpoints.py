@@ -14,8 +14,13 @@ from safetensors.numpy import save_file
 
 from sway_common.app import platform
 from sway_common.app.checkpoints import evaluate_checkpoints
-from sway_common.suite.trajectory import CheckpointError, CheckpointRow, discover_checkpoints, summarize
 from sway_common.app.loop_cli import checkpoints_cmd
+from sway_common.suite.trajectory import (
+    CheckpointError,
+    CheckpointRow,
+    discover_checkpoints,
+    summarize,
+)
 from sway_common.types import Verdict
 
 PROMPTS = ["The keeper said", "In the storm"]
@@ -216,9 +221,9 @@ def test_cli_checkpoints_end_to_end(tiny_mlx_adapter: Path, tiny_model_dir: Path
                                     real_backend: str) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The keeper said\n\nIn the storm\n")
-    plot, out = tmp_path / "traj.png", tmp_path / "traj.json"
+    plots, out = tmp_path / "plots", tmp_path / "traj.json"
     args = [str(tiny_mlx_adapter), "--model", str(tiny_model_dir), "--backend", real_backend,
-            "--prompts", str(prompts), "--runs", "3", "--plot", str(plot), "--json", str(out)]
+            "--prompts", str(prompts), "--runs", "3", "--plot", str(plots), "--json", str(out)]
     result = CliRunner().invoke(checkpoints_cmd, args)
     data = json.loads(out.read_text())
     last_passes = data["rows"][-1]["verdict"] == "PASS"
@@ -226,7 +231,8 @@ def test_cli_checkpoints_end_to_end(tiny_mlx_adapter: Path, tiny_model_dir: Path
     assert [r["step"] for r in data["rows"]] == [10, 20] and data["prompts"] == PROMPTS
     assert data["summary"]["line"] in result.output.replace("\n", " ") or "rose above noise" in result.output
     assert "step 10" in result.output and "step 20" in result.output
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot names a directory, as for `eval`.
+    assert (plots / "sway-trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import ArrayLike
 
-from sway_common.divergence import KL_EPS, LN2, _js_normalised, align, divergence, js, kl
 from sway_common.backend.scoring import token_dist_from_logprobs
+from sway_common.divergence import KL_EPS, LN2, _js_normalised, align, divergence, js, kl
 from sway_common.types import TokenDist
 
 KINDS: tuple[Literal["js", "kl"], ...] = ("js", "kl")

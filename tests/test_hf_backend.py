@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sway_common.protocols import ViewConflictError  # noqa: E402
 from sway_common.backend.scoring import completion_start, rolling_windows  # noqa: E402
+from sway_common.protocols import ViewConflictError  # noqa: E402
 from sway_hf import backend as hf_backend  # noqa: E402
 from sway_hf import lora  # noqa: E402
 from sway_hf.backend import HFDifferentialBackend, pick_dtype  # noqa: E402

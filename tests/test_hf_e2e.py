@@ -23,8 +23,8 @@ pytest.importorskip("transformers")
 
 import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 
-from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.backend.scoring import text_hash  # noqa: E402
+from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
 from sway_hf.backend import HFDifferentialBackend  # noqa: E402

@@ -15,8 +15,8 @@ import mlx.core as mx  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from sway_common.protocols import ViewConflictError  # noqa: E402
 from sway_common.backend.scoring import rolling_windows  # noqa: E402
+from sway_common.protocols import ViewConflictError  # noqa: E402
 from sway_mlx import lora  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
 

@@ -8,7 +8,6 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from sway_common.suite.trajectory import CheckpointRow  # noqa: E402
 from sway_common.backend.dummy import DummyDifferentialBackend  # noqa: E402
 from sway_common.report.plots import (  # noqa: E402
     plot_ablation,
@@ -18,6 +17,7 @@ from sway_common.report.plots import (  # noqa: E402
 )
 from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.suite.spec import SuiteSpec, quick_suite  # noqa: E402
+from sway_common.suite.trajectory import CheckpointRow  # noqa: E402
 from sway_common.types import NullStats, ProbeResult, SuiteResult, Verdict  # noqa: E402
 
 PROMPTS = ["The keeper said", "Tell me about the light", "In the storm", "A ledger entry:"]

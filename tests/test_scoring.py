@@ -8,6 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sway_common.backend.dummy import DummyDifferentialBackend
+from sway_common.backend.scoring import (
+    completion_start,
+    length_buckets,
+    rolling_windows,
+    text_hash,
+    token_dist_from_logprobs,
+)
 from sway_common.protocols import (
     DifferentialBackend,
     NullCalibratedBackend,
@@ -15,13 +22,6 @@ from sway_common.protocols import (
     ScalableDifferentialBackend,
     ScoringModel,
     ViewConflictError,
-)
-from sway_common.backend.scoring import (
-    completion_start,
-    length_buckets,
-    rolling_windows,
-    text_hash,
-    token_dist_from_logprobs,
 )
 
 PROMPTS = ["The answer is", "Once upon a time there", "x", "A longer prompt that keeps going on"]

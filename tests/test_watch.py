@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 from test_checkpoints import PROMPTS, mlx_tensors, real_backend, write_mlx_run  # noqa: F401
 
-from sway_common.app import platform
 from sway_common.adapters import read_adapter
+from sway_common.app import platform
 from sway_common.app.checkpoints import BackendBuildError
-from sway_common.suite.trajectory import Checkpoint, CheckpointRow, error_row
 from sway_common.app.loop_cli import watch_cmd
-from sway_common.types import Verdict
 from sway_common.app.watch import append_history, read_history, watch
+from sway_common.suite.trajectory import Checkpoint, CheckpointRow, error_row
+from sway_common.types import Verdict
 
 FAST = {"poll_s": 0.02, "settle_s": 0.06}
 

@@ -37,6 +37,7 @@ from sway_common.adapters.weights import (
     AdapterWeights,
 )
 
+
 # ------------------------------------------------------------------ detection
 def _load_config(path: Path) -> dict[str, Any]:
     try:

@@ -6,6 +6,7 @@ threshold, 2 bad input or a runtime error, 130 interrupted (reports hold what fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -15,21 +16,34 @@ import click
 from rich.console import Console
 
 from sway_common import __version__
-
-EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-err_console = Console(stderr=True)
-
-
-def fail(message: str) -> NoReturn:
-    """One line naming the problem (and the fix), exit 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(EXIT_ERROR)
+from sway_common.adapters import convert_adapter
+from sway_common.app.demo import run_demo
+from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
+from sway_common.app.options import (
+    EXIT_ERROR,
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_PASS,
+    backend_option,
+    err_console,
+    fail,
+    first_line,
+    plot_option,
+    read_prompts,
+    report_options,
+    require_plotting,
+)
+from sway_common.app.platform import MODEL_BACKEND_KINDS, build_backend, doctor_report
+from sway_common.probes import REGISTRY
+from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
+from sway_common.report.plots import write_plots
+from sway_common.report.progress import suite_progress
+from sway_common.suite.runner import run_suite
+from sway_common.suite.spec import ModelSpec, SpecError, load_spec, quick_suite
+from sway_common.types import Verdict
 
 
 def _load_spec_or_fail(spec_path: str) -> Any:
-    from sway_common.suite.spec import SpecError, load_spec
-
     try:
         return load_spec(spec_path)
     except SpecError as e:
@@ -40,27 +54,16 @@ def _load_spec_or_fail(spec_path: str) -> Any:
 
 
 def _build_or_fail(model: Any, backend: str) -> Any:
-    from sway_common.app.platform import build_backend
-
     try:
         return build_backend(model, backend)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(first)
+        fail(first_line(e))
 
 
 def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | None,
              reports: dict[str, str | None], plot_dir: str | None = None, quiet: bool = False) -> NoReturn:
-    from sway_common.report import (
-        headline,
-        render_terminal,
-        write_json,
-        write_junit,
-        write_markdown,
-    )
-    from sway_common.suite.runner import run_suite
-    from sway_common.types import Verdict
-
+    if plot_dir:
+        require_plotting()
     if seed is not None:
         spec.defaults.seed = seed
     backend = _build_or_fail(spec.model, backend_name)
@@ -75,8 +78,6 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
         if path:
             writers[kind](result, path)
     if plot_dir:
-        from sway_common.report.plots import write_plots
-
         write_plots(result, Path(plot_dir))
     if not quiet:
         console = Console()
@@ -88,17 +89,6 @@ def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | 
         err_console.print("interrupted: reports hold the probes that finished")
         sys.exit(EXIT_INTERRUPTED)
     sys.exit({Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(result.verdict, EXIT_ERROR))
-
-
-def report_options(f: Any) -> Any:
-    f = click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report here (for CI).")(f)
-    f = click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write a Markdown report here.")(f)
-    f = click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full result as JSON here (loads back with sway_common.report.load_json).")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "mlx", "hf", "dummy"]), default="auto", show_default=True,
-                     help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX.")(f)
-    f = click.option("--seed", type=int, default=None, help="Override the spec's seed.")(f)
-    f = click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Write PNG plots (z per probe against the null band, ablation curve) into this directory.")(f)
-    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -121,22 +111,6 @@ def app() -> None:
       sway-mlx list-probes                         # what a suite can contain
       sway-mlx doctor                              # which backend runs here
     """
-
-
-def read_prompts(path: str | None) -> list[str]:
-    """Prompts from a file, one per line (blank lines and '#' comments skipped)."""
-    from sway_common.probes.base import DEFAULT_PROMPTS
-
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        fail(f"cannot read prompts file {path}: {e.strerror or e}")
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        fail(f"prompts file {path} holds no prompts; write one prompt per line")
-    return prompts
 
 
 @app.command("eval")
@@ -162,8 +136,6 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None,
     Pick prompts about what the adapter was trained on: that is where it should move
     the model.
     """
-    from sway_common.suite.spec import ModelSpec, quick_suite
-
     if spec_path is not None:
         if model or adapter_path or prompts_file:
             fail("give either SPEC or --model/--adapter-path/--prompts, not both")
@@ -191,10 +163,6 @@ def gate_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, j
 @app.command("list-probes")
 def list_probes_cmd() -> None:
     """List the probe kinds a suite can use, with their fields and defaults."""
-    import dataclasses
-
-    from sway_common.probes import REGISTRY
-
     console = Console()
     for kind, cls in sorted(REGISTRY.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
@@ -212,8 +180,6 @@ def list_probes_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor_cmd(as_json: bool) -> None:
     """Show the platform, which backends import, versions, and what `auto` picks."""
-    from sway_common.app.platform import doctor_report
-
     report = doctor_report()
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -239,8 +205,6 @@ def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
     SRC is an adapter directory (or an mlx-lm checkpoint file NNNNNNN_adapters.safetensors);
     DST is a new directory. Parts the target cannot express are refused, never dropped.
     """
-    from sway_common.adapters import convert_adapter
-
     if Path(dst).exists() and any(Path(dst).iterdir()):
         fail(f"{dst} exists and is not empty; choose a new directory")
     try:
@@ -251,10 +215,9 @@ def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
 
 
 @app.command("demo")
-@click.option("--backend", type=click.Choice(["auto", "mlx", "hf"]), default="auto", show_default=True,
-              help="Which backend (and trainer: mlx-lm or PEFT) to use.")
+@backend_option(MODEL_BACKEND_KINDS)
 @click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Null adapters per evaluation.")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False), help="Also write PNG plots into this directory.")
+@plot_option("z against the null band, the ablation curve, per adapter")
 def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     """Train two adapters on a bundled document and show which one is above noise.
 
@@ -263,16 +226,14 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     evaluated with the default quick suite on prompts about the document. Adapters are
     cached, so a second run only evaluates.
     """
-    from sway_common.app.demo import run_demo
-
+    if plot_dir:
+        require_plotting()
     try:
         code = run_demo(backend, runs=runs, plot_dir=Path(plot_dir) if plot_dir else None)
     except (OSError, RuntimeError, ImportError, ValueError) as e:
-        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        fail(first_line(e))
     sys.exit(code)
 
-
-from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd  # noqa: E402  (needs app, fail above)
 
 app.add_command(checkpoints_cmd)
 app.add_command(watch_cmd)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sway_common import __version__
 from sway_common.app.platform import build_backend, pick_backend
@@ -82,8 +83,6 @@ def ensure_adapter(backend: str, adapter: DemoAdapter, model_dir: Path, cache: P
     path = adapter_dir(cache, backend, adapter, model_dir)
     if (path / "adapter_config.json").exists():
         return path
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     trainer = "mlx-lm" if backend == "mlx" else "PEFT"
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:

@@ -1,8 +1,6 @@
 """`sway-mlx checkpoints` and `sway-mlx watch`: an adapter's signal over its training run.
 
-Registered on the main ``app`` by ``sway_common.app.cli``. Helpers from ``cli`` are imported
-inside the commands, so importing this module first cannot start an import cycle.
-Every input is checked (run dir, checkpoints, model, prompts, plotting) before a model
+Registered on the main ``app`` by ``sway_common.app.cli``. Every input is checked (run dir, checkpoints, model, prompts, plotting) before a model
 loads or a file is written; bad input is one line on stderr and exit 2.
 """
 
@@ -16,21 +14,45 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
-from sway_common.suite.trajectory import CheckpointRow, TrajectorySummary
-from sway_common.report.files import format_effect, format_metric, format_z
+from sway_common.app.checkpoints import BackendBuildError, evaluate_checkpoints
+from sway_common.app.options import (
+    EXIT_INTERRUPTED,
+    backend_option,
+    fail,
+    plot_option,
+    require_plotting,
+    read_prompts,
+    seed_option,
+)
+from sway_common.app.platform import MODEL_BACKEND_KINDS
+from sway_common.app.watch import read_history, watch
+from sway_common.report.files import atomic_write_text, format_effect, format_metric, to_jsonable
+from sway_common.report.plots import plot_trajectory
+from sway_common.report.terminal import VERDICT_STYLES
+from sway_common.stats import format_z
+from sway_common.suite.spec import Defaults
+from sway_common.suite.trajectory import (
+    CheckpointError,
+    CheckpointRow,
+    TrajectorySummary,
+    discover_checkpoints,
+    summarize,
+)
 from sway_common.types import Verdict
 
 TRAJECTORY_PNG = "sway-trajectory.png"
 HISTORY_JSONL = "sway-history.jsonl"
-
-
-def _fail(message: str) -> Any:
-    from sway_common.app.cli import fail
-
-    fail(message)
 
 
 def recorded_base_model(run_dir: Path) -> str | None:
@@ -47,43 +69,24 @@ def recorded_base_model(run_dir: Path) -> str | None:
     return None
 
 
-def read_prompts(path: str | None) -> list[str]:
-    """One prompt per non-blank line of ``path``; the built-in generic prompts without one."""
-    from sway_common.probes.base import DEFAULT_PROMPTS
-
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        _fail(f"cannot read the prompts file {path}: {getattr(e, 'strerror', None) or e}")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        _fail(f"the prompts file {path} holds no prompts (one per line)")
-    return prompts
-
-
 def _resolve_inputs(
     run_dir: str | None, adapter_path: str | None, model: str | None, no_plot: bool
 ) -> tuple[Path, str]:
     if run_dir and adapter_path and Path(run_dir) != Path(adapter_path):
-        _fail("give the run directory once: as DIR or as --adapter-path, not both")
+        fail("give the run directory once: as DIR or as --adapter-path, not both")
     given = run_dir or adapter_path
     if not given:
-        _fail("missing the training run directory: give DIR (or --adapter-path, as for mlx_lm.lora)")
+        fail("missing the training run directory: give DIR (or --adapter-path, as for mlx_lm.lora)")
     path = Path(given).expanduser()
     if not path.is_dir():
-        _fail(f"{path} is not a directory; give the training run's output (adapter) directory")
+        fail(f"{path} is not a directory; give the training run's output (adapter) directory")
     if model is None:
         model = recorded_base_model(path)
         if model is None:
-            _fail(f"no --model given and no adapter_config.json in {path} names the base model")
+            fail(f"no --model given and no adapter_config.json in {path} names the base model")
         Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
     if not no_plot:
-        from sway_common.app.platform import installed
-
-        if not installed("matplotlib"):
-            _fail("plots need matplotlib: pip install 'sway-mlx[plot]' (or pass --no-plot)")
+        require_plotting("or pass --no-plot")
     return path, model
 
 
@@ -92,13 +95,13 @@ def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.argument("run_dir", metavar="[DIR]", required=False, type=click.Path()),
         click.option("--adapter-path", type=click.Path(), help="The run directory, named as mlx_lm.lora names it (same as DIR)."),
         click.option("--model", help="Base model: local dir or Hugging Face id. Default: the one the run's adapter_config.json records."),
-        click.option("--backend", type=click.Choice(["auto", "mlx", "hf"]), default="auto", show_default=True,
-                     help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX."),
+        backend_option(MODEL_BACKEND_KINDS),
         click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
                      help="Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain."),
         click.option("--runs", type=click.IntRange(min=2), default=8, show_default=True,
                      help="Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the null adapters."),
+        seed_option,
+        plot_option(f"{TRAJECTORY_PNG}: z and divergence against step", default="DIR"),
         click.option("--no-plot", is_flag=True, help="Write no PNG."),
     ]
     for option in reversed(options):
@@ -108,8 +111,6 @@ def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 # ------------------------------------------------------------------ rendering
 def rows_table(rows: list[CheckpointRow]) -> Table:
-    from sway_common.report.terminal import VERDICT_STYLES
-
     table = Table(title="Adapter vs null adapters, per checkpoint", title_justify="left")
     table.add_column("Step", justify="right")
     table.add_column("Checkpoint")
@@ -147,8 +148,6 @@ def print_summary(console: Console, rows: list[CheckpointRow], summary: Trajecto
 def _plot(rows: list[CheckpointRow], path: Path | None, console: Console) -> None:
     if path is None or not rows:
         return
-    from sway_common.report.plots import plot_trajectory
-
     try:
         plot_trajectory(rows, path)
     except (OSError, ValueError) as e:  # a plot is a convenience; the numbers are printed
@@ -158,12 +157,10 @@ def _plot(rows: list[CheckpointRow], path: Path | None, console: Console) -> Non
 # ------------------------------------------------------------------ checkpoints
 @click.command("checkpoints")
 @shared_options
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help=f"Where to write the trajectory PNG [default: DIR/{TRAJECTORY_PNG}].")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows and the summary as JSON here.")
 def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
-                    prompts_file: str | None, runs: int, seed: int, no_plot: bool,
-                    plot_path: str | None, json_path: str | None) -> None:
+                    prompts_file: str | None, runs: int, seed: int | None, plot_dir: str | None, no_plot: bool,
+                    json_path: str | None) -> None:
     """Test every checkpoint of a training run against random adapters of its shape.
 
     DIR is the run's output directory: mlx-lm's --adapter-path (NNNNNNN_adapters.safetensors
@@ -184,28 +181,17 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
     plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
     it does not, 2 on bad input.
     """
-    from sway_common.app.checkpoints import BackendBuildError, evaluate_checkpoints
-    from sway_common.suite.trajectory import CheckpointError, discover_checkpoints, summarize
-
     path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
     try:
         ckpts = discover_checkpoints(path)
     except (CheckpointError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     prompts = read_prompts(prompts_file)
-    plot = None if no_plot else Path(plot_path) if plot_path else path / TRAJECTORY_PNG
+    plot = None if no_plot else Path(plot_dir or path) / TRAJECTORY_PNG
+    seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
     err.print(f"{len(ckpts)} checkpoints in {path} ({ckpts[0].label} … {ckpts[-1].label}); "
               f"{len(prompts)} prompts, {runs} null adapters each", highlight=False)
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     rows: list[CheckpointRow] = []
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
@@ -225,7 +211,7 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
                 on_status=lambda c, what: progress.update(task, description=c.label, what=what),
             )
     except BackendBuildError as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         err.print("interrupted: showing the checkpoints that finished")
     summary = summarize(rows)
@@ -238,14 +224,12 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
         _write_json(Path(json_path), path, model, backend, prompts, runs, seed, rows, summary)
         console.print(f"JSON: {json_path}", highlight=False)
     if len(rows) < len(ckpts):
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(0 if summary.last_passes else 1)
 
 
 def _write_json(target: Path, run_dir: Path, model: str, backend: str, prompts: list[str], runs: int,
                 seed: int, rows: list[CheckpointRow], summary: TrajectorySummary) -> None:
-    from sway_common.report.files import atomic_write_text, to_jsonable
-
     payload = {
         "schema_version": 1, "run_dir": str(run_dir), "model": model, "backend": backend,
         "prompts": prompts, "runs": runs, "seed": seed, "rows": [r.to_dict() for r in rows],
@@ -270,12 +254,9 @@ def _write_json(target: Path, run_dir: Path, model: str, backend: str, prompts: 
               help="Seconds a checkpoint's files must stay unchanged before it is read [default: --poll].")
 @click.option("--max-checkpoints", type=click.IntRange(min=1), default=None,
               help="Stop after testing this many new checkpoints (default: run until Ctrl-C).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help=f"PNG redrawn after every checkpoint [default: DIR/{TRAJECTORY_PNG}].")
 def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
-              prompts_file: str | None, runs: int, seed: int, no_plot: bool, history_path: str | None,
-              poll_s: float, settle_s: float | None, max_checkpoints: int | None,
-              plot_path: str | None) -> None:
+              prompts_file: str | None, runs: int, seed: int | None, plot_dir: str | None, no_plot: bool, history_path: str | None,
+              poll_s: float, settle_s: float | None, max_checkpoints: int | None) -> None:
     """Test each checkpoint while training runs, as soon as it is written.
 
     Start it beside your trainer, pointing at the same directory:
@@ -293,24 +274,19 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
     Exit 0 when stopped (Ctrl-C or --max-checkpoints), 2 on bad input or if the base
     model cannot load.
     """
-    from sway_common.app.checkpoints import BackendBuildError
-    from sway_common.suite.trajectory import CheckpointError, summarize
-    from sway_common.app.watch import read_history, watch
-
     path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
     prompts = read_prompts(prompts_file)
     history = Path(history_path) if history_path else path / HISTORY_JSONL
-    plot = None if no_plot else Path(plot_path) if plot_path else path / TRAJECTORY_PNG
+    plot = None if no_plot else Path(plot_dir or path) / TRAJECTORY_PNG
+    seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
     try:
         known = len(read_history(history))
     except (OSError, UnicodeDecodeError) as e:
-        _fail(f"cannot read the history {history}: {getattr(e, 'strerror', None) or e}")
+        fail(f"cannot read the history {history}: {getattr(e, 'strerror', None) or e}")
     err.print(f"watching {path} ({len(prompts)} prompts, {runs} null adapters per checkpoint); "
               f"history {history}" + (f" ({known} already tested)" if known else "")
               + "; Ctrl-C to stop", highlight=False)
-    from sway_common.report.terminal import VERDICT_STYLES
-
     def on_row(r: CheckpointRow) -> None:
         line = Text(f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z):>8}  ")
         line.append(r.verdict.value, style=VERDICT_STYLES[r.verdict])
@@ -326,7 +302,7 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
                   settle_s=settle_s, max_checkpoints=max_checkpoints, runs=runs, seed=seed,
                   on_row=on_row, on_status=lambda msg: status.update(msg))
     except (BackendBuildError, CheckpointError) as e:
-        _fail(str(e))
+        fail(str(e))
     rows = read_history(history)
     if rows:
         print_summary(console, rows, summarize(rows))

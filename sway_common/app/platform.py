@@ -15,7 +15,10 @@ from typing import Any
 
 from sway_common.suite.spec import ModelSpec
 
-BACKEND_CHOICES = ("auto", "mlx", "hf", "dummy")
+# "dummy" is the analytic test backend; it needs no model.
+BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
+# Kinds that load a real model (and can train one).
+MODEL_BACKEND_KINDS = ("auto", "mlx", "hf")
 
 
 def is_apple_silicon() -> bool:
@@ -78,7 +81,7 @@ def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
         from sway_hf.backend import HFDifferentialBackend
 
         return HFDifferentialBackend(model.base, model.adapter, dtype=model.dtype, device=model.device, **kw)
-    raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 
 def _version(dist: str) -> str | None:

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from sway_common.app.checkpoints import BackendBuildError, CheckpointEvaluator
-from sway_common.suite.trajectory import Checkpoint, CheckpointError, CheckpointRow, error_row, same_content, scan
+from sway_common.report.files import to_jsonable
+from sway_common.suite.trajectory import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointRow,
+    error_row,
+    same_content,
+    scan,
+)
 from sway_common.types import Verdict
 
 Evaluate = Callable[[Checkpoint], CheckpointRow]
@@ -111,8 +119,6 @@ def _history_index(path: Path) -> dict[str, str | None]:
 
 def append_history(path: str | Path, row: CheckpointRow, fp: str | None = None) -> None:
     """Append one JSON line and make it durable before returning."""
-    from sway_common.report.files import to_jsonable
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**row.to_dict(), "fingerprint": fp, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -25,7 +25,6 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common.protocols import NULL_MODES, NullMode, ViewConflictError
 from sway_common.backend.scoring import (
     ResultCache,
     completion_start,
@@ -34,6 +33,7 @@ from sway_common.backend.scoring import (
     text_hash,
     token_dist_from_logprobs,
 )
+from sway_common.protocols import NULL_MODES, NullMode, ViewConflictError
 from sway_common.types import RollingLogprob, TokenDist
 
 Encoding = tuple[list[int], list[tuple[int, int]]]

@@ -16,13 +16,11 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sway_common.report.files import format_z
+from sway_common.stats import format_z
+from sway_common.suite.trajectory import CheckpointRow, summarize
 from sway_common.types import ProbeResult, SuiteResult, Verdict
-
-if TYPE_CHECKING:
-    from sway_common.suite.trajectory import CheckpointRow
 
 PathLike = str | os.PathLike[str]
 DPI = 120
@@ -206,7 +204,6 @@ def plot_trajectory(
     import matplotlib
     from matplotlib.figure import Figure
 
-    from sway_common.suite.trajectory import summarize
 
     rows = sorted(rows, key=lambda r: r.step)
     if not rows:

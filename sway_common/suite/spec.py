@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sway_common.probes import REGISTRY, ProbeConfig
+from sway_common.probes.adapter_ablation import AdapterAblationConfig
 from sway_common.probes.base import NullCalibration
+from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 
 SUPPORTED_VERSION = 1
@@ -302,9 +304,6 @@ def quick_suite(
     prompts: list[str], *, runs: int = 8, model: ModelSpec | None = None, seed: int = 0
 ) -> SuiteSpec:
     """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation."""
-    from sway_common.probes.adapter_ablation import AdapterAblationConfig
-    from sway_common.probes.delta_kl import DeltaKLConfig
-
     return SuiteSpec(
         probes=[
             NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),

@@ -1,0 +1,93 @@
+"""What every `sway-mlx` command shares: exit codes, the error line, options, prompts."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from sway_common.app.platform import BACKEND_KINDS, installed
+from sway_common.probes.base import DEFAULT_PROMPTS
+
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+err_console = Console(stderr=True)
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def fail(message: str) -> NoReturn:
+    """One line naming the problem (and the fix), exit 2."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(EXIT_ERROR)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from a UTF-8 file, one per line (blank lines and '#' comments skipped).
+
+    Without a file, the built-in generic prompts.
+    """
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"the prompts file {path} is not UTF-8 text; save it as UTF-8")
+    except OSError as e:
+        fail(f"cannot read the prompts file {path}: {e.strerror or e}")
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        fail(f"the prompts file {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def require_plotting(alternative: str = "or leave out --plot") -> None:
+    """Refuse before any work when plots were asked for and matplotlib is missing."""
+    if not installed("matplotlib"):
+        fail(f"plots need matplotlib: pip install 'sway-mlx[plot]' ({alternative})")
+
+
+def backend_option(kinds: tuple[str, ...] = BACKEND_KINDS) -> Decorator:
+    return click.option(
+        "--backend", type=click.Choice(kinds), default="auto", show_default=True,
+        help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX.",
+    )
+
+
+seed_option: Decorator = click.option(
+    "--seed", type=int, default=None,
+    help="Seed of the null adapters [default: the spec's defaults.seed, else 0].",
+)
+
+
+def plot_option(what: str, default: str | None = None) -> Decorator:
+    shown = f" [default: {default}]" if default else ""
+    return click.option(
+        "--plot", "plot_dir", type=click.Path(file_okay=False),
+        help=f"Write PNG plots ({what}) into this directory{shown}.",
+    )
+
+
+def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--json/--markdown/--junit/--plot, --backend and --seed for the suite commands."""
+    options = [
+        click.option("--json", "json_path", type=click.Path(dir_okay=False),
+                     help="Write the full result as JSON here (loads back with sway_common.report.load_json)."),
+        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write a Markdown report here."),
+        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report here (for CI)."),
+        plot_option("z per probe against the null band, the ablation curve"),
+        backend_option(),
+        seed_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
