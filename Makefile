@@ -13,11 +13,10 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-# mlx[cpu] on Linux links the reference BLAS; OpenBLAS makes float32 matmuls ~40x faster.
-OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
-ifneq ($(wildcard $(OPENBLAS)),)
-export LD_PRELOAD := $(OPENBLAS)
-endif
+# mlx[cpu] on Linux links the reference BLAS; OpenBLAS makes float32 matmuls ~35x faster.
+# It is installed here and loaded by sway_mlx itself, in MLX's process only: preloading
+# it for every process (LD_PRELOAD) made torch 4x slower.
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
 .PHONY: test demo lint bench install openblas clean
 
@@ -36,17 +35,10 @@ openblas:
 		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
 		|| echo "note: could not install OpenBLAS; MLX on CPU will be slow"; fi
 
-# A sub-make re-reads this file, so an OpenBLAS installed just now is preloaded.
 test: install
-	$(MAKE) --no-print-directory _test
-
-_test:
 	$(PY) -m pytest -q
 
 demo: install
-	$(MAKE) --no-print-directory _demo
-
-_demo:
 	$(VENV)/bin/sway-mlx demo
 
 lint: install

@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+from sway_common.blas import find_openblas, preloaded_openblas
+
 # mlx-lm's report lines: "Iter 3: Train loss 2.345, ..." (older) or "     3    2.345 ▼ ..." (0.32's
 # table). Only the progress display depends on this; the adapter does not.
 REPORT_LINE = re.compile(r"^\s*(?:Iter\s+)?(\d+):?\s+(?:Train loss\s+)?([0-9]+\.[0-9]+)\b")
@@ -26,12 +27,10 @@ REPORT_LINE = re.compile(r"^\s*(?:Iter\s+)?(\d+):?\s+(?:Train loss\s+)?([0-9]+\.
 def trainer_env() -> dict[str, str]:
     """mlx[cpu] on Linux links a reference BLAS; OpenBLAS makes float32 ~40x faster."""
     env = dict(os.environ)
-    if (
-        sys.platform == "linux"
-        and Path(OPENBLAS).exists()
-        and OPENBLAS not in env.get("LD_PRELOAD", "")
-    ):
-        env["LD_PRELOAD"] = (OPENBLAS + " " + env.get("LD_PRELOAD", "")).strip()
+    openblas = find_openblas()
+    if openblas is not None and not preloaded_openblas(env):
+        # A child process of its own: the preload reaches mlx-lm's trainer and nothing else.
+        env["LD_PRELOAD"] = (openblas + " " + env.get("LD_PRELOAD", "")).strip()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

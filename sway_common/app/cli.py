@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,6 +35,7 @@ from sway_common.app.options import (
     require_plotting,
 )
 from sway_common.app.platform import MODEL_BACKEND_KINDS, build_backend, doctor_report
+from sway_common.blas import preloaded_openblas, without_openblas_preload
 from sway_common.probes import REGISTRY
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
 from sway_common.report.plots import write_plots
@@ -192,6 +194,9 @@ def doctor_cmd(as_json: bool) -> None:
         console.print(f"backend {name:<5} [{colour}]{status}[/]", highlight=False)
     for dist, version in report["packages"].items():
         console.print(f"  {dist:<13} {version or '-'}", highlight=False)
+    console.print(f"mlx on cpu   {report['blas']['mlx_cpu_matmuls']}", highlight=False)
+    if report["blas"]["ld_preload_openblas"]:
+        console.print("[yellow]LD_PRELOAD names OpenBLAS: torch runs slower under it; unset it[/]")
     console.print(f"--backend auto picks: [bold]{report['auto_picks']}[/]")
 
 
@@ -240,6 +245,11 @@ app.add_command(watch_cmd)
 
 
 def main() -> None:
+    if preloaded_openblas():
+        # An inherited OpenBLAS preload slows torch down; MLX loads OpenBLAS itself
+        # (sway_mlx), so the preload is never needed: start again without it.
+        os.execve(sys.executable, [sys.executable, "-m", "sway_common.app.cli", *sys.argv[1:]],
+                  without_openblas_preload(dict(os.environ)))
     app()
 
 

@@ -31,8 +31,8 @@ from sway_common.app.options import (
     backend_option,
     fail,
     plot_option,
-    require_plotting,
     read_prompts,
+    require_plotting,
     seed_option,
 )
 from sway_common.app.platform import MODEL_BACKEND_KINDS

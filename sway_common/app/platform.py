@@ -13,6 +13,7 @@ import platform
 import sys
 from typing import Any
 
+from sway_common.blas import INSTALL_HINT, find_openblas, preloaded_openblas
 from sway_common.suite.spec import ModelSpec
 
 # "dummy" is the analytic test backend; it needs no model.
@@ -91,6 +92,18 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def blas_report() -> dict[str, Any]:
+    """What MLX's float32 matmuls would run on here, and whether torch is exposed to it."""
+    openblas = find_openblas()
+    if sys.platform == "darwin":
+        mlx = "Accelerate"
+    elif openblas is not None:
+        mlx = "OpenBLAS, loaded by sway-mlx when the MLX backend runs"
+    else:
+        mlx = f"reference BLAS (~30x slower float32 matmuls): {INSTALL_HINT}"
+    return {"openblas": openblas, "mlx_cpu_matmuls": mlx, "ld_preload_openblas": preloaded_openblas()}
+
+
 def doctor_report() -> dict[str, Any]:
     """Facts about this machine that decide which backend runs and how fast."""
     report: dict[str, Any] = {
@@ -111,4 +124,5 @@ def doctor_report() -> dict[str, Any]:
             report["backends"][name] = f"unavailable ({type(e).__name__}: {e})".splitlines()[0]
     report["cuda"] = cuda_available() if report["backends"]["hf"] == "ok" else False
     report["auto_picks"] = pick_backend("auto")
+    report["blas"] = blas_report()
     return report
