@@ -43,6 +43,8 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 bench: install
 	$(PY) benchmarks/throughput.py

@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import fixtures_build  # noqa: E402  (needs the path set above)
+
 import sway_mlx  # noqa: E402,F401  (before any mlx import: gives MLX OpenBLAS on Linux)
 
 
