@@ -210,11 +210,76 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, fl
     return slope, intercept, min(max(r2, 0.0), 1.0)
 
 
-def format_z(z: float | None) -> str:
+# A z whose small-sample p is already below this adds no information: shown as a bound.
+Z_DISPLAY_P = 1e-4
+# With 2 draws (1 degree of freedom) the bound above is in the thousands: never show more.
+Z_DISPLAY_MAX = 50.0
+
+
+def t_isf(p: float, df: float) -> float:
+    """The t with ``P(T > t) = p`` for Student's t with ``df`` degrees of freedom (bisection)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must lie in (0, 1), got {p!r}")
+    lo, hi = -1.0, 1.0
+    while t_sf(lo, df) < p:
+        lo *= 2.0
+    while t_sf(hi, df) > p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_sf(mid, df) > p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-10 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def z_bound(n: int, p: float = Z_DISPLAY_P) -> float:
+    """The z at which the prediction-interval p-value of ``n`` null draws reaches ``p``.
+
+    Beyond it a larger z says nothing more: K draws cannot tell 300σ from 3000σ.
+    """
+    if n < 2:
+        raise ValueError("a z bound needs at least two null draws")
+    return t_isf(p, n - 1) * math.sqrt(1.0 + 1.0 / n)
+
+
+def log_values(values: Sequence[float]) -> list[float]:
+    """Natural logs of non-negative metrics, zeros floored at 1e-12 (a B=0 adapter's 0.0)."""
+    return [math.log(max(float(v), 1e-12)) for v in values]
+
+
+def paired_ratio(
+    adapter: Sequence[float], nulls: Sequence[Sequence[float]], *, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The adapter's effect as a multiple of a null's, paired by prompt, with a bootstrap interval.
+
+    ``adapter[i]`` is the metric on prompt i, ``nulls[k][i]`` the same metric under null k.
+    Per prompt the log ratio to the mean null on *that* prompt; the geometric mean over
+    prompts is the ratio, and resampling prompts gives its 95% interval: how far the
+    claim carries to other prompts of the same kind. Returns ``(ratio, low, high)``.
+    """
+    a = np.asarray(adapter, dtype=np.float64)
+    k = np.asarray(nulls, dtype=np.float64)
+    if k.ndim != 2 or k.shape[1] != a.size or a.size == 0:
+        raise ValueError(f"nulls must be (K, {a.size}), got {k.shape}")
+    logs = np.log(np.maximum(a, 1e-12)) - np.log(np.maximum(k.mean(axis=0), 1e-12))
+    lo, hi = bootstrap_ci(logs, n_boot=n_boot, seed=seed) if logs.size > 1 else (logs[0], logs[0])
+    return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
+
+
+def format_z(z: float | None, n: int | None = None) -> str:
+    """z for people: a bound ("> 8.4σ") past what ``n`` null draws support; JSON keeps the raw z."""
     if z is None:
         return "—"
     z = float(z)
     if not math.isfinite(z):
         return f"{z:+}σ"
+    if n is not None and n >= 2:
+        bound = min(z_bound(n), Z_DISPLAY_MAX)
+        if abs(z) > bound:
+            return f"{'>' if z > 0 else '<'} {'' if z > 0 else '-'}{bound:.1f}σ"
     # Decimals on a z in the hundreds suggest a precision K null draws cannot give.
     return f"{z:+.0f}σ" if abs(z) >= 100 else f"{z:+.1f}σ"

@@ -27,6 +27,7 @@ from sway_common import __version__
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.models import cache_root, prepare_smollm2
 from sway_common.report import headline, render_terminal
+from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
 from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import ModelSpec, quick_suite
@@ -123,8 +124,6 @@ def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = 
             render_terminal(result, console)
             console.print(f"[bold]→ {headline(result)}[/]", highlight=False, soft_wrap=True)
             if plot_dir is not None:
-                from sway_common.report.plots import write_plots
-
                 write_plots(result, Path(plot_dir) / adapter.label.replace(" ", "-"))
             dk = next(p for p in result.probes if p.kind == "delta_kl")
             verdicts.append(dk.verdict)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 from sway_common.divergence import divergence
 from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
-from sway_common.stats import null_stats, p_value, z_score
+from sway_common.stats import format_z, log_values, null_stats, p_value, paired_ratio, z_score
 from sway_common.types import NullStats, ProbeResult, Verdict
 
 from .null_proxy import NullCalibrationBackendProxy
@@ -54,6 +54,9 @@ class DivergenceConfig(ProbeConfig):
     """Fixed threshold, used only when no null calibration is possible."""
     min_effect: float = 1e-3
     """Effect floor in nats: below it an adapter fails however significant it is."""
+    min_effect_ratio: float = 2.0
+    """The adapter must move the model this many times more than a random adapter of its
+    size (norm-matched nulls): below it the *direction* is not what moves the model."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,16 @@ class RunContext:
         self, measure: Callable[[DifferentialBackend], float], rank_scale: float = 1.0
     ) -> NullStats:
         """Run ``measure`` under each null seed at one rank scale."""
+        return null_stats(self._under_nulls(measure, rank_scale))
+
+    def null_per_prompt(
+        self, measure: Callable[[DifferentialBackend], Sequence[float]], rank_scale: float = 1.0
+    ) -> tuple[NullStats, list[list[float]]]:
+        """Run a per-prompt ``measure`` under each null seed: (stats of the means, K x P values)."""
+        rows = [list(map(float, r)) for r in self._under_nulls(measure, rank_scale)]
+        return null_stats([sum(r) / len(r) for r in rows]), rows
+
+    def _under_nulls(self, measure: Callable[[DifferentialBackend], Any], rank_scale: float) -> list[Any]:
         assert self.null is not None
         values = []
         for seed in self.null.seeds:
@@ -103,7 +116,7 @@ class RunContext:
                 mode=self.null.mode,
             )
             values.append(measure(proxy))
-        return null_stats(values)
+        return values
 
 
 class Probe:
@@ -153,6 +166,27 @@ def mean_divergence(
     return sum(per_prompt) / len(per_prompt), per_prompt
 
 
+def judge_divergence(
+    cfg: DivergenceConfig, ctx: RunContext, kind: str, raw: float, per_prompt: Sequence[float],
+    top_k: int, unit: str,
+) -> tuple[Judgement, NullStats | None]:
+    """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt."""
+    if not ctx.calibrates(kind):
+        return judge_against_null(raw, None, z_min=cfg.assert_z_gte, floor=cfg.min_effect,
+                                  fixed_threshold=cfg.assert_mean_gte, unit=unit), None
+
+    def measure(backend: DifferentialBackend) -> list[float]:
+        return mean_divergence(backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)[1]
+
+    null, rows = ctx.null_per_prompt(measure)
+    paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
+    j = judge_against_null(
+        raw, null, z_min=cfg.assert_z_gte, floor=cfg.min_effect, fixed_threshold=cfg.assert_mean_gte,
+        unit=unit, log_scale=True, min_ratio=cfg.min_effect_ratio, paired=paired,
+    )
+    return j, null
+
+
 @dataclass
 class Judgement:
     verdict: Verdict
@@ -161,6 +195,10 @@ class Judgement:
     p: float | None
     ratio: float | None
     score: float
+    ratio_interval: tuple[float, float] | None = None
+    """95% bootstrap interval of the effect ratio over prompts (paired with the nulls)."""
+    z_linear: float | None = None
+    """z on the metric itself, when the verdict used log scale."""
 
 
 def judge_against_null(
@@ -172,10 +210,18 @@ def judge_against_null(
     fixed_threshold: float,
     p_max: float = 0.05,
     unit: str = "",
+    log_scale: bool = False,
+    min_ratio: float = 1.0,
+    paired: tuple[float, float, float] | None = None,
 ) -> Judgement:
-    """PASS needs significance against the null AND an effect above ``floor``.
+    """PASS needs significance against the null, an effect above ``floor`` and, for ratio
+    metrics, ``min_ratio`` times the null's mean with a prompt-bootstrap interval above 1×.
 
-    Without a null (backend cannot draw one) the fixed threshold decides.
+    ``log_scale`` tests log(metric) against the logs of the null draws: a divergence is
+    positive and right-skewed across null seeds, and on the raw scale a few draws
+    under-estimate that tail (a random adapter then looks significant). ``paired`` is
+    :func:`~sway_common.stats.paired_ratio`'s (ratio, low, high). Without a null
+    (the backend cannot draw one) the fixed threshold decides.
     """
     shown = f"{raw:.3g}{unit}"
     if null is None:
@@ -186,24 +232,37 @@ def judge_against_null(
             None, None, None, min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
         )
     ratio = raw / null.mean if null.mean > 0 else None
-    z = z_score(raw, null)
-    p = p_value(raw, null)
+    tested, x = (null_stats(log_values(null.values)), log_values([raw])[0]) if log_scale else (null, raw)
+    z, p = z_score(x, tested), p_value(x, tested)
+    extra = {"z_linear": z_score(raw, null) if log_scale else None,
+             "ratio_interval": paired[1:] if paired is not None else None}
     if z is None:
         if raw < floor:
             msg = f"no measurable effect ({shown}); null draws are degenerate too"
-            return Judgement(Verdict.FAIL, msg, None, None, ratio, 0.0)
+            return Judgement(Verdict.FAIL, msg, None, None, ratio, 0.0, **extra)
         msg = f"{shown}, but the null draws are degenerate (all ≈ {null.mean:.3g}): no z-score"
-        return Judgement(Verdict.WARN, msg, None, None, ratio, 0.0)
+        return Judgement(Verdict.WARN, msg, None, None, ratio, 0.0, **extra)
     significance = z * z / (z * z + z_min * z_min) if z > 0 else 0.0
+    z_txt = f"z={format_z(z, null.n)} (p={p:.2g})"
     ratio_txt = f", {ratio:.3g}× a null adapter" if ratio is not None else ""
+    if paired is not None:
+        ratio_txt += f" [{paired[1]:.3g}×–{paired[2]:.3g}× over prompts]"
     if z < z_min or (p is not None and p > p_max):
-        msg = f"indistinguishable from a null adapter: z={z:+.2f}σ (p={p:.2g}){ratio_txt}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance)
+        msg = f"indistinguishable from a null adapter: {z_txt}{ratio_txt}"
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance, **extra)
     if raw < floor:
-        msg = f"significant (z={z:+.1f}σ) but tiny: {shown} is below the effect floor {floor:g}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * raw / floor)
-    msg = f"{shown}, z={z:+.1f}σ above its null (p={p:.2g}){ratio_txt}"
-    return Judgement(Verdict.PASS, msg, z, p, ratio, significance)
+        msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}"
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra)
+    if ratio is not None and ratio < min_ratio:
+        msg = (f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
+               f"(needs {min_ratio:g}×): its direction is not what moves the model")
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * ratio / min_ratio, **extra)
+    if paired is not None and paired[1] <= 1.0:
+        msg = (f"{shown}, {z_txt}, but the effect does not carry over prompts: "
+               f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×")
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra)
+    msg = f"{shown}, {z_txt}{ratio_txt}"
+    return Judgement(Verdict.PASS, msg, z, p, ratio, significance, **extra)
 
 
 def finite_or_none(x: float | None) -> float | None:
