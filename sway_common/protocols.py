@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
+from numpy.typing import NDArray
+
 from sway_common.types import RollingLogprob, TokenDist
 
 NullMode = Literal["fixed", "norm_matched"]
@@ -141,6 +144,15 @@ class PreflightCheckable(Protocol):
     """
 
     def preflight_finite_check(self) -> tuple[bool, str]: ...
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A backend that embeds texts with its own base model (offline topic maps)."""
+
+    def mean_hidden_states(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        """One row per text: the base model's final hidden states averaged over its tokens."""
+        ...
 
 
 class ViewConflictError(RuntimeError):

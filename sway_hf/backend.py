@@ -325,3 +325,13 @@ class HFDifferentialBackend(DifferentialBackendBase):
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
+        ids, mask, positions = self._padded(batch, left=False)
+        # The decoder body's own output, whatever the LM head does after it.
+        hidden = self._causal_lm.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state.float()
+        weights = mask[..., None].to(hidden.dtype)
+        return ((hidden * weights).sum(dim=1) / weights.sum(dim=1)).cpu().numpy()

@@ -252,3 +252,12 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.model = None
         gc.collect()
         mx.clear_cache()
+
+    def _mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
+        # The trunk's output (the logits, for a model that could not be split). Right
+        # padding cannot reach real positions under the causal mask; the mean skips it.
+        ids, lengths = self._padded(batch)
+        hidden = self._inner(ids).astype(mx.float32)
+        real = mx.arange(hidden.shape[1])[None, :] < mx.array(lengths)[:, None]
+        summed = (hidden * real[..., None]).sum(axis=1)
+        return np.array(summed / mx.array(lengths.astype(np.float32))[:, None])

@@ -287,23 +287,7 @@ class DifferentialBackendBase(ABC):
         return out  # type: ignore[return-value]
 
     def rolling(self, view: ViewSpec, text: str) -> RollingLogprob:
-        self._check_active(view)
-        key = (view.key(self.adapter_hash), "rolling", text_hash(text), 0)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        ids, _ = self._encode(text)
-        windows = rolling_windows(len(ids), self.max_context)
-        pieces: list[NDArray[np.float32]] = []
-        for i in range(0, len(windows), self.batch_size):
-            chunk = windows[i : i + self.batch_size]
-            rows = self._token_logprobs([ids[w.start : w.end] for w in chunk])
-            for w, row in zip(chunk, rows, strict=True):
-                pieces.append(row[w.score_from - w.start - 1 : w.end - w.start - 1])
-        logprobs = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
-        result = RollingLogprob(np.asarray(ids, dtype=np.int64), logprobs)
-        self._cache.put(key, result)
-        return result
+        return self.rollings(view, [text])[0]
 
     def generate_in(
         self, view: ViewSpec, prompt: str, max_new_tokens: int, temperature: float, seed: int
@@ -323,6 +307,46 @@ class DifferentialBackendBase(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------- many texts, embeddings
+    def rollings(self, view: ViewSpec, texts: Sequence[str]) -> list[RollingLogprob]:
+        """:meth:`rolling` for many texts at once: all their windows share padded batches."""
+        self._check_active(view)
+        vkey = view.key(self.adapter_hash)
+        out = [self._cache.get((vkey, "rolling", text_hash(t), 0)) for t in texts]
+        ids = {i: self._encode(texts[i])[0] for i, hit in enumerate(out) if hit is None}
+        jobs = [(i, w) for i, row in ids.items() for w in rolling_windows(len(row), self.max_context)]
+        pieces: dict[int, list[tuple[int, NDArray[np.float32]]]] = {i: [] for i in ids}
+        for bucket in length_buckets([w.end - w.start for _, w in jobs], self.batch_size):
+            rows = self._token_logprobs([ids[jobs[j][0]][jobs[j][1].start : jobs[j][1].end] for j in bucket])
+            for j, row in zip(bucket, rows, strict=True):
+                i, w = jobs[j]
+                pieces[i].append((w.start, row[w.score_from - w.start - 1 : w.end - w.start - 1]))
+        for i, row_ids in ids.items():
+            parts = [piece for _, piece in sorted(pieces[i], key=lambda t: t[0])]
+            logprobs = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+            out[i] = RollingLogprob(np.asarray(row_ids, dtype=np.int64), logprobs)
+            self._cache.put((vkey, "rolling", text_hash(texts[i]), 0), out[i])
+        return out  # type: ignore[return-value]
+
+    def mean_hidden_states(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        """One row per text: the base model's last hidden states averaged over its tokens.
+
+        Always in the base view, so a topic map of prompts cannot move with the adapter
+        under test. A text longer than the context keeps its last ``max_context`` tokens.
+        """
+        encoded = [self._encode_nonempty(t)[0][-self.max_context :] for t in texts]
+        rows: list[NDArray[np.float32]] = [np.zeros(0, np.float32)] * len(texts)
+        with self.as_base():
+            for bucket in length_buckets([len(e) for e in encoded], self.batch_size):
+                vectors = self._mean_hidden([encoded[j] for j in bucket])
+                for j, vector in zip(bucket, vectors, strict=True):
+                    rows[j] = np.asarray(vector, dtype=np.float32)
+        return np.stack(rows)
+
+    @abstractmethod
+    def _mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:
+        """Final hidden states of each token list, averaged over its tokens: (rows, hidden)."""
 
 
 class BackendView:
@@ -347,6 +371,9 @@ class BackendView:
 
     def rolling_logprob(self, text: str) -> RollingLogprob:
         return self.backend.rolling(self.spec, text)
+
+    def rolling_logprob_batch(self, texts: Sequence[str]) -> list[RollingLogprob]:
+        return self.backend.rollings(self.spec, list(texts))
 
     def generate(
         self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0

@@ -158,3 +158,6 @@ class DummyDifferentialBackend(DifferentialBackendBase):
     def _nonfinite_adapter_tensors(self) -> list[str]:
         a, b = self._real
         return [name for name, t in (("lora_a", a), ("lora_b", b)) if not np.all(np.isfinite(t))]
+
+    def _mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:
+        return np.stack([self._hidden(ids).mean(axis=0) for ids in batch]).astype(np.float32)
