@@ -142,17 +142,28 @@ def test_missing_dir_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ summary
-def test_summary_first_pass_best_and_both_kinds_of_regression() -> None:
+def test_summary_first_pass_best_and_held_out_regressions_only() -> None:
     P, F, E = Verdict.PASS, Verdict.FAIL, Verdict.ERROR
     rows = [row(100, 0.5, F), row(200, 4.0, P), row(300, 40.0, P), row(400, 30.0, P),
             row(500, 12.0, P), row(600, None, E, None), row(700, 1.0, F), row(800, 45.0, P)]
+    rows[4].held_out = {"drift": "PASS"}
+    rows[6].held_out = {"drift": "FAIL"}
+    rows[7].held_out = {"drift": "FAIL"}  # still failing: one regression, not two
     s = summarize(list(reversed(rows)))  # order of the input does not matter
     assert s.first_pass.step == 200 and s.best.step == 800 and s.last.step == 800
-    assert [g.step for g in s.regressions] == [500, 600, 700]
-    assert "40" in s.regressions[0].reason and "step 300" in s.regressions[0].reason
-    assert s.regressions[1].reason.startswith("ERROR") and s.regressions[2].reason.startswith("FAIL")
+    # A falling z (300 → 500) and a lost pass (700) are not regressions; the held-out FAIL is.
+    assert [g.step for g in s.regressions] == [700] and "drift" in s.regressions[0].reason
+    assert [r.step for r in s.below_noise] == [600, 700]
     assert s.last_passes
-    assert s.line.startswith("first above noise: step 200") and "regressed at step 500" in s.line
+    assert s.line.startswith("first above noise: step 200") and "regressed at step 700" in s.line
+
+
+def test_growing_adapter_whose_z_falls_is_not_a_regression() -> None:
+    """Norm-matched nulls grow with the adapter: z falls while the divergence rises."""
+    rows = [row(10, 60.0, Verdict.PASS, 0.51), row(20, 40.0, Verdict.PASS, 0.59), row(30, 25.0, Verdict.PASS, 0.64)]
+    s = summarize(rows)
+    assert not s.regressions and not s.below_noise
+    assert "effect 0.51 → 0.64 nats (rising" in s.line and "regress" not in s.line
 
 
 def test_summary_without_a_pass_and_without_rows() -> None:
@@ -165,7 +176,7 @@ def test_summary_without_a_pass_and_without_rows() -> None:
 
 def test_summary_steady_pass_has_no_regression() -> None:
     s = summarize([row(1, 5.0, Verdict.PASS), row(2, 9.0, Verdict.PASS), row(3, 5.0, Verdict.PASS)])
-    assert not s.regressions and s.first_pass.step == 1 and "no regressions" in s.line
+    assert not s.regressions and s.first_pass.step == 1 and "no held-out probe ran" in s.line
 
 
 def test_row_round_trips_through_dict() -> None:

@@ -47,6 +47,7 @@ from sway_common.suite.trajectory import (
     CheckpointRow,
     TrajectorySummary,
     discover_checkpoints,
+    effect_trend,
     summarize,
 )
 from sway_common.types import Verdict
@@ -122,7 +123,7 @@ def rows_table(rows: list[CheckpointRow]) -> Table:
     for r in rows:
         null = "—" if r.null_mean is None else f"{format_metric(r.null_mean)} ± {format_metric(r.null_std)}"
         table.add_row(
-            str(r.step), Text(r.label), format_metric(r.divergence), null, format_z(r.z),
+            str(r.step), Text(r.label), format_metric(r.divergence), null, format_z(r.z, r.null_n),
             format_effect(r.effect_ratio), Text(r.verdict.value, style=VERDICT_STYLES[r.verdict]),
         )
     return table
@@ -137,10 +138,14 @@ def print_summary(console: Console, rows: list[CheckpointRow], summary: Trajecto
         console.print(Text("No checkpoint rose above noise: every one is within what a random "
                            "adapter of the same shape does.", style="yellow"))
     else:
-        console.print(Text(f"First above noise: {first.label} (z={format_z(first.z)}, "
+        console.print(Text(f"First above noise: {first.label} (z={format_z(first.z, first.null_n)}, "
                            f"{format_metric(first.divergence)} nats).", style="green"))
     if summary.best is not None and summary.best is not first:
-        console.print(f"Best: {summary.best.label} (z={format_z(summary.best.z)}).", highlight=False)
+        console.print(f"Best: {summary.best.label} (z={format_z(summary.best.z, summary.best.null_n)}).", highlight=False)
+    if trend := effect_trend(rows):
+        console.print(f"Effect: {trend}.", highlight=False)
+    for r in summary.below_noise:
+        console.print(Text(f"Not above noise at {r.label}: {r.message}", style="yellow"))
     for g in summary.regressions:
         console.print(Text(f"Regression at {g.label}: {g.reason}", style="red"))
 
@@ -176,9 +181,9 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
       sway-mlx checkpoints adapters/ --model mlx-community/SmolLM2-135M-Instruct
       sway-mlx checkpoints out/ --prompts domain.txt --runs 16 --json traj.json
 
-    Prints a table, names the first checkpoint above noise and any later regression
-    (a checkpoint that stops passing, or whose z halves from the best so far), and
-    plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
+    Prints a table, names the first checkpoint above noise, the effect's trend, and any
+    regression: a held-out probe (what the base knew) that got worse. A falling z is not
+    one: norm-matched nulls grow with the adapter. Plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
     it does not, 2 on bad input.
     """
     path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
@@ -288,7 +293,7 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
               f"history {history}" + (f" ({known} already tested)" if known else "")
               + "; Ctrl-C to stop", highlight=False)
     def on_row(r: CheckpointRow) -> None:
-        line = Text(f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z):>8}  ")
+        line = Text(f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z, r.null_n):>8}  ")
         line.append(r.verdict.value, style=VERDICT_STYLES[r.verdict])
         if r.verdict is not Verdict.PASS:
             line.append(f"  {r.message}", style="dim")

@@ -39,8 +39,9 @@ LOOKED_FOR = (
     f"mlx-lm NNNNNNN_adapters.safetensors files (with {CONFIG} beside them, written by "
     f"--save-every) or PEFT/HF Trainer checkpoint-N/ dirs ({CONFIG} + {PEFT_WEIGHTS})"
 )
-# A z this far below the best so far counts as a regression even while still passing.
-REGRESSION_FRACTION = 0.5
+# Probes of this category measure what the base knew (general knowledge, held-out prose):
+# only they can call a checkpoint a regression.
+HELD_OUT_CATEGORY = "regression"
 
 
 class CheckpointError(ValueError):
@@ -184,6 +185,10 @@ class CheckpointRow:
     effect_ratio: float | None = None
     duration_s: float = 0.0
     key: str = ""
+    null_n: int | None = None
+    """How many null draws the z stands on (for showing it honestly)."""
+    held_out: dict[str, str] = field(default_factory=dict)
+    """Verdicts of the held-out probes (what the base knew), by probe name."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -210,10 +215,12 @@ def row_from_result(ckpt: Checkpoint, result: SuiteResult, duration_s: float) ->
         bad = next((p for p in result.probes if p.verdict is Verdict.ERROR), None)
         return error_row(ckpt, bad.message if bad else "delta_kl did not run", duration_s)
     null = dk.null
+    held_out = {p.name: p.verdict.value for p in result.probes if p.category == HELD_OUT_CATEGORY}
     return CheckpointRow(
         ckpt.step, ckpt.label, dk.raw, dk.z, null.mean if null else None,
         null.std if null else None, dk.verdict, dk.message, path=str(ckpt.path),
         effect_ratio=dk.effect_ratio, duration_s=duration_s, key=ckpt.key,
+        null_n=null.n if null else None, held_out=held_out,
     )
 
 
@@ -230,23 +237,50 @@ class TrajectorySummary:
     first_pass: CheckpointRow | None
     best: CheckpointRow | None
     regressions: list[Regression] = field(default_factory=list)
+    """Checkpoints where a held-out probe failed after passing before: the base's knowledge lost."""
     last: CheckpointRow | None = None
     line: str = ""
+    below_noise: list[CheckpointRow] = field(default_factory=list)
+    """Checkpoints after the first pass that are no longer above noise (not a regression)."""
 
     @property
     def last_passes(self) -> bool:
         return self.last is not None and self.last.verdict is Verdict.PASS
 
 
-def _z(z: float | None) -> str:
-    return "no z" if z is None else f"z={format_z(z)}"
+def _z(row: CheckpointRow) -> str:
+    return "no z" if row.z is None else f"z={format_z(row.z, row.null_n)}"
+
+
+def held_out_regressions(rows: Sequence[CheckpointRow]) -> list[Regression]:
+    """A held-out probe that FAILs at a checkpoint after it passed (or warned) at an earlier one."""
+    found: list[Regression] = []
+    held: set[str] = set()  # probes that have not failed so far
+    for r in rows:
+        failed = [name for name, v in r.held_out.items() if v == Verdict.FAIL.value and name in held]
+        if failed:
+            found.append(Regression(r.step, r.label, f"{', '.join(sorted(failed))} got worse (FAIL)"))
+        held |= {name for name, v in r.held_out.items() if v in (Verdict.PASS.value, Verdict.WARN.value)}
+        held -= set(failed)
+    return found
+
+
+def effect_trend(rows: Sequence[CheckpointRow]) -> str:
+    """The adapter's effect over the run, plainly: first and last divergence and the direction."""
+    measured = [r for r in rows if r.divergence is not None]
+    if len(measured) < 2:
+        return ""
+    a, b = measured[0], measured[-1]
+    direction = "rising" if b.divergence > a.divergence else "falling" if b.divergence < a.divergence else "flat"
+    return f"effect {a.divergence:.3g} → {b.divergence:.3g} nats ({direction}, {a.label} → {b.label})"
 
 
 def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
-    """First checkpoint above noise, the best, and regressions after the first pass.
+    """First checkpoint above noise, the best, the effect's trend, and held-out regressions.
 
-    A regression is a later checkpoint that no longer passes, or whose z fell below
-    half of the best z seen before it (still significant, but losing what it learned).
+    With norm-matched nulls a z can fall while the effect grows (the null grows with the
+    adapter's norm), so neither a falling z nor a lost pass is a regression: only a
+    held-out probe that got worse is (the base's knowledge was lost).
     """
     rows = sorted(rows, key=lambda r: r.step)
     scored = [r for r in rows if r.verdict is not Verdict.ERROR]
@@ -256,28 +290,22 @@ def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
         key=lambda r: (r.z is not None, r.z if r.z is not None else (r.divergence or 0.0)),
         default=None,
     )
-    regressions: list[Regression] = []
-    peak: CheckpointRow | None = None  # highest z so far, before the row being judged
-    for r in rows:
-        if first is not None and r.step > first.step:
-            if r.verdict is not Verdict.PASS:
-                regressions.append(Regression(r.step, r.label, f"{r.verdict.value}: {r.message}"))
-            elif peak is not None and r.z is not None and r.z < REGRESSION_FRACTION * peak.z:
-                reason = f"z fell from {peak.z:+.1f}σ ({peak.label}) to {r.z:+.1f}σ"
-                regressions.append(Regression(r.step, r.label, reason))
-        if r.z is not None and r.verdict is not Verdict.ERROR and (peak is None or r.z > peak.z):
-            peak = r
+    regressions = held_out_regressions(rows)
+    below = [r for r in rows if first is not None and r.step > first.step and r.verdict is not Verdict.PASS]
     last = rows[-1] if rows else None
     if not rows:
         line = "no checkpoints evaluated"
     elif first is None:
-        line = "no checkpoint rose above noise" + (f" (best: {best.label}, {_z(best.z)})" if best else "")
+        line = "no checkpoint rose above noise" + (f" (best: {best.label}, {_z(best)})" if best else "")
     else:
-        parts = [f"first above noise: {first.label} ({_z(first.z)})"]
+        parts = [f"first above noise: {first.label} ({_z(first)})"]
         if best is not None and best is not first:
-            parts.append(f"best: {best.label} ({_z(best.z)})")
-        parts.append("regressed at " + ", ".join(g.label for g in regressions) if regressions else "no regressions")
+            parts.append(f"best: {best.label} ({_z(best)})")
+        if trend := effect_trend(scored):
+            parts.append(trend)
+        parts.append("regressed at " + ", ".join(g.label for g in regressions) if regressions
+                     else "no held-out regressions" if any(r.held_out for r in rows) else "no held-out probe ran")
         parts.append("the last checkpoint passes" if last and last.verdict is Verdict.PASS
                      else "the last checkpoint does NOT pass")
         line = "; ".join(parts)
-    return TrajectorySummary(first, best, regressions, last, line)
+    return TrajectorySummary(first, best, regressions, last, line, below)
