@@ -10,16 +10,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sway_common.stats import (
+    Z_DISPLAY_P,
     betainc,
     bootstrap_ci,
     empirical_p,
+    format_z,
     linear_fit,
     null_stats,
     p_value,
+    paired_ratio,
     t_cdf,
+    t_isf,
     t_sf,
+    z_bound,
     z_score,
 )
+from sway_common.types import NullStats
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 spread_samples = st.lists(finite, min_size=2, max_size=30).filter(
@@ -319,3 +325,35 @@ def test_linear_fit_matches_polyfit(points: list[tuple[float, float]]) -> None:
 def test_linear_fit_rejects_bad_input(x: list[float], y: list[float]) -> None:
     with pytest.raises(ValueError):
         linear_fit(x, y)
+
+
+# ------------------------------------------------------------------ honest z, paired ratio
+def test_t_isf_inverts_the_t_tail() -> None:
+    for df in (1, 2, 7, 30):
+        for p in (0.2, 0.05, 1e-4):
+            assert t_sf(t_isf(p, df), df) == pytest.approx(p, rel=1e-6)
+
+
+def test_z_bound_is_where_the_small_sample_p_reaches_its_floor() -> None:
+    for n in (3, 8, 16):
+        bound = z_bound(n)
+        assert p_value(bound, NullStats(mean=0.0, std=1.0, n=n)) == pytest.approx(Z_DISPLAY_P, rel=1e-4)
+    # More draws make the same z more significant, so the bound comes down toward normal.
+    assert z_bound(3) > z_bound(8) > z_bound(16) > 3.7
+
+
+def test_format_z_never_prints_four_digit_sigmas() -> None:
+    assert format_z(2840.0, 3) == "> 50.0σ"
+    assert format_z(12.0, 8) == "> 7.5σ" and format_z(-12.0, 8) == "< -7.5σ"
+    assert format_z(4.2, 8) == "+4.2σ" and format_z(None, 8) == "—"
+
+
+def test_paired_ratio_is_the_per_prompt_geometric_ratio_with_a_prompt_bootstrap() -> None:
+    nulls = [[1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 4.0, 8.0]]
+    ratio, lo, hi = paired_ratio([10.0, 20.0, 40.0, 80.0], nulls)
+    assert ratio == pytest.approx(10.0) and lo == pytest.approx(10.0) and hi == pytest.approx(10.0)
+    # Big on one prompt only: the mean ratio is > 1 but the interval reaches below 1x.
+    ratio, lo, hi = paired_ratio([100.0, 1.0, 0.5, 0.5], [[1.0] * 4] * 3, seed=1)
+    assert ratio > 1.0 and lo < 1.0 < hi
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [[1.0, 2.0, 3.0]])

@@ -199,6 +199,8 @@ class Judgement:
     """95% bootstrap interval of the effect ratio over prompts (paired with the nulls)."""
     z_linear: float | None = None
     """z on the metric itself, when the verdict used log scale."""
+    fail_reason: str | None = None
+    """What a FAIL failed on: significance, floor, ratio or prompts."""
 
 
 def judge_against_null(
@@ -249,18 +251,19 @@ def judge_against_null(
         ratio_txt += f" [{paired[1]:.3g}×–{paired[2]:.3g}× over prompts]"
     if z < z_min or (p is not None and p > p_max):
         msg = f"indistinguishable from a null adapter: {z_txt}{ratio_txt}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance, **extra)
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance, **extra, fail_reason="significance")
     if raw < floor:
         msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra)
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra, fail_reason="floor")
     if ratio is not None and ratio < min_ratio:
         msg = (f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
                f"(needs {min_ratio:g}×): its direction is not what moves the model")
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * ratio / min_ratio, **extra)
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * ratio / min_ratio, **extra,
+                         fail_reason="ratio")
     if paired is not None and paired[1] <= 1.0:
         msg = (f"{shown}, {z_txt}, but the effect does not carry over prompts: "
                f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×")
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra)
+        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra, fail_reason="prompts")
     msg = f"{shown}, {z_txt}{ratio_txt}"
     return Judgement(Verdict.PASS, msg, z, p, ratio, significance, **extra)
 

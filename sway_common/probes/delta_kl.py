@@ -49,6 +49,6 @@ class DeltaKLProbe(Probe):
             evidence={
                 "divergence": cfg.divergence, "top_k": top_k, "per_prompt": per_prompt,
                 "prompts": list(cfg.prompts), "max": max(per_prompt), "z_scale": "log",
-                "z_linear": j.z_linear, "effect_ratio_interval": j.ratio_interval,
+                "z_linear": j.z_linear, "effect_ratio_interval": j.ratio_interval, "fail_reason": j.fail_reason,
             },
         )

@@ -240,7 +240,7 @@ def render_markdown(result: SuiteResult) -> str:
                 p.kind,
                 f"**{p.verdict.value}**",
                 format_metric(p.raw),
-                format_z(p.z),
+                format_z(p.z, p.null.n if p.null else None),
                 effect,
                 p.message,
             ]
@@ -288,7 +288,7 @@ def _probe_details(p: ProbeResult) -> str:
         f"verdict: {p.verdict.value}",
         f"kind: {p.kind}",
         f"raw: {format_metric(p.raw)}",
-        f"z: {format_z(p.z)}",
+        f"z: {format_z(p.z, p.null.n if p.null else None)}",
         f"p_value: {format_metric(p.p_value)}",
         f"effect: {format_effect(p.effect_ratio)}"
         + (" null" if p.effect_ratio is not None else ""),

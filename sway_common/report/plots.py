@@ -133,7 +133,7 @@ def plot_ablation(result: SuiteResult, path: PathLike) -> Path:
         ax.set_ylabel(f"mean next-token {kind} from base (nats)")
         ax.set_ylim(bottom=0)
         ax.set_title(f"Adapter dose-response: {probe.name}")
-        z = f", z={probe.z:+.1f}σ" if probe.z is not None else ""
+        z = f", z={format_z(probe.z, null.n if null else None)}" if probe.z is not None else ""
         ax.legend(loc="upper left", title=f"{probe.verdict.value} at λ=1{z}", title_fontsize=10)
         return _save(fig, path)
 
@@ -170,7 +170,7 @@ def plot_z(result: SuiteResult, path: PathLike, *, z_threshold: float = Z_THRESH
             if p.z is not None and math.isfinite(p.z):
                 ax.barh(label_y, p.z, height=0.6, color=COLORS.get(p.verdict, LINE_COLOR))
                 # Right of the bar's end (or of zero for a negative z): clear of the tick labels.
-                ax.text(max(p.z, 0.0), label_y, f" {format_z(p.z)}", va="center", ha="left",
+                ax.text(max(p.z, 0.0), label_y, f" {format_z(p.z, p.null.n if p.null else None)}", va="center", ha="left",
                         fontsize=10, fontweight="bold")
             else:
                 ax.barh(label_y, 0.0, height=0.6, color=NULL_COLOR)

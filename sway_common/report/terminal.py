@@ -46,7 +46,7 @@ def _probe_table(result: SuiteResult) -> Table:
             Text(p.kind, style="dim"),
             verdict_text(p.verdict),
             Text(format_metric(p.raw)),
-            Text(format_z(p.z)),
+            Text(format_z(p.z, p.null.n if p.null else None)),
             Text(format_effect(p.effect_ratio)),
         )
     return table
