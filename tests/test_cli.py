@@ -108,3 +108,29 @@ def test_importing_sway_common_loads_neither_mlx_nor_torch(module: str) -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eval_of_several_adapters_loads_the_base_once(
+    tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_dora_adapter: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import sway_common.app.cli as cli
+
+    builds = []
+    real_build = cli.build_backend
+
+    def counting(*a, **k):
+        builds.append(a)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(cli, "build_backend", counting)
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(tiny_peft_adapter),
+            "--adapter-path", str(tiny_dora_adapter), "--runs", "3", "--backend", "hf", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (0, 1), result.output
+    assert len(builds) == 1
+    assert "base model loaded once" in result.output
+    for adapter in (tiny_peft_adapter, tiny_dora_adapter):
+        report = load_json(tmp_path / f"r-{adapter.name}.json")
+        assert report.meta["adapter"].endswith(adapter.name) or adapter.name in json.dumps(report.meta)
+    assert not out.exists()

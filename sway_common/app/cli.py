@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,35 +63,70 @@ def _build_or_fail(model: Any, backend: str) -> Any:
         fail(first_line(e))
 
 
+EXIT_BY_VERDICT = {Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}
+
+
+def _report_path(path: str, label: str | None) -> str:
+    """``out/r.json`` for one adapter; ``out/r-<label>.json`` for each of several."""
+    if label is None:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{label}{p.suffix}"))
+
+
+def _emit(result: Any, reports: dict[str, str | None], plot_dir: str | None, quiet: bool,
+          label: str | None = None) -> None:
+    writers = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
+    for kind, path in reports.items():
+        if path:
+            writers[kind](result, _report_path(path, label))
+    if plot_dir:
+        write_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
+    if quiet:
+        score = result.score if result.score is None else round(result.score, 3)
+        click.echo(f"{result.verdict.value} score={score} threshold={result.threshold}")
+        return
+    console = Console()
+    if label is not None:
+        console.rule(f"adapter: {label}")
+    render_terminal(result, console)
+    console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
+
+
 def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | None,
-             reports: dict[str, str | None], plot_dir: str | None = None, quiet: bool = False) -> NoReturn:
+             reports: dict[str, str | None], plot_dir: str | None = None, quiet: bool = False,
+             more_adapters: tuple[str, ...] = ()) -> NoReturn:
+    """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
     if plot_dir:
         require_plotting()
     if seed is not None:
         spec.defaults.seed = seed
+    adapters = [spec.model.adapter, *more_adapters]
+    labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
+    started = time.perf_counter()
     backend = _build_or_fail(spec.model, backend_name)
+    loaded = time.perf_counter()
+    codes = []
     try:
-        result = run_suite(spec, backend=backend, threshold=threshold, progress=suite_progress if sys.stderr.isatty() else None)
+        for adapter, label in zip(adapters, labels, strict=False):
+            if adapter != adapters[0]:
+                backend.set_adapter(adapter)
+            result = run_suite(spec, backend=backend, threshold=threshold,
+                               progress=suite_progress if sys.stderr.isatty() else None)
+            _emit(result, reports, plot_dir, quiet, label)
+            if result.meta.get("interrupted"):
+                err_console.print("interrupted: reports hold the probes that finished")
+                sys.exit(EXIT_INTERRUPTED)
+            codes.append(EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR))
     finally:
         close = getattr(backend, "close", None)
         if callable(close):
             close()
-    writers = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
-    for kind, path in reports.items():
-        if path:
-            writers[kind](result, path)
-    if plot_dir:
-        write_plots(result, Path(plot_dir))
-    if not quiet:
-        console = Console()
-        render_terminal(result, console)
-        console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
-    else:
-        click.echo(f"{result.verdict.value} score={result.score if result.score is None else round(result.score, 3)} threshold={result.threshold}")
-    if result.meta.get("interrupted"):
-        err_console.print("interrupted: reports hold the probes that finished")
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit({Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}.get(result.verdict, EXIT_ERROR))
+    if more_adapters:
+        each = (time.perf_counter() - loaded) / len(adapters)
+        err_console.print(f"base model loaded once in {loaded - started:.1f} s; "
+                          f"{len(adapters)} adapters at {each:.1f} s each", highlight=False)
+    sys.exit(max(codes))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -118,12 +154,14 @@ def app() -> None:
 @app.command("eval")
 @click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", help="Quick eval without a spec: base model (local HF dir or hub id).")
-@click.option("--adapter-path", help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file.")
+@click.option("--adapter-path", "adapter_paths", multiple=True,
+              help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file. Repeat it to "
+                   "test several adapters of one base: the base loads once.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Quick eval: prompts file, one per line (default: generic prompts).")
 @click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Quick eval: number of null adapters.")
 @report_options
 @click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
-def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None, prompts_file: str | None,
+def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str, ...], prompts_file: str | None,
              runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
              backend: str, seed: int | None, plot_dir: str | None, threshold: float | None) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
@@ -136,19 +174,25 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_path: str | None,
       sway-mlx eval --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter-path adapters/
     runs null calibration, delta_kl and adapter_ablation on --prompts (one per line).
     Pick prompts about what the adapter was trained on: that is where it should move
-    the model.
+    the model. Repeat --adapter-path to compare adapters of one base in one process;
+    reports then go to FILE-<adapter name>.json (and so on), one per adapter.
     """
     if spec_path is not None:
-        if model or adapter_path or prompts_file:
+        if model or adapter_paths or prompts_file:
             fail("give either SPEC or --model/--adapter-path/--prompts, not both")
         spec = _load_spec_or_fail(spec_path)
     else:
-        if not model or not adapter_path:
+        if not model or not adapter_paths:
             fail("give a SPEC file, or both --model and --adapter-path for a quick eval")
-        if not Path(adapter_path).exists():
-            fail(f"adapter path {adapter_path} does not exist")
-        spec = quick_suite(read_prompts(prompts_file), runs=runs, model=ModelSpec(base=model, adapter=adapter_path))
-    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path}, plot_dir)
+        for path in adapter_paths:
+            if not Path(path).exists():
+                fail(f"adapter path {path} does not exist; give an adapter dir or checkpoint file")
+        if len({Path(p).name for p in adapter_paths}) < len(adapter_paths):
+            fail("several --adapter-path values share a name; their reports would overwrite each other")
+        model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
+        spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
+    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
+    _execute(spec, backend, seed, threshold, reports, plot_dir, more_adapters=adapter_paths[1:])
 
 
 @app.command("gate")
