@@ -6,7 +6,9 @@ SmolLM2 is prepared once into the persistent sway-mlx cache and reused.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The package may not be pip-installed in the dev venv; tests import it from the checkout.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# Each test session gets its own null cache: results never leak between sessions.
+os.environ.setdefault("SWAY_MLX_NULL_CACHE", tempfile.mkdtemp(prefix="sway-null-cache-"))
 
 import fixtures_build  # noqa: E402  (needs the path set above)
 

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +31,7 @@ from sway_common.app.options import (
     err_console,
     fail,
     first_line,
+    null_cache,
     plot_option,
     read_prompts,
     report_options,
@@ -93,27 +95,39 @@ def _emit(result: Any, reports: dict[str, str | None], plot_dir: str | None, qui
     console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
 
 
-def _execute(spec: Any, backend_name: str, seed: int | None, threshold: float | None,
-             reports: dict[str, str | None], plot_dir: str | None = None, quiet: bool = False,
-             more_adapters: tuple[str, ...] = ()) -> NoReturn:
+@dataclass
+class RunOptions:
+    """What `eval` and `gate` were asked for, besides the suite itself."""
+
+    backend: str
+    seed: int | None
+    threshold: float | None
+    reports: dict[str, str | None]
+    plot_dir: str | None
+    no_cache: bool
+    quiet: bool = False
+
+
+def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -> NoReturn:
     """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
-    if plot_dir:
+    if opts.plot_dir:
         require_plotting()
-    if seed is not None:
-        spec.defaults.seed = seed
+    if opts.seed is not None:
+        spec.defaults.seed = opts.seed
     adapters = [spec.model.adapter, *more_adapters]
     labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
     started = time.perf_counter()
-    backend = _build_or_fail(spec.model, backend_name)
+    backend = _build_or_fail(spec.model, opts.backend)
     loaded = time.perf_counter()
     codes = []
     try:
         for adapter, label in zip(adapters, labels, strict=False):
             if adapter != adapters[0]:
                 backend.set_adapter(adapter)
-            result = run_suite(spec, backend=backend, threshold=threshold,
-                               progress=suite_progress if sys.stderr.isatty() else None)
-            _emit(result, reports, plot_dir, quiet, label)
+            result = run_suite(spec, backend=backend, threshold=opts.threshold,
+                               progress=suite_progress if sys.stderr.isatty() else None,
+                               null_cache=null_cache(opts.no_cache))
+            _emit(result, opts.reports, opts.plot_dir, opts.quiet, label)
             if result.meta.get("interrupted"):
                 err_console.print("interrupted: reports hold the probes that finished")
                 sys.exit(EXIT_INTERRUPTED)
@@ -163,7 +177,8 @@ def app() -> None:
 @click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str, ...], prompts_file: str | None,
              runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, plot_dir: str | None, threshold: float | None) -> None:
+             backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
+             threshold: float | None) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
 
     \b
@@ -192,7 +207,7 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str,
         model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
         spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    _execute(spec, backend, seed, threshold, reports, plot_dir, more_adapters=adapter_paths[1:])
+    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache), adapter_paths[1:])
 
 
 @app.command("gate")
@@ -200,10 +215,12 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str,
 @report_options
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def gate_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, plot_dir: str | None, threshold: float | None) -> None:
+             backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
+             threshold: float | None) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
     spec = _load_spec_or_fail(spec_path)
-    _execute(spec, backend, seed, threshold, {"json": json_path, "markdown": markdown_path, "junit": junit_path}, plot_dir, quiet=True)
+    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
+    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache, quiet=True))
 
 
 @app.command("list-probes")

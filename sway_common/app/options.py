@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ import click
 from rich.console import Console
 
 from sway_common.app.platform import BACKEND_KINDS, installed
+from sway_common.models import cache_root
+from sway_common.null_cache import NullCache
 from sway_common.probes.base import DEFAULT_PROMPTS
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -69,6 +72,20 @@ seed_option: Decorator = click.option(
 )
 
 
+no_cache_option: Decorator = click.option(
+    "--no-cache", is_flag=True,
+    help="Recompute the null adapters' measurements instead of reading them from the cache "
+         "(kept under $SWAY_MLX_CACHE/nulls, keyed by model, adapter, prompts and seeds).",
+)
+
+
+def null_cache(no_cache: bool) -> NullCache | None:
+    """The null cache: ``$SWAY_MLX_NULL_CACHE``, else ``nulls/`` in the sway-mlx cache."""
+    if no_cache:
+        return None
+    return NullCache(os.environ.get("SWAY_MLX_NULL_CACHE") or cache_root() / "nulls")
+
+
 def plot_option(what: str, default: str | None = None) -> Decorator:
     shown = f" [default: {default}]" if default else ""
     return click.option(
@@ -87,6 +104,7 @@ def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
         plot_option("z per probe against the null band, the ablation curve"),
         backend_option(),
         seed_option,
+        no_cache_option,
     ]
     for option in reversed(options):
         f = option(f)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from sway_common.divergence import divergence
+from sway_common.null_cache import NullCache
 from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
 from sway_common.stats import format_z, log_values, null_stats, p_value, paired_ratio, z_score
 from sway_common.types import NullStats, ProbeResult, Verdict
@@ -84,6 +85,8 @@ class RunContext:
     null: NullCalibration | None = None
     """None when the backend cannot draw null adapters: probes fall back to fixed thresholds."""
     progress: Callable[[str], None] = field(default=lambda _msg: None)
+    null_cache: NullCache | None = None
+    """Null measurements kept across runs; None computes every null forward."""
 
     def calibrates(self, kind: str) -> bool:
         if self.null is None or not isinstance(self.backend, NullCalibratedBackend):
@@ -91,32 +94,51 @@ class RunContext:
         return not self.null.calibrate_kinds or kind in self.null.calibrate_kinds
 
     def null_stats_for(
-        self, measure: Callable[[DifferentialBackend], float], rank_scale: float = 1.0
+        self, measure: Callable[[DifferentialBackend], float], rank_scale: float = 1.0,
+        key: Sequence[Any] = (),
     ) -> NullStats:
-        """Run ``measure`` under each null seed at one rank scale."""
-        return null_stats(self._under_nulls(measure, rank_scale))
+        """Run ``measure`` under each null seed at one rank scale.
+
+        ``key`` names the measurement (probe kind, prompts, options); with it, results
+        are kept in the null cache across runs.
+        """
+        return null_stats([float(v) for v in self._under_nulls(measure, rank_scale, key)])
 
     def null_per_prompt(
-        self, measure: Callable[[DifferentialBackend], Sequence[float]], rank_scale: float = 1.0
+        self, measure: Callable[[DifferentialBackend], Sequence[float]], rank_scale: float = 1.0,
+        key: Sequence[Any] = (),
     ) -> tuple[NullStats, list[list[float]]]:
         """Run a per-prompt ``measure`` under each null seed: (stats of the means, K x P values)."""
-        rows = [list(map(float, r)) for r in self._under_nulls(measure, rank_scale)]
+        rows = [list(map(float, r)) for r in self._under_nulls(measure, rank_scale, key)]
         return null_stats([sum(r) / len(r) for r in rows]), rows
 
-    def _under_nulls(self, measure: Callable[[DifferentialBackend], Any], rank_scale: float) -> list[Any]:
+    def _under_nulls(
+        self, measure: Callable[[DifferentialBackend], Any], rank_scale: float, key: Sequence[Any]
+    ) -> list[Any]:
         assert self.null is not None
         values = []
         for seed in self.null.seeds:
+            draw = {"seed": seed, "init_scale": self.null.init_scale, "rank_scale": rank_scale,
+                    "mode": self.null.mode}
+            cache_key = self._cache_key(draw, key)
+            cached = self.null_cache.get(cache_key) if cache_key and self.null_cache else None
+            if cached is not None:
+                values.append(cached)
+                continue
             self.progress(f"null seed {seed} (rank×{rank_scale:g})")
             proxy = NullCalibrationBackendProxy(
-                self.backend,
-                seed=seed,
-                init_scale=self.null.init_scale,
-                rank_scale=rank_scale,
+                self.backend, seed=seed, init_scale=self.null.init_scale, rank_scale=rank_scale,
                 mode=self.null.mode,
             )
             values.append(measure(proxy))
+            if cache_key and self.null_cache:
+                self.null_cache.put(cache_key, values[-1])
         return values
+
+    def _cache_key(self, draw: dict[str, Any], key: Sequence[Any]) -> str | None:
+        if self.null_cache is None or not key:
+            return None
+        return self.null_cache.key(dict(getattr(self.backend, "info", {}) or {}), draw, key)
 
 
 class Probe:
@@ -166,6 +188,14 @@ def mean_divergence(
     return sum(per_prompt) / len(per_prompt), per_prompt
 
 
+def divergence_key(kind: str, top_k: int, prompts: Sequence[str]) -> tuple[Any, ...]:
+    """Names a per-prompt next-token divergence measurement for the null cache.
+
+    The same key from two probes means the same numbers, so they share cached nulls.
+    """
+    return ("next_token_divergence", kind, top_k, list(prompts))
+
+
 def judge_divergence(
     cfg: DivergenceConfig, ctx: RunContext, kind: str, raw: float, per_prompt: Sequence[float],
     top_k: int, unit: str,
@@ -178,7 +208,8 @@ def judge_divergence(
     def measure(backend: DifferentialBackend) -> list[float]:
         return mean_divergence(backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)[1]
 
-    null, rows = ctx.null_per_prompt(measure)
+    key = divergence_key(cfg.divergence, top_k, cfg.prompts)
+    null, rows = ctx.null_per_prompt(measure, key=key)
     paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
     j = judge_against_null(
         raw, null, z_min=cfg.assert_z_gte, floor=cfg.min_effect, fixed_threshold=cfg.assert_mean_gte,

@@ -22,6 +22,7 @@ from .base import (
     Probe,
     ProbeConfig,
     RunContext,
+    divergence_key,
     mean_divergence,
     register,
 )
@@ -35,7 +36,9 @@ class NullAdapterConfig(ProbeConfig):
     rank_multipliers: list[float] = field(default_factory=lambda: [1.0])
     mode: Literal["fixed", "norm_matched"] = "norm_matched"
     calibrate_kinds: list[str] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    prompts: list[str] = field(default_factory=list)
+    """Where the null level is measured; empty: the prompts of the suite's first divergence
+    probe (so its null forwards serve both), else the built-in generic prompts."""
 
     def calibration(self) -> NullCalibration:
         return NullCalibration(
@@ -53,7 +56,7 @@ class NullAdapterProbe(Probe):
     Config = NullAdapterConfig
 
     def check(self, cfg: NullAdapterConfig) -> list[str]:
-        problems = super().check(cfg)
+        problems = [p for p in super().check(cfg) if not p.startswith("prompts:")]  # empty is allowed
         if cfg.runs < 2:
             problems.append("runs: needs at least 2 null draws to estimate a spread")
         if cfg.init_scale <= 0:
@@ -69,13 +72,16 @@ class NullAdapterProbe(Probe):
                 message="backend cannot draw null adapters; probes use fixed thresholds",
             )
 
-        def measure(backend: object) -> float:
-            return mean_divergence(backend, cfg.prompts, top_k=ctx.top_k, kind="js")[0]  # type: ignore[arg-type]
+        prompts = cfg.prompts or list(DEFAULT_PROMPTS)
 
-        real, _ = mean_divergence(ctx.backend, cfg.prompts, top_k=ctx.top_k, kind="js")
+        def measure(backend: object) -> list[float]:
+            return mean_divergence(backend, prompts, top_k=ctx.top_k, kind="js")[1]  # type: ignore[arg-type]
+
+        real, _ = mean_divergence(ctx.backend, prompts, top_k=ctx.top_k, kind="js")
         profile = {}
+        key = divergence_key("js", ctx.top_k, prompts)
         for m in ctx.null.rank_multipliers:
-            stats = ctx.null_stats_for(measure, rank_scale=m)
+            stats, _ = ctx.null_per_prompt(measure, rank_scale=m, key=key)
             profile[f"{m:g}"] = {
                 "mean": stats.mean, "std": stats.std, "z_real": z_score(real, stats),
             }

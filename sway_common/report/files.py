@@ -6,21 +6,18 @@ a previous good one stood.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import json
 import math
 import os
 import re
-import secrets
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from sway_common.atomic import atomic_write, atomic_write_text
 from sway_common.stats import format_z
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
@@ -97,58 +94,6 @@ def composite_line(result: SuiteResult) -> str:
 
 
 # --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: PathLike, write: Callable[[IO[str]], None]) -> None:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
-
-    On any exception the temp file is removed and a previous ``path`` is left untouched.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the mode of the file being replaced; a new file gets 0o666 minus the umask,
-    # which the kernel applies to os.open (mkstemp would force 0o600).
-    try:
-        mode = target.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = None
-    while True:
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text))
 
 
 # --------------------------------------------------------------------------- JSON

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
@@ -20,7 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from sway_common import __version__
+from sway_common.null_cache import NullCache
 from sway_common.probes import REGISTRY, RunContext
+from sway_common.probes.base import DivergenceConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
 from sway_common.suite.spec import ForeignProbeConfig, SuiteSpec
@@ -75,6 +78,9 @@ def _ordered(spec: SuiteSpec, calibrated: bool) -> list[Any]:
     rest = [c for c in spec.probes if not isinstance(c, NullAdapterConfig)]
     if not nulls and calibrated:
         nulls = [NullAdapterConfig(name="null_baseline", kind="null_adapter")]
+    shared = next((c.prompts for c in rest if isinstance(c, DivergenceConfig) and c.enabled), None)
+    if shared:  # measured where delta_kl measures: one set of null forwards serves both
+        nulls = [c if c.prompts else replace(c, prompts=list(shared)) for c in nulls]
     return nulls[:1] + rest + nulls[1:]
 
 
@@ -140,6 +146,7 @@ def run_suite(
     threshold: float | None = None,
     progress: Callable[[int], AbstractContextManager[SuiteProgress]] | None = None,
     on_result: Callable[[ProbeResult], None] | None = None,
+    null_cache: NullCache | None = None,
 ) -> SuiteResult:
     started = time.time()
     threshold = spec.defaults.coverage_threshold if threshold is None else threshold
@@ -174,7 +181,8 @@ def run_suite(
 
     shown_cm = progress(len(configs)) if progress is not None else nullcontext(None)
     with shown_cm as shown:
-        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k, null=null)
+        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k, null=null,
+                         null_cache=null_cache)
         if shown is not None:
             ctx.progress = shown.note
         for i, cfg in enumerate(configs):
