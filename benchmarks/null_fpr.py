@@ -43,7 +43,7 @@ from sway_common.app.platform import build_backend, pick_backend
 from sway_common.divergence import divergence
 from sway_common.models import cache_root, prepare_smollm2
 from sway_common.probes.adapter_ablation import AdapterAblationConfig, judge_shape
-from sway_common.probes.base import judge_against_null, mean_divergence
+from sway_common.probes.base import DEFAULT_PROMPTS, judge_against_null, mean_divergence
 from sway_common.probes.null_proxy import NullCalibrationBackendProxy
 from sway_common.stats import null_stats, p_value, paired_ratio, z_score
 from sway_common.suite.spec import ModelSpec
@@ -60,12 +60,15 @@ TRAINED = (DemoAdapter("healthy", 16), DemoAdapter("mild", 4), DemoAdapter("one 
 
 
 def prompt_pool() -> list[str]:
-    """The demo prompts first (what the adapters were trained toward), then document openings."""
+    """The demo prompts first (what the adapters were trained toward), document openings, generic ones."""
     pool = demo_prompts()
     for sentence in re.split(r"(?<=[.!?])\s+", demo_document()):
         words = re.sub(r"[#*_]", "", sentence).split()
         if len(words) >= 8:
             pool.append(" ".join(words[:6]))
+        if len(words) >= 14:  # a longer opening of the same sentence is another prompt
+            pool.append(" ".join(words[:11]))
+    pool += list(DEFAULT_PROMPTS)
     if len(pool) < max(PS):
         raise SystemExit(f"only {len(pool)} prompts in the pool; need {max(PS)}")
     return pool[: max(PS)]
