@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,16 +23,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
-from sway_common.backend.base import DifferentialBackendBase, ViewSpec, describe
+from sway_common.backend.base import DifferentialBackendBase, Restore, describe
+from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
+from sway_common.backend.nulls import NullFactors
 from sway_common.models import parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_hf import lora
-
-# The most float32 logits one step of ``_token_logprobs`` may hold (2**25 floats = 128 MiB).
-LOGIT_BUDGET = 1 << 25
-# Rolling windows cost O(T²) attention; cap what "the model's context" means unless the
-# caller asks for more (some configs advertise 128k positions).
-DEFAULT_MAX_CONTEXT = 2048
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -97,11 +93,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(
-                f"{self.model_dir} has no fast tokenizer (tokenizer.json); character offsets "
-                "are needed to split prompt and completion tokens"
-            )
+        require_fast_tokenizer(self.tokenizer, self.model_dir)
         if device_map is not None and device != "auto":
             raise ValueError("device_map spreads the model itself; use it with device='auto'")
         spread = device_map is not None
@@ -116,8 +108,9 @@ class HFDifferentialBackend(DifferentialBackendBase):
         base.eval()
         self._causal_lm = base
         config = base.config.get_text_config()
-        ctx = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_CONTEXT
-        self.max_context = int(max_context or min(int(ctx), DEFAULT_MAX_CONTEXT))
+        self.max_context = context_limit(
+            getattr(config, "max_position_embeddings", None), max_context
+        )
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
         self._split_head = self._check_split_head()
@@ -170,27 +163,44 @@ class HFDifferentialBackend(DifferentialBackendBase):
                         self.model.delete_adapter(name)
                     raise
         self._loads += 1
-        slots = lora.find_slots(self.model, name)
-        if not slots:
-            if self.adapter:
-                self.model.delete_adapter(name)
-            raise ValueError(f"{adapter_path} holds no LoRA layer this model could load")
-        if self.adapter:
-            # Only now is the old adapter dropped: a failed load leaves it in place.
+        previous = self.slots
+        try:
             self.model.set_adapter(name)
-            self.model.delete_adapter(self.adapter)
+            slots = lora.attach(self.model, weights)
+        except Exception:
+            # The old adapter stays active and the new one goes: a failed load changes nothing.
+            if self.adapter:
+                self.model.set_adapter(self.adapter)
+                self.model.delete_adapter(name)
+            raise
+        # Only now is the old adapter dropped.
+        lora.detach(self.model, previous)
         self.model.eval()
         self.adapter = name
         self.slots = slots
+        self.adapter_weights = weights
         self.adapter_hash = weights.content_hash
         self.adapter_path = adapter_path
         cfg = self.model.peft_config[name]
-        self.info = describe(self, "hf", self._model_name, str(self._input_device()), self.slots, alpha=cfg.lora_alpha)
+        self.info = describe(
+            self,
+            "hf",
+            self._model_name,
+            str(self._input_device()),
+            self.slots,
+            alpha=cfg.lora_alpha,
+        )
 
     # --------------------------------------------------------------- views
-    def _activate(self, view: ViewSpec) -> Callable[[], None]:
-        assert self.model is not None, "the backend was closed"
-        return lora.activate(self.model, self.slots, self.adapter, view)
+    # Which of these runs for which view is decided in DifferentialBackendBase._activate.
+    def _install_base(self) -> Restore:
+        return lora.install_base(self.slots)
+
+    def _install_scaled(self, lam: float) -> Restore:
+        return lora.install_scaled(self.slots, lam)
+
+    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+        return lora.install_null(self.slots, factors)
 
     # ------------------------------------------------------------- scoring
     def _input_device(self) -> torch.device:
@@ -220,7 +230,12 @@ class HFDifferentialBackend(DifferentialBackendBase):
         causal-LM forward does more than ``lm_head`` after the body, already the logits.
         """
         ids, mask, positions = self._padded(batch, left=left)
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+        kw = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": False,
+        }
         if self._split_head:
             return self._causal_lm.get_decoder()(**kw).last_hidden_state, ids, mask
         return self._causal_lm(**kw).logits, ids, mask
@@ -269,7 +284,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         targets = ids[:, 1:][keep].to(states.device)
         # Chunk positions so the float32 (positions × vocab) logits of a long text never
         # exist at once.
-        step = max(1, LOGIT_BUDGET // self.vocab_size)
+        step = positions_per_step(1, self.vocab_size)
         pieces = []
         for start in range(0, states.shape[0], step):
             logits = self._logits(states[start : start + step])
@@ -295,11 +310,21 @@ class HFDifferentialBackend(DifferentialBackendBase):
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        sampling: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        sampling: dict[str, Any] = {
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+        }
         if temperature > 0:
             # Plain temperature sampling: the model's own top-k/top-p defaults would make
             # the same seed mean different things on different models.
-            sampling = {"do_sample": True, "temperature": float(temperature), "top_p": 1.0, "top_k": 0}
+            sampling = {
+                "do_sample": True,
+                "temperature": float(temperature),
+                "top_p": 1.0,
+                "top_k": 0,
+            }
         # A forked RNG: the draw depends on ``seed`` only and leaves the caller's state alone.
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):

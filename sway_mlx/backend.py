@@ -21,16 +21,12 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
-from sway_common.backend.base import DifferentialBackendBase, ViewSpec, describe
+from sway_common.backend.base import DifferentialBackendBase, Restore, describe
+from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
+from sway_common.backend.nulls import NullFactors
 from sway_common.models import normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_mlx import lora
-
-# The most float32 logits one step of ``_token_logprobs`` may hold (2**25 floats = 128 MiB).
-LOGIT_BUDGET = 1 << 25
-# Long windows cost O(T²) attention memory on MLX's CPU path; cap what "the model's
-# context" means unless the caller asks for more.
-DEFAULT_MAX_CONTEXT = 2048
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -65,19 +61,13 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         mx.eval(self.model.parameters())
         # The wrapper has no __call__; the HF fast tokenizer inside it gives offsets.
         self.tokenizer = self._wrapper._tokenizer
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError(
-                f"{self.model_dir} has no fast tokenizer (tokenizer.json); character offsets "
-                "are needed to split prompt and completion tokens"
-            )
+        require_fast_tokenizer(self.tokenizer, self.model_dir)
         self.batch_size = max(1, int(batch_size))
         text_config = config.get("text_config") or {}
-        ctx = (
-            config.get("max_position_embeddings")
-            or text_config.get("max_position_embeddings")
-            or DEFAULT_MAX_CONTEXT
+        advertised = config.get("max_position_embeddings") or text_config.get(
+            "max_position_embeddings"
         )
-        self.max_context = int(max_context or min(int(ctx), DEFAULT_MAX_CONTEXT))
+        self.max_context = context_limit(advertised, max_context)
         self._inner, self._head = self._split_forward()
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
         self._model_name = str(model)
@@ -144,44 +134,34 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         if self.active_view is not None:
             raise ViewConflictError("close the open view before changing the adapter")
         weights = read_adapter(adapter_path)
-        lora.detach(self.slots)
+        # mlx-lm wraps a Linear once: the old layers come out before the new go in.
+        lora.detach(self.model, self.slots)
         try:
-            slots = lora.attach(self.model, weights.modules)
+            slots = lora.attach(self.model, weights)
         except Exception:
             # Leave the backend as it was: the previous adapter, fully installed.
-            lora.install_real(self.slots)
+            if self.slots:
+                self.slots = lora.attach(self.model, self.adapter_weights)
             raise
         self.slots = slots
         # New layers start in training mode; eval keeps any dropout off.
         self.model.eval()
         mx.eval([(s.a, s.b, s.scale) for s in self.slots])
+        self.adapter_weights = weights
         self.adapter_hash = weights.content_hash
         self.adapter_path = Path(adapter_path)
         self.info = describe(self, "mlx", self._model_name, str(mx.default_device()), self.slots)
 
     # --------------------------------------------------------------- views
-    def _activate(self, view: ViewSpec) -> Callable[[], None]:
-        slots = self.slots
-        try:
-            # λ = 0 swaps modules like the base view: exact, and no LoRA matmuls.
-            if view.kind == "base" or (view.kind == "scaled" and view.lam == 0.0):
-                lora.install_base(slots)
-            elif view.kind == "scaled":
-                lora.install_scaled(slots, view.lam)
-            elif view.kind == "null":
-                lora.install_null(
-                    slots,
-                    view.seed,
-                    init_scale=view.init_scale,
-                    rank_scale=view.rank_scale,
-                    mode=view.mode,
-                )
-            else:
-                lora.install_real(slots)
-        except BaseException:
-            lora.install_real(slots)
-            raise
-        return lambda: lora.install_real(slots)
+    # Which of these runs for which view is decided in DifferentialBackendBase._activate.
+    def _install_base(self) -> Restore:
+        return lora.install_base(self.slots)
+
+    def _install_scaled(self, lam: float) -> Restore:
+        return lora.install_scaled(self.slots, lam)
+
+    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+        return lora.install_null(self.slots, factors)
 
     # ------------------------------------------------------------- scoring
     def _padded(self, batch: list[list[int]]) -> tuple[mx.array, np.ndarray]:
@@ -213,7 +193,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         n_pos = targets.shape[1]
         # Chunk positions so the float32 (rows × positions × vocab) logits never exist
         # at once for long texts.
-        step = max(1, LOGIT_BUDGET // max(1, len(batch) * self.vocab_size))
+        step = positions_per_step(len(batch), self.vocab_size)
         pieces = []
         for start in range(0, n_pos, step):
             end = min(n_pos, start + step)
@@ -247,7 +227,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
 
     def _release(self) -> None:
         if getattr(self, "slots", None):
-            lora.detach(self.slots)
+            lora.detach(self.model, self.slots)
         self.slots = []
         self.model = None
         gc.collect()

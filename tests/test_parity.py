@@ -34,12 +34,12 @@ TEXTS = [
 ]
 
 
-def rolling_gap(mlx_b, hf_b, opener: str, *args) -> float:
+def rolling_gap(mlx_b, hf_b, opener: str, *args, **kw) -> float:
     worst = 0.0
     for text in TEXTS:
-        with getattr(mlx_b, opener)(*args) as m:
+        with getattr(mlx_b, opener)(*args, **kw) as m:
             a = m.rolling_logprob(text)
-        with getattr(hf_b, opener)(*args) as h:
+        with getattr(hf_b, opener)(*args, **kw) as h:
             b = h.rolling_logprob(text)
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         worst = max(worst, float(np.abs(a.logprobs - b.logprobs).max()))
@@ -54,6 +54,17 @@ def prefixes(backend, n_max: int = 40) -> list[str]:
         ends = sorted({end for _, end in offsets if end > 0})
         out += [text[:e] for e in ends[:n_max]]
     return out
+
+
+def next_token_rows(backend, opener: str, *args, **kw) -> np.ndarray:
+    """Full-vocabulary next-token log-probs at every token-boundary prefix of the texts."""
+    prompts = prefixes(backend, 12)
+    with getattr(backend, opener)(*args, **kw) as view:
+        dists = view.next_token_dist_batch(prompts, top_k=backend.vocab_size)
+    rows = np.empty((len(dists), backend.vocab_size), np.float32)
+    for i, d in enumerate(dists):
+        rows[i, d.token_ids] = d.logprobs
+    return rows
 
 
 def top1_mismatches(mlx_b, hf_b, opener: str, n_max: int = 40) -> list[str]:
@@ -110,6 +121,22 @@ def test_same_top1_everywhere(pair, opener: str) -> None:
     assert top1_mismatches(*pair, opener) == []
 
 
+@pytest.mark.parametrize(
+    "null", [{"mode": "fixed", "init_scale": 0.2}, {"mode": "norm_matched"}], ids=["fixed", "norm"]
+)
+def test_null_view_parity(pair, null: dict) -> None:
+    """The same seed is the same null on both backends: one recipe, drawn in numpy."""
+    mlx_b, hf_b = pair
+    mlx_rows = next_token_rows(mlx_b, "as_null_adapter", 5, **null)
+    gap = float(np.abs(mlx_rows - next_token_rows(hf_b, "as_null_adapter", 5, **null)).max())
+    assert gap <= TOL
+    assert rolling_gap(mlx_b, hf_b, "as_null_adapter", 5, **null) <= TOL
+    # Parity at 1e-3 only means something if the null moves the model far more than
+    # that, and if another seed would not pass it too.
+    assert np.abs(mlx_rows - next_token_rows(mlx_b, "as_base")).max() > 50 * TOL
+    assert np.abs(mlx_rows - next_token_rows(hf_b, "as_null_adapter", 6, **null)).max() > 50 * TOL
+
+
 def test_ft_really_differs_from_base(pair) -> None:
     mlx_b, _ = pair
     with mlx_b.as_base() as v:
@@ -131,8 +158,14 @@ def test_same_verdicts_on_the_same_suite(pair) -> None:
 def test_dora_parity(tiny_model_dir: Path, tiny_dora_adapter: Path) -> None:
     mlx_b, hf_b = _pair(tiny_model_dir, tiny_dora_adapter)
     try:
-        for opener, args in (("as_base", ()), ("as_finetuned", ()), ("as_scaled_adapter", (0.5,))):
+        for opener, args in (
+            ("as_base", ()),
+            ("as_finetuned", ()),
+            ("as_scaled_adapter", (0.5,)),
+            ("as_null_adapter", (5,)),
+        ):
             assert rolling_gap(mlx_b, hf_b, opener, *args) <= TOL, opener
+        assert rolling_gap(mlx_b, hf_b, "as_null_adapter", 5, mode="norm_matched") <= TOL
     finally:
         mlx_b.close()
         hf_b.close()

@@ -3,15 +3,18 @@
 A concrete backend (MLX, HF, dummy) subclasses :class:`DifferentialBackendBase` and
 supplies only the model-specific hooks:
 
-- ``_activate(view)``: put the model into a view, return a function that undoes it;
+- ``_install_base()``, ``_install_scaled(lam)``, ``_install_null(factors)``: put the
+  model into that view and return the function that brings back the fine-tuned state
+  (the real backends forward each to the same-named function of their ``lora.py``);
 - ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
 - ``_token_logprobs(batch)``: log p of every token given the ones before it;
 - ``_generate(prompt, ...)``: text generation in the current view;
 - ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``.
 
-Everything a probe calls (the protocol methods) lives here once, so the two real
-backends cannot drift apart on tokenisation boundaries, tail mass, cache keys or
-window plans.
+Everything a probe calls (the protocol methods) lives here once, and so does the view
+dispatch (:meth:`DifferentialBackendBase._activate`: which hook runs for which view, and
+the null draw), so the backends cannot drift apart on tokenisation boundaries, tail
+mass, cache keys, window plans or what a view means.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from sway_common.adapters.weights import AdapterWeights
+from sway_common.backend.nulls import NullFactors, check_null_args, null_factors
 from sway_common.backend.scoring import (
     ResultCache,
     completion_start,
@@ -33,11 +38,14 @@ from sway_common.backend.scoring import (
     text_hash,
     token_dist_from_logprobs,
 )
-from sway_common.protocols import NULL_MODES, NullMode, ViewConflictError
+from sway_common.protocols import NullMode, ViewConflictError
 from sway_common.types import RollingLogprob, TokenDist
 
 Encoding = tuple[list[int], list[tuple[int, int]]]
 """Token ids and each token's (start, end) character span."""
+
+Restore = Callable[[], None]
+"""Undoes a view: brings the model back to its resting, fine-tuned state."""
 
 PREFLIGHT_PROMPT = "The quick brown fox jumps over the lazy dog. The answer is"
 
@@ -69,6 +77,16 @@ class ViewSpec:
             adapter_hash,
         )
 
+    @property
+    def runs_base(self) -> bool:
+        """The base view, or λ = 0: both run the plain base model.
+
+        λ = 0 goes through the base switch rather than a zero scale: for DoRA a zero
+        scale is not the base model (the magnitude still rescales every row), and the
+        switch is exact and skips the LoRA matmuls.
+        """
+        return self.kind == "base" or (self.kind == "scaled" and self.lam == 0.0)
+
     def label(self) -> str:
         if self.kind == "scaled":
             return f"scaled(λ={self.lam:g})"
@@ -77,17 +95,14 @@ class ViewSpec:
         return self.kind
 
 
-def check_null_args(init_scale: float, rank_scale: float, mode: str) -> None:
-    if not rank_scale > 0:
-        raise ValueError(f"rank_scale must be > 0, got {rank_scale}")
-    if not init_scale > 0:
-        raise ValueError(f"init_scale must be > 0, got {init_scale}")
-    if mode not in NULL_MODES:
-        raise ValueError(f"null mode must be one of {NULL_MODES}, got {mode!r}")
-
-
-def describe(backend: DifferentialBackendBase, name: str, model: str, device: str,
-             slots: Sequence[Any], **extra: Any) -> dict[str, Any]:
+def describe(
+    backend: DifferentialBackendBase,
+    name: str,
+    model: str,
+    device: str,
+    slots: Sequence[Any],
+    **extra: Any,
+) -> dict[str, Any]:
     """The ``info`` a backend reports: what is loaded and how the adapter is shaped.
 
     ``slots`` are the backend's adapted modules (anything with ``rank``, ``path``, ``dora``).
@@ -119,6 +134,8 @@ class DifferentialBackendBase(ABC):
     max_context: int = 2048
     batch_size: int = 8
     adapter_hash: str = ""
+    adapter_weights: AdapterWeights
+    """The loaded adapter in canonical form: what a null copies the structure of."""
     info: dict[str, Any]
 
     def __init__(self) -> None:
@@ -128,20 +145,25 @@ class DifferentialBackendBase(ABC):
 
     # ----------------------------------------------------------------- hooks
     @abstractmethod
-    def _activate(self, view: ViewSpec) -> Callable[[], None]:
-        ...
+    def _install_base(self) -> Restore:
+        """The plain base model."""
 
     @abstractmethod
-    def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
-        ...
+    def _install_scaled(self, lam: float) -> Restore:
+        """Every module's change scaled by ``lam`` (never called with 0: that is base)."""
 
     @abstractmethod
-    def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
-        ...
+    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+        """Random factors (by module path, PEFT orientation) in place of the trained ones."""
 
     @abstractmethod
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        ...
+    def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]: ...
+
+    @abstractmethod
+    def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]: ...
+
+    @abstractmethod
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str: ...
 
     def _release(self) -> None:  # noqa: B027  (optional hook, empty on purpose)
         """Drop model references. Default: nothing to do."""
@@ -155,6 +177,28 @@ class DifferentialBackendBase(ABC):
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     # ----------------------------------------------------------------- views
+    def _activate(self, view: ViewSpec) -> Restore:
+        """Put the model into ``view``: the one place that maps a view to a hook.
+
+        The fine-tuned state is the resting one, so ``ft`` has nothing to do. Null
+        factors are drawn before any hook runs, so a failing draw leaves the model as
+        it was.
+        """
+        if view.runs_base:
+            return self._install_base()
+        if view.kind == "scaled":
+            return self._install_scaled(view.lam)
+        if view.kind == "null":
+            factors = null_factors(
+                self.adapter_weights.modules,
+                view.seed,
+                init_scale=view.init_scale,
+                rank_scale=view.rank_scale,
+                mode=view.mode,
+            )
+            return self._install_null(factors)
+        return lambda: None
+
     @contextlib.contextmanager
     def _open(self, view: ViewSpec) -> Iterator[BackendView]:
         if self._active is not None:
@@ -195,7 +239,10 @@ class DifferentialBackendBase(ABC):
     ) -> contextlib.AbstractContextManager[BackendView]:
         check_null_args(init_scale, rank_scale, mode)
         view = ViewSpec(
-            "null", seed=int(seed), init_scale=float(init_scale), rank_scale=float(rank_scale),
+            "null",
+            seed=int(seed),
+            init_scale=float(init_scale),
+            rank_scale=float(rank_scale),
             mode=mode,
         )
         return self._open(view)
@@ -217,7 +264,10 @@ class DifferentialBackendBase(ABC):
                 if not np.all(np.isfinite(row)):
                     return False, f"{view.spec.label()} view gives non-finite logits"
                 if float(row.max() - row.min()) < 1e-6:
-                    return False, f"{view.spec.label()} view gives a uniform distribution (broken LM head?)"
+                    return (
+                        False,
+                        f"{view.spec.label()} view gives a uniform distribution (broken LM head?)",
+                    )
         return True, "base and fine-tuned views give finite logits"
 
     # --------------------------------------------------------------- scoring
@@ -315,16 +365,22 @@ class DifferentialBackendBase(ABC):
         vkey = view.key(self.adapter_hash)
         out = [self._cache.get((vkey, "rolling", text_hash(t), 0)) for t in texts]
         ids = {i: self._encode(texts[i])[0] for i, hit in enumerate(out) if hit is None}
-        jobs = [(i, w) for i, row in ids.items() for w in rolling_windows(len(row), self.max_context)]
+        jobs = [
+            (i, w) for i, row in ids.items() for w in rolling_windows(len(row), self.max_context)
+        ]
         pieces: dict[int, list[tuple[int, NDArray[np.float32]]]] = {i: [] for i in ids}
         for bucket in length_buckets([w.end - w.start for _, w in jobs], self.batch_size):
-            rows = self._token_logprobs([ids[jobs[j][0]][jobs[j][1].start : jobs[j][1].end] for j in bucket])
+            rows = self._token_logprobs(
+                [ids[jobs[j][0]][jobs[j][1].start : jobs[j][1].end] for j in bucket]
+            )
             for j, row in zip(bucket, rows, strict=True):
                 i, w = jobs[j]
                 pieces[i].append((w.start, row[w.score_from - w.start - 1 : w.end - w.start - 1]))
         for i, row_ids in ids.items():
             parts = [piece for _, piece in sorted(pieces[i], key=lambda t: t[0])]
-            logprobs = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+            logprobs = (
+                np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+            )
             out[i] = RollingLogprob(np.asarray(row_ids, dtype=np.int64), logprobs)
             self._cache.put((vkey, "rolling", text_hash(texts[i]), 0), out[i])
         return out  # type: ignore[return-value]

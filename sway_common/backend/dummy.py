@@ -15,16 +15,20 @@ a NaN in B; ``random_adapter_seed`` makes the "trained" adapter itself a random 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common.backend.base import DifferentialBackendBase, Encoding, ViewSpec
+from sway_common.adapters.weights import AdapterWeights, LoraModule
+from sway_common.backend.base import DifferentialBackendBase, Encoding, Restore
+from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import text_hash
 
 _FIRST_CHAR = 32  # printable ASCII: ids 0..94 are ' '..'~'
 _UNKNOWN = ord("?") - _FIRST_CHAR
+# The module path of the dummy's one adapted layer, as the null recipe keys it.
+HEAD_PATH = "lm_head"
+
+Factors = tuple[NDArray[np.float32], NDArray[np.float32]]
 
 
 class DummyDifferentialBackend(DifferentialBackendBase):
@@ -47,6 +51,10 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         rng = np.random.default_rng(seed)
         self._embed = rng.normal(0.0, 1.0, (self.vocab_size, hidden)).astype(np.float32)
         self._head = rng.normal(0.0, 0.5, (hidden, self.vocab_size)).astype(np.float32)
+        # A shared offset makes hidden states anisotropic, as a real LM's are: they share a
+        # direction a trained adapter can use and a random one mostly misses, so the
+        # trained adapter beats norm-matched nulls for any null seeds, not by luck.
+        self._embed += np.full(hidden, 1.0 / np.sqrt(hidden), np.float32)
         self._rank = rank
         self._scale = 2.0
         # A direction a training run might learn: along the typical hidden state,
@@ -63,9 +71,15 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         if nan_adapter:
             b[0, 0] = np.nan
         self._real = (a, b)
-        self._factors: tuple[NDArray[np.float32], NDArray[np.float32]] | None = self._real
+        self._factors: Factors | None = self._real
+        # The canonical form the shared null recipe reads: one module, the LM head.
+        self.adapter_weights = AdapterWeights(
+            fmt="peft", dora=False, modules={HEAD_PATH: LoraModule(a=a, b=b, scale=self._scale)}
+        )
         self._lam = 1.0
-        self.adapter_hash = text_hash(repr((adapter_strength, rank, hidden, nan_adapter, random_adapter_seed, seed)))
+        self.adapter_hash = text_hash(
+            repr((adapter_strength, rank, hidden, nan_adapter, random_adapter_seed, seed))
+        )
         self.info = {"backend": "dummy", "model": "dummy-char-lm", "adapter": "dummy", "rank": rank}
 
     # -------------------------------------------------------------- model
@@ -119,34 +133,23 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         return "".join(chr(i + _FIRST_CHAR) for i in new)
 
     # -------------------------------------------------------------- views
-    def _activate(self, view: ViewSpec) -> Callable[[], None]:
+    def _swap(self, factors: Factors | None, lam: float) -> Restore:
         saved = (self._factors, self._lam)
-        if view.kind == "base":
-            self._factors = None
-        elif view.kind == "ft":
-            self._factors, self._lam = self._real, 1.0
-        elif view.kind == "scaled":
-            self._factors, self._lam = self._real, view.lam
-        else:
-            self._factors, self._lam = self._null_factors(view), 1.0
+        self._factors, self._lam = factors, lam
 
         def restore() -> None:
             self._factors, self._lam = saved
 
         return restore
 
-    def _null_factors(self, view: ViewSpec) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-        a_real, b_real = self._real
-        rng = np.random.default_rng([view.seed, 0x5A7])
-        a = rng.normal(0.0, view.init_scale, a_real.shape).astype(np.float32)
-        # Only B carries sqrt(rank_scale), so Var(ΔW) grows linearly with rank_scale.
-        b_std = view.init_scale * np.sqrt(view.rank_scale)
-        b = rng.normal(0.0, b_std, b_real.shape).astype(np.float32)
-        if view.mode == "norm_matched":
-            real = np.linalg.norm(b_real @ a_real)
-            null = np.linalg.norm(b @ a)
-            b = (b * (real / null if null > 0 else 0.0)).astype(np.float32)
-        return a, b
+    def _install_base(self) -> Restore:
+        return self._swap(None, 1.0)
+
+    def _install_scaled(self, lam: float) -> Restore:
+        return self._swap(self._real, lam)
+
+    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+        return self._swap(factors[HEAD_PATH], 1.0)
 
     def delta_weight(self) -> NDArray[np.float32]:
         """ΔW of whatever adapter the open view runs with (zeros in the base view)."""
