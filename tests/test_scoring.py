@@ -81,7 +81,12 @@ def test_text_hash_is_stable_and_separates_parts() -> None:
 
 def test_dummy_satisfies_every_protocol() -> None:
     b = DummyDifferentialBackend()
-    for proto in (DifferentialBackend, ScalableDifferentialBackend, NullCalibratedBackend, PreflightCheckable):
+    for proto in (
+        DifferentialBackend,
+        ScalableDifferentialBackend,
+        NullCalibratedBackend,
+        PreflightCheckable,
+    ):
         assert isinstance(b, proto)
     with b.as_base() as view:
         assert isinstance(view, ScoringModel)
@@ -102,6 +107,22 @@ def test_lambda_zero_is_base_and_one_is_finetuned_exactly() -> None:
     for x, y in zip(ft, one, strict=True):
         assert np.array_equal(x.logprobs, y.logprobs)
     assert not np.array_equal(base[0].logprobs, ft[0].logprobs)
+
+
+def test_lambda_zero_and_one_reuse_the_base_and_ft_results() -> None:
+    b = DummyDifferentialBackend()
+    with b.as_base() as v:
+        v.next_token_dist_batch(PROMPTS, top_k=20)
+    with b.as_finetuned() as v:
+        v.next_token_dist_batch(PROMPTS, top_k=20)
+    misses = b._cache.misses
+    for lam in (0.0, 1.0):
+        with b.as_scaled_adapter(lam) as v:
+            v.next_token_dist_batch(PROMPTS, top_k=20)
+    assert b._cache.misses == misses, "λ = 0 is the base view and λ = 1 the ft view"
+    with b.as_scaled_adapter(0.5) as v:
+        v.next_token_dist_batch(PROMPTS, top_k=20)
+    assert b._cache.misses > misses
 
 
 def test_views_are_exclusive_and_expire() -> None:

@@ -44,6 +44,7 @@ from sway_common.types import RollingLogprob, TokenDist
 Encoding = tuple[list[int], list[tuple[int, int]]]
 """Token ids and each token's (start, end) character span."""
 
+ViewKind = Literal["base", "ft", "scaled", "null"]
 Restore = Callable[[], None]
 """Undoes a view: brings the model back to its resting, fine-tuned state."""
 
@@ -54,19 +55,35 @@ PREFLIGHT_PROMPT = "The quick brown fox jumps over the lazy dog. The answer is"
 class ViewSpec:
     """Which weights a view runs with. ``key()`` identifies its results in the cache."""
 
-    kind: Literal["base", "ft", "scaled", "null"]
+    kind: ViewKind
     lam: float = 1.0
     seed: int = 0
     init_scale: float = 0.02
     rank_scale: float = 1.0
     mode: NullMode = "fixed"
 
+    @property
+    def runs(self) -> ViewKind:
+        """The view that really runs: λ = 0 is the base model and λ = 1 the fine-tune.
+
+        λ = 0 goes through the base switch rather than a zero scale: for DoRA a zero
+        scale is not the base model (the magnitude still rescales every row), and the
+        switch is exact and skips the LoRA matmuls. λ = 1 is the resting state itself,
+        so it is exact too. Both then share the cache entries of the view they are.
+        """
+        if self.kind == "scaled" and self.lam == 0.0:
+            return "base"
+        if self.kind == "scaled" and self.lam == 1.0:
+            return "ft"
+        return self.kind
+
     def key(self, adapter_hash: str) -> tuple[Any, ...]:
-        if self.kind == "base":
+        runs = self.runs
+        if runs == "base":
             return ("base",)
-        if self.kind == "ft":
+        if runs == "ft":
             return ("ft", adapter_hash)
-        if self.kind == "scaled":
+        if runs == "scaled":
             return ("scaled", float(self.lam), adapter_hash)
         return (
             "null",
@@ -76,16 +93,6 @@ class ViewSpec:
             self.mode,
             adapter_hash,
         )
-
-    @property
-    def runs_base(self) -> bool:
-        """The base view, or λ = 0: both run the plain base model.
-
-        λ = 0 goes through the base switch rather than a zero scale: for DoRA a zero
-        scale is not the base model (the magnitude still rescales every row), and the
-        switch is exact and skips the LoRA matmuls.
-        """
-        return self.kind == "base" or (self.kind == "scaled" and self.lam == 0.0)
 
     def label(self) -> str:
         if self.kind == "scaled":
@@ -150,7 +157,7 @@ class DifferentialBackendBase(ABC):
 
     @abstractmethod
     def _install_scaled(self, lam: float) -> Restore:
-        """Every module's change scaled by ``lam`` (never called with 0: that is base)."""
+        """Every module's change scaled by ``lam`` (never 0 or 1: those are base and ft)."""
 
     @abstractmethod
     def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
@@ -184,11 +191,12 @@ class DifferentialBackendBase(ABC):
         factors are drawn before any hook runs, so a failing draw leaves the model as
         it was.
         """
-        if view.runs_base:
+        runs = view.runs
+        if runs == "base":
             return self._install_base()
-        if view.kind == "scaled":
+        if runs == "scaled":
             return self._install_scaled(view.lam)
-        if view.kind == "null":
+        if runs == "null":
             factors = null_factors(
                 self.adapter_weights.modules,
                 view.seed,
