@@ -26,15 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from numpy.typing import NDArray
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from sway_common.adapters.weights import AdapterWeights
-
-Restore = Callable[[], None]
-Factors = tuple[NDArray[np.float32], NDArray[np.float32]]
-"""``(a, b)`` in PEFT orientation: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``."""
+from sway_common.backend.base import Restore
+from sway_common.backend.nulls import NullFactors
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
 # adapter files and the MLX backend use ("model.layers.0.self_attn.q_proj").
@@ -222,7 +219,7 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
     return _guarded(restore, change)
 
 
-def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, Factors]) -> Restore:
+def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) -> Restore:
     """Random factors (by module path, PEFT orientation) in place of the trained ones.
 
     The trained scaling is kept. A DoRA null keeps the base row norms as magnitude, as

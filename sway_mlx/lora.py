@@ -21,16 +21,12 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
-from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
-
-Restore = Callable[[], None]
-Factors = tuple[NDArray[np.float32], NDArray[np.float32]]
-"""``(a, b)`` in PEFT orientation: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``."""
+from sway_common.backend.base import Restore
+from sway_common.backend.nulls import NullFactors
 
 _WRAPPABLE = (nn.Linear, nn.QuantizedLinear)
 
@@ -223,7 +219,7 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
     return _guarded(slots, change)
 
 
-def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, Factors]) -> Restore:
+def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) -> Restore:
     """Random factors (by module path, PEFT orientation) in place of the trained ones.
 
     The trained scale is kept. A DoRA null starts from the base row norms, as an
