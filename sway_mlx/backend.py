@@ -139,9 +139,10 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         try:
             slots = lora.attach(self.model, weights)
         except Exception:
-            # Leave the backend as it was: the previous adapter, fully installed.
+            # Leave the backend as it was: the previous adapter, attached again.
             if self.slots:
                 self.slots = lora.attach(self.model, self.adapter_weights)
+                self.model.eval()
             raise
         self.slots = slots
         # New layers start in training mode; eval keeps any dropout off.
