@@ -20,6 +20,7 @@ from typing import Any
 
 from sway_common import __version__
 from sway_common.atomic import atomic_write_text
+from sway_common.backend.nulls import NULL_RECIPE
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -54,7 +55,7 @@ class NullCache:
         if not model_dir or not info.get("adapter_hash") or not Path(model_dir).is_dir():
             return None
         parts = {
-            "version": __version__, "backend": info.get("backend"), "dtype": str(info.get("dtype")),
+            "version": __version__, "recipe": NULL_RECIPE, "backend": info.get("backend"), "dtype": str(info.get("dtype")),
             "device": str(info.get("device")), "model": self._model(model_dir),
             "adapter": info["adapter_hash"], "draw": draw, "measurement": list(measurement),
         }

@@ -26,6 +26,11 @@ NullFactors = tuple[NDArray[np.float32], NDArray[np.float32]]
 """``(a, b)`` of one module: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``."""
 
 
+# Part of every null-cache key: change it whenever the draw below changes, so cached
+# statistics of an older recipe are never read back as this one's.
+NULL_RECIPE = "numpy-blake2b-module-seed/1"
+
+
 def check_null_args(init_scale: float, rank_scale: float, mode: str) -> None:
     """Refuse a null that has no meaning, before any view is opened or factor drawn."""
     if not rank_scale > 0:
