@@ -22,7 +22,9 @@ def test_trained_adapter_reads_as_sigmas_above_its_null() -> None:
 
 
 def test_untrained_adapter_reads_as_indistinguishable() -> None:
-    assert _line(adapter_strength=0.0) == "adapter is indistinguishable from a null adapter on 4 prompts"
+    line = _line(adapter_strength=0.0)
+    assert line.startswith("adapter is indistinguishable from a null adapter on 4 prompts; ")
+    assert "general knowledge kept (0% of 24 facts regressed" in line
 
 
 def test_nan_adapter_reads_as_not_evaluated() -> None:

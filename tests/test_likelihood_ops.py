@@ -26,11 +26,14 @@ def _backend(kind: str, model_dir: Path, adapter: Path):
     if kind == "mlx":
         from sway_mlx.backend import MLXDifferentialBackend
 
-        return MLXDifferentialBackend(model_dir, adapter, dtype="float32", batch_size=2, max_context=64)
+        return MLXDifferentialBackend(
+            model_dir, adapter, dtype="float32", batch_size=2, max_context=64
+        )
     from sway_hf.backend import HFDifferentialBackend
 
-    return HFDifferentialBackend(model_dir, adapter, dtype="float32", device="cpu", batch_size=2,
-                                 max_context=64)
+    return HFDifferentialBackend(
+        model_dir, adapter, dtype="float32", device="cpu", batch_size=2, max_context=64
+    )
 
 
 @pytest.fixture(scope="module", params=["mlx", "hf"])

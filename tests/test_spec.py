@@ -10,7 +10,8 @@ import pytest
 from sway_common.probes.adapter_ablation import AdapterAblationConfig
 from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
-from sway_common.suite.spec import ForeignProbeConfig, SpecError, load_spec, parse_spec
+from sway_common.probes.section_internalization import SectionInternalizationConfig
+from sway_common.suite.spec import SpecError, load_spec, parse_spec
 
 DLM_SWAY_SUITE = """
 version: 1
@@ -36,7 +37,7 @@ def test_an_existing_dlm_sway_suite_loads(tmp_path: Path) -> None:
     path.write_text(DLM_SWAY_SUITE)
     spec = load_spec(path)
     kinds = [type(c) for c in spec.probes]
-    assert kinds == [NullAdapterConfig, DeltaKLConfig, ForeignProbeConfig, AdapterAblationConfig]
+    assert kinds == [NullAdapterConfig, DeltaKLConfig, SectionInternalizationConfig, AdapterAblationConfig]
     assert spec.probes[0].runs == 3 and spec.null_calibration().runs == 3
     assert spec.probes[1].prompts == ["The key insight is", "An important rule"]
     assert spec.model.kind == "hf" and spec.model.adapter == "./runs/adapter/v0003"

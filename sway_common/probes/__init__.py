@@ -1,6 +1,17 @@
 """Probe kinds. Importing this package registers every built-in kind in ``REGISTRY``."""
 
-from . import adapter_ablation, delta_kl, null_adapter  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    adapter_ablation,
+    calibration_drift,
+    cluster_kl,
+    delta_kl,
+    external_perplexity,
+    null_adapter,
+    paraphrase_invariance,
+    preference_flip,
+    prompt_collapse,
+    section_internalization,
+)
 from .base import REGISTRY, NullCalibration, Probe, ProbeConfig, RunContext
 from .null_proxy import NullCalibrationBackendProxy
 

@@ -10,7 +10,7 @@ def _n_prompts(p: ProbeResult) -> int:
     return len(p.evidence.get("per_prompt", []) or p.evidence.get("prompts", []))
 
 
-def headline(result: SuiteResult) -> str:
+def _adapter_line(result: SuiteResult) -> str:
     """Summarise the suite's first delta_kl result (falling back to the overall verdict)."""
     if result.meta.get("interrupted"):
         done = sum(p.verdict is not Verdict.SKIP for p in result.probes)
@@ -39,3 +39,37 @@ def headline(result: SuiteResult) -> str:
         )
     z = f" (z={z_shown} {on})" if dk.z is not None else f" {on}"
     return f"adapter is indistinguishable from a null adapter{z}"
+
+
+REGRESSION_KINDS = ("calibration_drift", "external_perplexity")
+
+
+def headline(result: SuiteResult) -> str:
+    """The adapter line, then whether general knowledge survived (when the suite checked)."""
+    line = _adapter_line(result)
+    clause = _knowledge_clause(result)
+    return f"{line}; {clause}" if clause else line
+
+
+def _knowledge_clause(result: SuiteResult) -> str | None:
+    checks = [
+        p
+        for p in result.probes
+        if p.kind in REGRESSION_KINDS and p.verdict in (Verdict.PASS, Verdict.WARN, Verdict.FAIL)
+    ]
+    if not checks:
+        return None
+    lost = [p for p in checks if p.verdict is Verdict.FAIL]
+    if lost:
+        return "but it lost general knowledge: " + ", ".join(map(_regression_facts, lost))
+    return "general knowledge kept (" + ", ".join(map(_regression_facts, checks)) + ")"
+
+
+def _regression_facts(p: ProbeResult) -> str:
+    ev = p.evidence
+    if p.kind == "calibration_drift":
+        return (
+            f"{ev.get('fraction_regressed', 0.0):.0%} of {ev.get('items', 0)} facts regressed, "
+            f"mean {ev.get('mean_delta', 0.0):+.2g} nats"
+        )
+    return f"held-out prose perplexity {ev.get('perplexity_change', 0.0):+.1%}"

@@ -19,21 +19,23 @@ from typing import Any, Literal
 from sway_common.probes import REGISTRY, ProbeConfig
 from sway_common.probes.adapter_ablation import AdapterAblationConfig
 from sway_common.probes.base import NullCalibration
+from sway_common.probes.calibration_drift import CalibrationDriftConfig
 from sway_common.probes.delta_kl import DeltaKLConfig
+from sway_common.probes.external_perplexity import ExternalPerplexityConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 
 SUPPORTED_VERSION = 1
 BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
-# Probe kinds of dlm-sway that sway-mlx does not implement: such entries run as SKIP so
-# an existing suite still loads, while a kind nobody knows is a typo and an error.
-FOREIGN_KINDS = (
-    "section_internalization",
-    "leakage",
-    "paraphrase_invariance",
-    "calibration_drift",
-    "adapter_revert",
-    "dir",
-)
+# Probe kinds of dlm-sway that sway-mlx does not implement yet (they generate text): such
+# entries run as SKIP so an existing suite still loads, while a kind nobody knows is a typo
+# and an error.
+FOREIGN_KINDS = ("style_fingerprint", "leakage", "adapter_revert")
+# Probe fields that name local files: relative to the spec file, like the model paths.
+PATH_FIELDS = ("doc", "corpus", "pack", "embedding_model")
+# The quick eval's answer to "did it break general knowledge?": small, so it stays quick.
+QUICK_DRIFT_ITEMS = 24
+QUICK_PROSE_CHUNKS = 4
+QUICK_CHUNK_CHARS = 1024
 
 
 class SpecError(ValueError):
@@ -175,7 +177,9 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
 
 
 # --------------------------------------------------------------------------- parsing
-def _parse_probe(entry: Any, i: int, problems: list[str]) -> ProbeConfig | None:
+def _parse_probe(
+    entry: Any, i: int, problems: list[str], base_dir: Path | None = None
+) -> ProbeConfig | None:
     path = f"suite[{i}]"
     if not isinstance(entry, dict):
         problems.append(f"{path}: expected a mapping with name and kind")
@@ -197,6 +201,8 @@ def _parse_probe(entry: Any, i: int, problems: list[str]) -> ProbeConfig | None:
     probe_cls = REGISTRY[kind]
     cfg = _build_dataclass(probe_cls.Config, entry, path, problems)
     if cfg is not None:
+        if base_dir is not None:
+            _resolve_probe_paths(cfg, base_dir)
         problems.extend(f"{path}.{p}" for p in probe_cls().check(cfg))
     return cfg
 
@@ -255,7 +261,7 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
         problems.append("suite: required non-empty list of probe entries")
     else:
         for i, entry in enumerate(suite):
-            cfg = _parse_probe(entry, i, problems)
+            cfg = _parse_probe(entry, i, problems, base_dir)
             if cfg is not None:
                 probes.append(cfg)
         seen: set[str] = set()
@@ -281,6 +287,14 @@ def _resolve_paths(model: ModelSpec, base_dir: Path) -> ModelSpec:
     return dataclasses.replace(model, base=fix(model.base) or model.base, adapter=fix(model.adapter))
 
 
+def _resolve_probe_paths(cfg: ProbeConfig, base_dir: Path) -> None:
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        relative = isinstance(value, str) and not Path(value).expanduser().is_absolute()
+        if relative and (base_dir / value).exists():
+            setattr(cfg, name, str(base_dir / value))
+
+
 def load_spec(path: str | Path) -> SuiteSpec:
     """Read and validate a YAML or JSON spec file."""
     path = Path(path)
@@ -303,12 +317,22 @@ def load_spec(path: str | Path) -> SuiteSpec:
 def quick_suite(
     prompts: list[str], *, runs: int = 8, model: ModelSpec | None = None, seed: int = 0
 ) -> SuiteSpec:
-    """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation."""
+    """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation, and
+    small general-knowledge and held-out-prose regression checks."""
     return SuiteSpec(
         probes=[
             NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
             DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
             AdapterAblationConfig(name="ablation", kind="adapter_ablation", prompts=list(prompts)),
+            CalibrationDriftConfig(
+                name="general_knowledge", kind="calibration_drift", items_limit=QUICK_DRIFT_ITEMS
+            ),
+            ExternalPerplexityConfig(
+                name="held_out_prose",
+                kind="external_perplexity",
+                max_chunks=QUICK_PROSE_CHUNKS,
+                chunk_chars=QUICK_CHUNK_CHARS,
+            ),
         ],
         defaults=Defaults(seed=seed),
         model=model,

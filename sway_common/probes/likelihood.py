@@ -1,0 +1,158 @@
+"""What the likelihood probes share: batched scoring in the base and fine-tuned views,
+true token counts, and the judging of a signed change against the null adapters.
+
+Every scorer here takes a :class:`DifferentialBackend` (the real one, or a null proxy
+whose fine-tuned view is a random adapter), so one function serves the measurement and
+its null calibration. Base-view results are cached by the backend: K nulls cost K
+fine-tuned-view passes, not 2K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from sway_common.protocols import DifferentialBackend
+from sway_common.stats import format_z, p_value, z_score
+from sway_common.types import NullStats, RollingLogprob, Verdict
+
+from .base import RunContext
+
+P_MAX = 0.05
+
+
+def logprobs_in(
+    view: object, prompts: Sequence[str], completions: Sequence[str]
+) -> NDArray[np.float64]:
+    """log p(completion | prompt) for each pair, in one batched call where the view has one."""
+    batch = getattr(view, "logprob_of_batch", None)
+    if batch is not None:
+        values = batch(list(prompts), list(completions))
+    else:  # a third-party view without the batch op: the protocol's single-item form
+        values = [view.logprob_of(p, c) for p, c in zip(prompts, completions, strict=True)]  # type: ignore[attr-defined]
+    return np.asarray(values, dtype=np.float64)
+
+
+def rolling_in(view: object, texts: Sequence[str]) -> list[RollingLogprob]:
+    batch = getattr(view, "rolling_logprob_batch", None)
+    if batch is not None:
+        return list(batch(list(texts)))
+    return [view.rolling_logprob(t) for t in texts]  # type: ignore[attr-defined]
+
+
+def logprob_delta(
+    backend: DifferentialBackend, prompts: Sequence[str], completions: Sequence[str]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(base log-probs, fine-tuned minus base) for each (prompt, completion) pair."""
+    with backend.as_base() as view:
+        base = logprobs_in(view, prompts, completions)
+    with backend.as_finetuned() as view:
+        ft = logprobs_in(view, prompts, completions)
+    return base, ft - base
+
+
+def rolling_gain(
+    backend: DifferentialBackend, texts: Sequence[str]
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """Per text: the fine-tuned view's total log-prob minus the base's, and its scored tokens."""
+    with backend.as_base() as view:
+        base = rolling_in(view, texts)
+    with backend.as_finetuned() as view:
+        ft = rolling_in(view, texts)
+    gains = np.array([f.total_logprob - b.total_logprob for b, f in zip(base, ft, strict=True)])
+    counts = np.array([b.logprobs.size for b in base], dtype=np.int64)
+    return gains, counts
+
+
+def per_token(gains: NDArray[np.float64], counts: NDArray[np.int64]) -> NDArray[np.float64]:
+    return gains / np.maximum(counts, 1)
+
+
+def completion_tokens(
+    backend: DifferentialBackend, prompts: Sequence[str], completions: Sequence[str]
+) -> NDArray[np.int64]:
+    """How many tokens each completion is scored over after its prompt.
+
+    The tokens of ``prompt + completion`` past its common prefix with the prompt's own
+    tokens: a token merged across the boundary counts with the completion, as
+    ``logprob_of`` scores it. Read from base-view rolling passes (cached, one batch).
+    """
+    with backend.as_base() as view:
+        whole = rolling_in(view, [p + c for p, c in zip(prompts, completions, strict=True)])
+        alone = rolling_in(view, prompts)
+    counts = []
+    for w, a in zip(whole, alone, strict=True):
+        n = min(w.token_ids.size, a.token_ids.size)
+        same = np.flatnonzero(w.token_ids[:n] != a.token_ids[:n])
+        prefix = int(same[0]) if same.size else n
+        counts.append(max(1, w.token_ids.size - prefix))
+    return np.asarray(counts, dtype=np.int64)
+
+
+def null_values(
+    ctx: RunContext, kind: str, measure: Callable[[DifferentialBackend], float], *key: Any
+) -> NullStats | None:
+    """``measure`` under each null adapter, or None when this run draws no nulls for ``kind``.
+
+    ``key`` is everything the measurement depends on besides the weights (texts, options):
+    with it the null cache serves a second run without a forward.
+    """
+    return ctx.null_stats_for(measure, key=(kind, *key)) if ctx.calibrates(kind) else None
+
+
+@dataclass
+class Comparison:
+    """Where a signed metric (larger = better kept / more learned) falls among the nulls."""
+
+    z: float | None
+    p: float | None
+    null: NullStats | None
+    text: str
+
+    @property
+    def significant(self) -> bool:
+        return self.z is not None and self.p is not None and self.p <= P_MAX
+
+    def beats(self, z_min: float) -> bool:
+        return self.significant and self.z is not None and self.z >= z_min
+
+
+def compare(raw: float, null: NullStats | None, unit: str) -> Comparison:
+    if null is None:
+        return Comparison(None, None, None, "no null calibration")
+    z, p = z_score(raw, null), p_value(raw, null)
+    if z is None or p is None:
+        return Comparison(
+            None, None, null, f"null draws degenerate (all ≈ {null.mean:.3g}{unit}): no z"
+        )
+    text = f"z={format_z(z, null.n)} (p={p:.2g}) against random adapters of its size (null mean {null.mean:+.3g}{unit})"
+    return Comparison(z, p, null, text)
+
+
+def regression_verdict(
+    problems: list[str], kept: str, inert: str | None, cmp: Comparison, z_min: float
+) -> tuple[Verdict, str, float]:
+    """The rule both regression probes share.
+
+    FAIL on any regression (gating: lost knowledge is never averaged away). Knowledge
+    kept is a PASS only when it is better kept than random adapters of the adapter's size
+    would keep it; an adapter that changes nothing, or no more than noise, WARNs, since
+    the probe then vouches for nothing about the adapter's direction.
+    """
+    if problems:
+        return Verdict.FAIL, "regressed: " + "; ".join(problems), 0.0
+    if inert is not None:
+        return Verdict.WARN, f"{kept}, but {inert}: nothing to judge", 0.5
+    if cmp.null is None:
+        return Verdict.PASS, f"{kept} ({cmp.text})", 1.0
+    if cmp.beats(z_min):
+        return Verdict.PASS, f"{kept}; better kept than by noise: {cmp.text}", 1.0
+    return (
+        Verdict.WARN,
+        f"{kept}, but no better than a random adapter of its size would: {cmp.text}",
+        0.5,
+    )
