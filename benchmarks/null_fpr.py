@@ -172,6 +172,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto", choices=["auto", "mlx", "hf"])
     ap.add_argument("--random", type=int, default=24, help="random adapters in the panel")
+    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the model's half precision on a GPU")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     kind = pick_backend(args.backend)
@@ -181,7 +182,8 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         panel = build_panel(kind, model_dir, Path(tmp), args.random)
-        backend = build_backend(ModelSpec(base=str(model_dir), adapter=str(panel[0]["path"])), kind)
+        spec = ModelSpec(base=str(model_dir), adapter=str(panel[0]["path"]), dtype=args.dtype)
+        backend = build_backend(spec, kind)
         try:
             for entry in panel:
                 backend.set_adapter(entry["path"])
@@ -199,7 +201,7 @@ def main() -> None:
                       f"exponent {head['exponent']}  {records[-1]['measure_s']} s", flush=True)
         finally:
             backend.close()
-    out = {"backend": kind, "machine": f"{platform.system()} {platform.machine()}", "ks": KS, "prompts": PS,
+    out = {"backend": kind, "dtype": args.dtype, "machine": f"{platform.system()} {platform.machine()}", "ks": KS, "prompts": PS,
            "wall_s": round(time.perf_counter() - started, 1), "summary": summarise(records), "records": records,
            "train_settings": TRAIN_SETTINGS}
     for cell, groups in out["summary"].items():
