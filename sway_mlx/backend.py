@@ -36,13 +36,14 @@ class MLXDifferentialBackend(DifferentialBackendBase):
 
     ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` an mlx-lm
     adapter dir (or one of its ``NNNNNNN_adapters.safetensors`` checkpoints) or a PEFT
-    adapter dir.
+    adapter dir, or None for the model alone (only its base view: a second model to
+    compare against, such as a fused export).
     """
 
     def __init__(
         self,
         model: str | Path,
-        adapter_path: str | Path,
+        adapter_path: str | Path | None,
         *,
         dtype: str = "auto",
         batch_size: int = 8,
@@ -72,7 +73,11 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
         self._model_name = str(model)
         self.slots: list[lora.LoraSlot] = []
-        self.set_adapter(adapter_path)
+        self.adapter_path: Path | None = None
+        if adapter_path is None:
+            self.info = describe(self, "mlx", self._model_name, str(mx.default_device()), [])
+        else:
+            self.set_adapter(adapter_path)
 
     # ------------------------------------------------------------- loading
     @staticmethod
@@ -140,7 +145,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             slots = lora.attach(self.model, weights)
         except Exception:
             # Leave the backend as it was: the previous adapter, attached again.
-            if self.slots:
+            if self.slots and self.adapter_weights is not None:
                 self.slots = lora.attach(self.model, self.adapter_weights)
                 self.model.eval()
             raise
@@ -225,6 +230,10 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     # -------------------------------------------------------------- checks
     def _nonfinite_adapter_tensors(self) -> list[str]:
         return lora.nonfinite(self.slots)
+
+    def peak_memory_bytes(self) -> int | None:
+        # MLX's allocator peak for the process (Metal memory on a Mac): both models.
+        return int(mx.get_peak_memory())
 
     def _release(self) -> None:
         if getattr(self, "slots", None):

@@ -21,10 +21,15 @@ def test_trained_adapter_reads_as_sigmas_above_its_null() -> None:
     assert "× a random adapter of the same size" in line
 
 
-def test_untrained_adapter_reads_as_indistinguishable() -> None:
+def test_untrained_adapter_reads_as_a_no_op() -> None:
     line = _line(adapter_strength=0.0)
-    assert line.startswith("adapter is indistinguishable from a null adapter on 4 prompts; ")
-    assert "general knowledge kept (0% of 24 facts regressed" in line
+    assert line.startswith("the adapter is a no-op: ΔW = scale·B·A is zero") and "no probe was run" in line
+
+
+def test_random_adapter_reads_as_indistinguishable() -> None:
+    line = _line(random_adapter_seed=0)
+    assert line.startswith("adapter is indistinguishable from a null adapter (z=")
+    assert "on 4 prompts); but it lost general knowledge" in line
 
 
 def test_nan_adapter_reads_as_not_evaluated() -> None:

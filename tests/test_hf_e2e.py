@@ -136,11 +136,11 @@ def test_trained_adapter_stands_out(backend, trained_adapter: Path) -> None:
     assert delta.verdict is Verdict.PASS, delta.message
 
 
-def test_untrained_adapter_does_not_pass(backend, untrained_adapter: Path) -> None:
+def test_untrained_adapter_is_a_no_op_before_any_probe(backend, untrained_adapter: Path) -> None:
     result = _run(backend, untrained_adapter, "untrained")
-    delta = next(p for p in result.probes if p.kind == "delta_kl")
-    assert delta.verdict is not Verdict.PASS, delta.message
-    assert result.verdict is not Verdict.PASS
+    assert [(p.kind, p.verdict) for p in result.probes] == [("preflight", Verdict.FAIL)]
+    assert "no-op" in result.probes[0].message
+    assert result.verdict is Verdict.FAIL
 
 
 def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path: Path) -> None:
@@ -155,7 +155,7 @@ def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path:
     ("which", "exit_code", "expected"),
     [
         ("trained", 0, "above its null on 8 prompts"),
-        ("untrained", 1, "indistinguishable from a null adapter"),
+        ("untrained", 1, "the adapter is a no-op"),
     ],
 )
 def test_quick_eval_ends_in_one_actionable_line(

@@ -118,8 +118,10 @@ def test_untrained_adapter_does_not_pass(
         result = timed_suite(backend, "untrained")
     finally:
         backend.set_adapter(trained_adapter)
-    assert by_kind(result)["delta_kl"].verdict != Verdict.PASS
-    assert result.verdict != Verdict.PASS
+    # B = 0 is a no-op: reported by the preflight, before any probe runs.
+    assert [(p.kind, p.verdict) for p in result.probes] == [("preflight", Verdict.FAIL)]
+    assert "no-op" in result.probes[0].message
+    assert result.verdict == Verdict.FAIL
 
 
 def test_nan_adapter_is_a_single_error(

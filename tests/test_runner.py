@@ -30,8 +30,15 @@ def test_trained_adapter_passes_with_a_real_null_comparison() -> None:
     assert result.verdict is Verdict.PASS and result.score >= result.threshold
 
 
-def test_untrained_adapter_fails_and_its_curve_is_not_called_healthy() -> None:
+def test_untrained_adapter_is_one_preflight_fail_before_any_probe() -> None:
     result = run_suite(quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=0.0))
+    assert [(p.kind, p.verdict) for p in result.probes] == [("preflight", Verdict.FAIL)]
+    assert "no-op" in result.probes[0].message and "ΔW" in result.probes[0].message
+    assert result.verdict is Verdict.FAIL
+
+
+def test_near_zero_adapter_fails_and_its_curve_is_not_called_healthy() -> None:
+    result = run_suite(quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=1e-3))
     probes = _by_kind(result)
     assert probes["delta_kl"].verdict is Verdict.FAIL
     assert probes["adapter_ablation"].verdict is not Verdict.PASS

@@ -21,6 +21,7 @@ from rich.console import Console
 from sway_common import __version__
 from sway_common.adapters import convert_adapter
 from sway_common.app.demo import run_demo
+from sway_common.app.export_check import export_check_cmd
 from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
 from sway_common.app.options import (
     EXIT_ERROR,
@@ -159,6 +160,7 @@ def app() -> None:
       sway-mlx eval --model M --adapter-path A     # quick check, no spec needed
       sway-mlx checkpoints adapters/ --model M     # every checkpoint of a run
       sway-mlx watch adapters/ --model M           # evaluate checkpoints as they land
+      sway-mlx export-check --model M --adapter-path A --export fused/  # fused model kept it?
       sway-mlx demo                                # the whole idea, offline
       sway-mlx list-probes                         # what a suite can contain
       sway-mlx doctor                              # which backend runs here
@@ -303,6 +305,7 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
 
 app.add_command(checkpoints_cmd)
 app.add_command(watch_cmd)
+app.add_command(export_check_cmd)
 
 
 def main() -> None:

@@ -52,8 +52,11 @@ class BackendUnavailableError(RuntimeError):
     pass
 
 
-def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
-    """Construct the differential backend for ``model`` (base + adapter)."""
+def build_backend(model: ModelSpec, backend: str = "auto", *, plain: bool = False, **kw: Any) -> Any:
+    """Construct the differential backend for ``model`` (base + adapter).
+
+    ``plain``: the model alone, no adapter (only its base view), e.g. an exported model.
+    """
     choice = pick_backend(backend if backend != "auto" else model.kind)
     if choice == "dummy":
         from sway_common.backend.dummy import DummyDifferentialBackend
@@ -63,7 +66,7 @@ def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
         if adapter not in presets:
             raise ValueError(f"dummy adapter must be one of {', '.join(presets)}, got {adapter!r}")
         return DummyDifferentialBackend(adapter_strength=presets[adapter], nan_adapter=adapter == "nan")
-    if model.adapter is None:
+    if model.adapter is None and not plain:
         raise ValueError("an adapter path is required (models.ft.adapter or --adapter-path)")
     if choice == "mlx":
         if not installed("mlx_lm"):
@@ -72,7 +75,7 @@ def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
             )
         from sway_mlx.backend import MLXDifferentialBackend
 
-        return MLXDifferentialBackend(model.base, model.adapter, dtype=model.dtype, **kw)
+        return MLXDifferentialBackend(model.base, None if plain else model.adapter, dtype=model.dtype, **kw)
     if choice == "hf":
         if not (installed("torch") and installed("peft") and installed("transformers")):
             raise BackendUnavailableError(
@@ -81,7 +84,8 @@ def build_backend(model: ModelSpec, backend: str = "auto", **kw: Any) -> Any:
             )
         from sway_hf.backend import HFDifferentialBackend
 
-        return HFDifferentialBackend(model.base, model.adapter, dtype=model.dtype, device=model.device, **kw)
+        adapter = None if plain else model.adapter
+        return HFDifferentialBackend(model.base, adapter, dtype=model.dtype, device=model.device, **kw)
     raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 

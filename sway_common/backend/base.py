@@ -141,8 +141,9 @@ class DifferentialBackendBase(ABC):
     max_context: int = 2048
     batch_size: int = 8
     adapter_hash: str = ""
-    adapter_weights: AdapterWeights
-    """The loaded adapter in canonical form: what a null copies the structure of."""
+    adapter_weights: AdapterWeights | None = None
+    """The loaded adapter in canonical form: what a null copies the structure of. None
+    when the backend was built without one (``adapter_path=None``): only the base view."""
     info: dict[str, Any]
 
     def __init__(self) -> None:
@@ -179,6 +180,11 @@ class DifferentialBackendBase(ABC):
         """Names of adapter tensors holding NaN/Inf. Default: none checked."""
         return []
 
+    def peak_memory_bytes(self) -> int | None:
+        """The framework allocator's peak in this process (GPU memory where the model runs
+        on one); None when the framework does not say. Default: None."""
+        return None
+
     def _encode(self, text: str) -> Encoding:
         enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -194,6 +200,11 @@ class DifferentialBackendBase(ABC):
         runs = view.runs
         if runs == "base":
             return self._install_base()
+        if self.adapter_weights is None:
+            raise ValueError(
+                f"no adapter is loaded, so there is no {view.label()} view: only the base "
+                "model (build the backend with an adapter_path)"
+            )
         if runs == "scaled":
             return self._install_scaled(view.lam)
         if runs == "null":
@@ -266,7 +277,8 @@ class DifferentialBackendBase(ABC):
             shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
             return False, f"adapter weights hold NaN/Inf in {len(bad)} tensor(s): {shown}"
         ids, _ = self._encode(PREFLIGHT_PROMPT)
-        for opener in (self.as_base, self.as_finetuned):
+        openers = (self.as_base, self.as_finetuned) if self.adapter_weights else (self.as_base,)
+        for opener in openers:
             with opener() as view:
                 row = self._last_logprobs([ids])[0]
                 if not np.all(np.isfinite(row)):
@@ -277,6 +289,37 @@ class DifferentialBackendBase(ABC):
                         f"{view.spec.label()} view gives a uniform distribution (broken LM head?)",
                     )
         return True, "base and fine-tuned views give finite logits"
+
+    def preflight_noop_check(self) -> tuple[bool, str]:
+        """Does the adapter change the model at all? ``(ok, reason)``.
+
+        A zero ΔW in every module (B = 0: an untrained adapter, a step-0 checkpoint, scale
+        0) or fine-tuned logits bit-identical to the base model's on the preflight prompt
+        (an adapter attached where it changes nothing, or a change lost to the dtype's
+        rounding) is a no-op. Reported before any probe: a probe would only find it as a
+        quiet FAIL. DoRA skips the ΔW test (a moved magnitude alone changes the model).
+        """
+        weights = self.adapter_weights
+        if weights is None:
+            return True, "no adapter is loaded"
+        norms = weights.frobenius_norms()
+        where = f"{len(norms)} module{'s' if len(norms) != 1 else ''}"
+        if not weights.dora and all(n == 0.0 for n in norms.values()):
+            return False, (
+                f"the adapter is a no-op: ΔW = scale·B·A is zero in each of the {where} it "
+                "targets (untrained, a step-0 checkpoint, or scale 0?)"
+            )
+        ids, _ = self._encode(PREFLIGHT_PROMPT)
+        rows = []
+        for opener in (self.as_base, self.as_finetuned):
+            with opener():
+                rows.append(self._last_logprobs([ids])[0])
+        if np.array_equal(rows[0], rows[1]):
+            return False, (
+                f"the adapter is a no-op: with its {where} attached the model's logits equal "
+                f"the base model's bit for bit (dtype {getattr(self, 'dtype', '?')})"
+            )
+        return True, "the adapter changes the model's logits"
 
     # --------------------------------------------------------------- scoring
     def _check_active(self, view: ViewSpec) -> None:

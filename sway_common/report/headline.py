@@ -15,8 +15,13 @@ def _adapter_line(result: SuiteResult) -> str:
     if result.meta.get("interrupted"):
         done = sum(p.verdict is not Verdict.SKIP for p in result.probes)
         return f"interrupted after {done} of {len(result.probes)} probes: no verdict on the adapter"
+    if result.meta.get("headline"):  # a command that judges something else (export-check)
+        return str(result.meta["headline"])
     if result.probes and result.probes[0].kind == "preflight":
-        return f"adapter could not be evaluated: {result.probes[0].message}"
+        first = result.probes[0]
+        if first.verdict is Verdict.FAIL:  # a no-op adapter: a finding, not a broken run
+            return first.message
+        return f"adapter could not be evaluated: {first.message}"
     dk = next((p for p in result.probes if p.kind == "delta_kl"), None)
     if dk is None:
         return f"suite verdict {result.verdict.value}"

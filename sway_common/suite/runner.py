@@ -57,17 +57,24 @@ def seed_everything(seed: int, backend: Any = None) -> None:
         hook(seed)
 
 
-def _preflight(backend: Any) -> ProbeResult | None:
+def preflight(backend: Any) -> ProbeResult | None:
+    """One result when the backend is broken (ERROR) or its adapter is a no-op (FAIL)."""
     if not isinstance(backend, PreflightCheckable):
         return None
+    verdict = Verdict.ERROR
     try:
         ok, reason = backend.preflight_finite_check()
+        noop = getattr(backend, "preflight_noop_check", None)
+        if ok and callable(noop):
+            # A no-op adapter is a verdict on the adapter (FAIL), not a broken run (ERROR).
+            ok, reason = noop()
+            verdict = Verdict.FAIL
     except Exception as e:  # a crash in the check is as disqualifying as a failed check
-        ok, reason = False, f"preflight crashed: {type(e).__name__}: {e}"
+        ok, reason, verdict = False, f"preflight crashed: {type(e).__name__}: {e}", Verdict.ERROR
     if ok:
         return None
     return ProbeResult(
-        name="preflight", kind="preflight", verdict=Verdict.ERROR, category="preflight",
+        name="preflight", kind="preflight", verdict=verdict, category="preflight",
         message=f"{reason}; no probe was run", gating=True,
     )
 
@@ -167,7 +174,7 @@ def run_suite(
             category_scores=cats, threshold=threshold, meta=meta,
         )
 
-    failed = _preflight(backend)
+    failed = preflight(backend)
     if failed is not None:
         return finish([failed])
 
