@@ -1,0 +1,194 @@
+"""How much of an adapter's effect an exported model keeps: the geometry, no models.
+
+Next-token distributions. ``sqrt(JS)`` is a metric that embeds isometrically in a
+Hilbert space (Fuglede & Topsøe, 2004), so on each prompt the base B, the fine-tune F
+(live adapter) and the export E are three points whose squared distances are the JS
+divergences. The export's position along the adapter's own axis B→F is the projection
+
+    t = (JS(B,E) + JS(B,F) − JS(E,F)) / (2·JS(B,F))
+
+1 at the fine-tune, 0 at the base, negative past it, above 1 for an overshoot; a merge
+at half the scale lands near 0.5 (to first order the views lie on a line). What the
+projection leaves, ``h² = JS(B,E) − t²·JS(B,F)``, is the export's change that is not
+along the adapter: its own noise (quantization, rounding). Pythagoras splits the
+residual exactly: ``JS(E,F) = (1−t)²·JS(B,F) + h²``.
+
+Over prompts everything is pooled as a ratio of sums, so prompts where the adapter
+barely acts (tiny JS(B,F), noisy t) weigh little:
+
+- retention ``R = Σ(JS_BE + JS_BF − JS_EF) / (2·Σ JS_BF)``: the share of the adapter's
+  effect the export keeps;
+- residual ``ρ = Σ JS_EF / Σ JS_BF``: how far the export is from the fine-tune, in units
+  of the adapter's own effect, split into ``lost = Σ(1−t)²·JS_BF / Σ JS_BF`` (effect that
+  did not survive) and ``noise = Σ h² / Σ JS_BF`` (change the export added).
+
+Completion log-probs (a 1-D version of the same idea): with ``lp_X`` the log-prob view
+X gives the fine-tune's own completion, ``R = Σ(lp_E − lp_B) / Σ(lp_F − lp_B)`` and
+``ρ = Σ|lp_E − lp_F| / Σ|lp_F − lp_B|``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sway_common.stats import bootstrap_ci
+
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class Retention:
+    """One measure's retention, residual split and per-prompt detail."""
+
+    retention: float
+    interval: tuple[float, float]
+    """95% bootstrap interval of the retention over prompts."""
+    residual: float
+    lost: float
+    noise: float
+    effect: float
+    """Mean size of the adapter's effect per prompt (JS nats, or nats of log-prob)."""
+    residual_raw: float
+    """Mean distance export↔fine-tune per prompt, same unit as ``effect``."""
+    per_prompt: list[float] = field(default_factory=list)
+    """Each prompt's own retention ``t`` (None-free: 0 effect gives 0)."""
+
+
+def _interval(num: np.ndarray, den: np.ndarray, seed: int) -> tuple[float, float]:
+    """Bootstrap over prompts of the ratio of sums ``Σnum / Σden``."""
+    if num.size < 2:
+        r = float(num.sum() / max(den.sum(), _TINY))
+        return r, r
+
+    def ratio(idx: np.ndarray) -> float:
+        rows = idx.astype(np.int64)
+        return float(num[rows].sum() / max(den[rows].sum(), _TINY))
+
+    return bootstrap_ci(np.arange(num.size, dtype=np.float64), stat=ratio, seed=seed)
+
+
+def next_token_retention(
+    js_bf: Sequence[float], js_be: Sequence[float], js_ef: Sequence[float], *, seed: int = 0
+) -> Retention:
+    """Projection retention of next-token distributions (see the module docstring)."""
+    bf, be, ef = (np.asarray(v, dtype=np.float64) for v in (js_bf, js_be, js_ef))
+    if not bf.size == be.size == ef.size or bf.size == 0:
+        raise ValueError("next_token_retention needs three equal, non-empty lists")
+    total = float(bf.sum())
+    if total <= _TINY:
+        raise ValueError(
+            "the adapter does not change these prompts' next tokens: nothing to retain"
+        )
+    num = be + bf - ef
+    t = np.where(bf > _TINY, num / (2.0 * np.maximum(bf, _TINY)), 0.0)
+    # ≥ 0 in exact arithmetic; top-k alignment and float rounding can dip below.
+    h2 = np.maximum(be - t * t * bf, 0.0)
+    lost = float(np.sum((1.0 - t) ** 2 * bf))
+    return Retention(
+        retention=float(num.sum() / (2.0 * total)),
+        interval=_interval(num, 2.0 * bf, seed),
+        residual=float(ef.sum() / total),
+        lost=lost / total,
+        noise=float(h2.sum()) / total,
+        effect=float(bf.mean()),
+        residual_raw=float(ef.mean()),
+        per_prompt=[float(x) for x in t],
+    )
+
+
+def logprob_retention(
+    lp_b: Sequence[float], lp_f: Sequence[float], lp_e: Sequence[float], *, seed: int = 0
+) -> Retention:
+    """Retention of the log-prob the views give the fine-tune's own completions."""
+    b, f, e = (np.asarray(v, dtype=np.float64) for v in (lp_b, lp_f, lp_e))
+    if not b.size == f.size == e.size or b.size == 0:
+        raise ValueError("logprob_retention needs three equal, non-empty lists")
+    gain, kept = f - b, e - b
+    scale = float(np.abs(gain).sum())
+    if scale <= _TINY:
+        raise ValueError(
+            "the adapter does not change its completions' log-probs: nothing to retain"
+        )
+    t = np.where(np.abs(gain) > _TINY, kept / np.where(gain == 0, 1.0, gain), 0.0)
+    off = np.abs(e - f)
+    # 1-D: the residual is all "lost" along the axis; there is no orthogonal part.
+    return Retention(
+        retention=float(kept.sum() / gain.sum()) if abs(gain.sum()) > _TINY else 0.0,
+        interval=_interval(kept, gain, seed),
+        residual=float(off.sum()) / scale,
+        lost=float(off.sum()) / scale,
+        noise=0.0,
+        effect=float(np.abs(gain).mean()),
+        residual_raw=float(off.mean()),
+        per_prompt=[float(x) for x in t],
+    )
+
+
+@dataclass(frozen=True)
+class ExportCriteria:
+    """What a faithful export must keep. Retention must lie in [min, 1/min]."""
+
+    min_retention: float = 0.8
+    max_residual: float = 0.25
+    """The largest residual (export↔fine-tune) allowed, in units of the adapter's effect."""
+    min_effect: float = 1e-4
+    """Mean next-token JS (nats) the live adapter must reach on the prompts: below it
+    there is too little effect for a share of it to mean anything."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_retention < 1.0:
+            raise ValueError(f"min_retention must lie in (0, 1), got {self.min_retention}")
+        if not self.max_residual > 0.0:
+            raise ValueError(f"max_residual must be > 0, got {self.max_residual}")
+
+    @property
+    def max_retention(self) -> float:
+        return 1.0 / self.min_retention
+
+
+def format_multiple(x: float) -> str:
+    """A multiple for people: rounding-level values are not worth 13 decimals."""
+    return "< 0.001×" if abs(x) < 1e-3 else f"{x:.2g}×"
+
+
+def _cause(r: Retention) -> str:
+    """The likelier cause of a lost or amplified effect: noise of its own or a wrong scale."""
+    if r.noise > r.lost:
+        return f"it adds changes of its own {r.noise:.2f}× that effect: quantization noise?"
+    return "merged at the wrong scale?"
+
+
+def what_happened(r: Retention, c: ExportCriteria) -> tuple[bool, str]:
+    """(passed, the one line that says what the export did to the fine-tune)."""
+    kept = f"{r.retention:.0%} of the adapter's effect"
+    if r.retention < 0.5:
+        return False, f"the export is closer to the base than to the fine-tune: {kept} survived"
+    if r.retention < c.min_retention:
+        return False, (
+            f"the export lost part of the fine-tune: {kept} survived, a faithful export keeps "
+            f"≥ {c.min_retention:.0%} ({_cause(r)})"
+        )
+    if r.retention > c.max_retention:
+        return False, (
+            f"the export overshoots the fine-tune: {kept}, at most {c.max_retention:.0%} "
+            f"(merged twice, or {_cause(r)})"
+        )
+    if r.residual > c.max_residual:
+        own = f", {r.noise:.2f}× in changes the adapter never made" if r.noise > 0 else ""
+        return False, (
+            f"the export keeps {kept} but differs from the fine-tune by {r.residual:.2f}× "
+            f"that effect (at most {c.max_residual:g}×){own}: quantization noise?"
+        )
+    return True, (
+        f"the export keeps the fine-tune: {kept} survived; it differs from the fine-tune "
+        f"by {format_multiple(r.residual)} that effect"
+    )
+
+
+def score(r: Retention) -> float:
+    """0..1: retention, with an overshoot R counted as 1/R."""
+    x = r.retention if r.retention <= 1.0 else 1.0 / r.retention
+    return float(min(max(x, 0.0), 1.0))
