@@ -25,13 +25,13 @@ import platform
 import re
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sway_common.adapters import AdapterWeights, LoraModule, read_adapter, write_peft_adapter
+from sway_common.adapters import read_adapter, write_peft_adapter
+from sway_common.adapters.controls import random_like, shrink_b
 from sway_common.app.demo import (
     TRAIN_SETTINGS,
     DemoAdapter,
@@ -54,7 +54,6 @@ PS = (4, 8, 32)
 LAMBDAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
 TOP_K = 256
 NULL_SEED_BASE = 1000
-RANDOM_SEED_BASE = 50_000  # far from the calibration seeds
 FIXED_SCALES = (0.01, 0.02, 0.05)
 TRAINED = (DemoAdapter("healthy", 16), DemoAdapter("mild", 4), DemoAdapter("one step", 1))
 
@@ -72,25 +71,6 @@ def prompt_pool() -> list[str]:
     if len(pool) < max(PS):
         raise SystemExit(f"only {len(pool)} prompts in the pool; need {max(PS)}")
     return pool[: max(PS)]
-
-
-def random_like(w: AdapterWeights, seed: int, *, scale: float | None) -> AdapterWeights:
-    """Gaussian factors of ``w``'s shape: at ``w``'s per-module norm, or at a fixed init scale."""
-    rng = np.random.default_rng([RANDOM_SEED_BASE, seed])
-    modules = {}
-    for name, m in sorted(w.modules.items()):
-        a = rng.normal(0.0, scale or 1.0, m.a.shape).astype(np.float32)
-        b = rng.normal(0.0, scale or 1.0, m.b.shape).astype(np.float32)
-        drawn = LoraModule(a=a, b=b, scale=m.scale)
-        if scale is None:
-            drawn.b *= np.float32(m.frobenius_norm() / max(drawn.frobenius_norm(), 1e-30))
-        modules[name] = drawn
-    return AdapterWeights(fmt="peft", dora=False, modules=modules, config=dict(w.config))
-
-
-def b_near_zero(w: AdapterWeights) -> AdapterWeights:
-    modules = {n: replace(m, b=(m.b * np.float32(1e-4)).astype(np.float32)) for n, m in w.modules.items()}
-    return AdapterWeights(fmt="peft", dora=False, modules=modules, config=dict(w.config))
 
 
 def measure(backend: Any, prompts: list[str], modes: list[tuple[str, float]]) -> dict[str, Any]:
@@ -145,11 +125,11 @@ def build_panel(backend_kind: str, model_dir: Path, work: Path, n_random: int) -
         path = ensure_adapter(backend_kind, adapter, model_dir, cache_root(), console)
         panel.append({"name": adapter.label, "group": "trained", "path": path})
     healthy = read_adapter(panel[0]["path"])
-    bzero = write_peft_adapter(b_near_zero(healthy), work / "b-near-zero")
+    bzero = write_peft_adapter(shrink_b(healthy), work / "b-near-zero")
     panel.append({"name": "B≈0", "group": "b_zero", "path": bzero})
     for i in range(n_random):
         scale = None if i % 2 == 0 else FIXED_SCALES[(i // 2) % len(FIXED_SCALES)]
-        w = random_like(healthy, i, scale=scale)
+        w = random_like(healthy, i, init_scale=scale)
         path = write_peft_adapter(w, work / f"random-{i}")
         panel.append({"name": f"random {i}", "group": "random", "path": path, "init_scale": scale})
     return panel
