@@ -139,28 +139,28 @@ def test_eval_of_several_adapters_loads_the_base_once(
 def test_a_second_run_reads_the_nulls_from_the_cache(
     tiny_model_dir: Path, tiny_peft_adapter: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from sway_common.probes.null_proxy import NullCalibrationBackendProxy
+    from sway_common.null_cache import NullCache
 
     monkeypatch.setenv("SWAY_MLX_NULL_CACHE", str(tmp_path / "nulls"))
-    entered = []
-    real_enter = NullCalibrationBackendProxy.as_finetuned
+    computed = []  # a measurement is stored exactly when it was computed
+    real_put = NullCache.put
 
-    def counting(self):
-        entered.append(self.seed)
-        return real_enter(self)
+    def counting(self, key, value):
+        computed.append(key)
+        return real_put(self, key, value)
 
-    monkeypatch.setattr(NullCalibrationBackendProxy, "as_finetuned", counting)
+    monkeypatch.setattr(NullCache, "put", counting)
     args = ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(tiny_peft_adapter), "--runs", "3",
             "--backend", "hf"]
     outs = []
     for extra in ([], [], ["--no-cache"]):
-        entered.clear()
+        computed.clear()
         result = CliRunner().invoke(app, [*args, *extra, "--json", str(tmp_path / f"r{len(outs)}.json")])
         assert result.exit_code in (0, 1), result.output
-        outs.append((len(entered), load_json(tmp_path / f"r{len(outs)}.json")))
+        outs.append((len(computed), load_json(tmp_path / f"r{len(outs)}.json")))
     (first, a), (second, b), (bypassed, c) = outs
-    # Every null measurement of the second run comes from disk; --no-cache recomputes them.
-    assert first > 0 and second == 0 and bypassed == first
-    for p, q in zip(a.probes, b.probes, strict=True):
-        assert p.raw == q.raw and p.z == q.z and p.verdict is q.verdict
-    assert any((tmp_path / "nulls").rglob("*.json"))
+    # Every null measurement of the second run comes from disk; --no-cache keeps no cache at all.
+    assert first > 0 and second == 0 and bypassed == 0
+    for p, q, r in zip(a.probes, b.probes, c.probes, strict=True):
+        assert p.raw == q.raw == r.raw and p.z == q.z == r.z and p.verdict is q.verdict is r.verdict
+    assert len(list((tmp_path / "nulls").rglob("*.json"))) == first
