@@ -34,22 +34,25 @@ ANCHOR = "dlm-sway[hf]==0.1.0"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ensure_anchor(venv: Path) -> Path:
-    """A venv holding dlm-sway 0.1.0; returns its ``sway`` executable."""
+RUN_ANCHOR = "import sys; from dlm_sway.cli.app import main; sys.exit(main())"
+
+
+def ensure_anchor(venv: Path) -> list[str]:
+    """A venv holding dlm-sway 0.1.0; returns the command that runs its CLI."""
     exe = venv / "bin" / "sway"
     if exe.exists():
-        return exe
+        return [str(exe)]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     if sys.platform.startswith("linux"):
         subprocess.run([*pip, "torch==2.13.0"], check=False)  # the CPU wheel, where one is on disk
     subprocess.run([*pip, ANCHOR], check=True)
-    return exe
+    return [str(exe)]
 
 
-def write_spec(path: Path, model_dir: Path, adapter: Path, runs: int, n_prompts: int) -> None:
+def write_spec(path: Path, model_dir: Path, adapter: Path, runs: int, n_prompts: int, dtype: str) -> None:
     prompts = (demo_prompts() + list(DEFAULT_PROMPTS))[:n_prompts]
-    model = {"kind": "hf", "base": str(model_dir), "dtype": "fp32"}
+    model = {"kind": "hf", "base": str(model_dir), "dtype": dtype}
     spec = {
         "version": 1,
         "models": {"base": model, "ft": {**model, "adapter": str(adapter)}},
@@ -77,16 +80,17 @@ def timed(cmd: list[str], env: dict[str, str], out: Path) -> dict[str, Any]:
             "verdicts": verdicts, "exit": proc.returncode}
 
 
-def run_pair_series(args: argparse.Namespace, spec: Path, anchor: Path, backend: str, work: Path) -> dict[str, Any]:
+def run_pair_series(args: argparse.Namespace, spec: Path, anchor: list[str], backend: str, work: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("anchor_cold", "ours_cold", "anchor_warm", "ours_warm")}
-    ours = [str(REPO / ".venv" / "bin" / "sway-mlx"), "eval", str(spec), "--backend", backend]
+    ours = [sys.executable, "-m", "sway_common.app.cli", "eval", str(spec), "--backend", backend]
     base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     for i in range(args.repeats):
         anchor_cache, our_cache = work / f"anchor-{backend}-{i}", work / f"ours-{backend}-{i}"
         for phase in ("cold", "warm"):
             env = {**base_env, "XDG_CACHE_HOME": str(anchor_cache)}
             out = work / f"anchor-{backend}-{i}-{phase}.json"
-            runs[f"anchor_{phase}"].append(timed([str(anchor), "run", str(spec), "--json", str(out)], env, out))
+            runs[f"anchor_{phase}"].append(timed([*anchor, "run", str(spec), "--json", str(out)], env, out))
             env = {**base_env, "SWAY_MLX_NULL_CACHE": str(our_cache)}
             out = work / f"ours-{backend}-{i}-{phase}.json"
             runs[f"ours_{phase}"].append(timed([*ours, "--json", str(out)], env, out))
@@ -106,18 +110,20 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--anchor-venv", type=Path, default=cache_root() / "bench" / "dlm-sway-venv")
+    ap.add_argument("--anchor-python", help="a python that imports dlm_sway already (no venv is made)")
+    ap.add_argument("--dtype", default="fp32", help="the spec's dtype: fp32 on a CPU, auto for a GPU's bf16")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    anchor = ensure_anchor(args.anchor_venv)
+    anchor = [args.anchor_python, "-c", RUN_ANCHOR] if args.anchor_python else ensure_anchor(args.anchor_venv)
     model_dir = prepare_smollm2()
     from rich.console import Console
 
     adapter = ensure_adapter("hf", DemoAdapter("trained", 16), model_dir, cache_root(), Console(stderr=True))
     results: dict[str, Any] = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-                               "k": args.runs, "prompts": args.prompts}
+                               "k": args.runs, "prompts": args.prompts, "dtype": args.dtype}
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "sway.yaml"
-        write_spec(spec, model_dir, adapter, args.runs, args.prompts)
+        write_spec(spec, model_dir, adapter, args.runs, args.prompts, args.dtype)
         for backend in args.backends.split(","):
             results[backend] = run_pair_series(args, spec, anchor, backend, Path(tmp))
     for backend in args.backends.split(","):
