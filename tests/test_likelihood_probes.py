@@ -1,7 +1,7 @@
 """The likelihood probes on the analytic dummy backend: rules, edge cases, verdict claims.
 
-The dummy's "trained" adapter has a direction (it pushes common letters up), its
-``adapter_strength=0`` is B = 0, ``random_adapter_seed`` a random adapter at a comparable
+The dummy's "trained" adapter has a direction (it pushes common letters up), a tiny
+``adapter_strength`` is B ≈ 0, ``random_adapter_seed`` a random adapter at a comparable
 norm, and a large strength overwhelms the base model: an "overfit" adapter that loses
 general knowledge.
 """
@@ -63,7 +63,7 @@ LIKELIHOOD_SUITE = [
 ]
 ADAPTERS = {
     "trained": {},
-    "untrained": {"adapter_strength": 0.0},
+    "untrained": {"adapter_strength": 1e-4},  # B ≈ 0 (B = 0 exactly stops at the preflight)
     "random": {"random_adapter_seed": 3},
     "overfit": {"adapter_strength": 40.0},
 }
@@ -194,3 +194,11 @@ def test_kmeans_finds_obvious_clusters_deterministically() -> None:
     assert len({tuple(labels[i : i + 6]) for i in (0, 6, 12)}) == 3
     assert all(len(set(labels[i : i + 6])) == 1 for i in (0, 6, 12))
     assert np.array_equal(labels, kmeans(x, 3, seed=0))
+
+
+def test_a_low_flip_rate_on_few_triples_warns_and_on_many_fails() -> None:
+    from sway_common.probes.preference_flip import wilson_upper
+
+    assert wilson_upper(3, 5) > 0.7 > wilson_upper(0, 7)
+    assert wilson_upper(10, 20) == pytest.approx(0.7007, abs=1e-3)
+    assert wilson_upper(5, 5) == 1.0

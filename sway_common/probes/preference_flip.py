@@ -4,12 +4,14 @@ Each triple is a prompt, a chosen and a rejected completion; its margin is
 log p(chosen) - log p(rejected). Among the triples the base model gets wrong (margin <= 0)
 the flip rate is the share the fine-tuned view gets right. PASS needs a flip rate of at
 least ``assert_flip_rate_gte`` and a mean margin gain on those triples above random
-adapters of the same size (z against the nulls); too few base-wrong triples
-(``min_triples_for_decision``) WARN rather than decide on a handful.
+adapters of the same size (z against the nulls). FAIL needs the whole 95% interval of the
+rate below the bar; a low rate on few triples WARNs, and so do fewer base-wrong triples
+than ``min_triples_for_decision``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +24,7 @@ from .base import Probe, ProbeConfig, RunContext, register
 from .likelihood import compare, logprob_delta, null_values
 
 TRIPLE_KEYS = ("prompt", "chosen", "rejected")
+WILSON_Z = 1.959964
 
 
 @dataclass
@@ -30,6 +33,14 @@ class PreferenceFlipConfig(ProbeConfig):
     assert_flip_rate_gte: float = 0.7
     min_triples_for_decision: int = 3
     assert_z_gte: float = 3.0
+
+
+def wilson_upper(successes: int, n: int, z: float = WILSON_Z) -> float:
+    """Upper end of the Wilson score interval for a proportion (two-sided 95% by default)."""
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def margins(
@@ -93,8 +104,19 @@ class PreferenceFlipProbe(Probe):
         )
         cmp = compare(raw_gain, null, " nats")
         head = f"flipped {flip_rate:.0%} of {n_wrong} base-wrong triples (mean margin gain {raw_gain:+.3g} nats)"
-        if flip_rate < cfg.assert_flip_rate_gte:
-            verdict, msg = Verdict.FAIL, f"{head}; needs {cfg.assert_flip_rate_gte:.0%}"
+        upper = wilson_upper(int(round(flip_rate * n_wrong)), n_wrong)
+        if upper < cfg.assert_flip_rate_gte:
+            verdict, msg = (
+                Verdict.FAIL,
+                f"{head}; needs {cfg.assert_flip_rate_gte:.0%} (95% interval up to {upper:.0%})",
+            )
+        elif flip_rate < cfg.assert_flip_rate_gte:
+            # Few triples cannot show the rate is below the bar: say so rather than FAIL.
+            verdict, msg = (
+                Verdict.WARN,
+                f"{head}: below {cfg.assert_flip_rate_gte:.0%}, but {n_wrong} triples leave the "
+                f"rate uncertain (95% interval up to {upper:.0%})",
+            )
         elif cmp.null is not None and not cmp.beats(cfg.assert_z_gte):
             verdict, msg = (
                 Verdict.FAIL,
