@@ -119,6 +119,10 @@ def resolve_model_dir(model: str | Path) -> Path:
             "directory (config.json + *.safetensors)"
         )
     name = str(model)
+    if path.is_file():
+        raise ModelNotFoundError(
+            f"model {name!r} is a file; point at the model directory (config.json + *.safetensors)"
+        )
     if path.exists() or not _looks_like_hub_id(name):
         raise ModelNotFoundError(
             f"model {name!r} is neither a model directory nor a Hugging Face id like "
@@ -160,6 +164,45 @@ def resolve_model_dir(model: str | Path) -> Path:
                 f"({type(e).__name__}); connect once or pass a local directory"
             ) from e
         return found
+
+
+class ModelFormatError(ValueError):
+    """A model directory that is incomplete, or that could only be loaded unsafely."""
+
+
+# Weights that can run code when loaded (pickles); read only when the user allows it.
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+PICKLE_HINT = (
+    "pickled weights can run code when loaded: convert them to safetensors, or pass "
+    "--allow-pickle if you trust their source"
+)
+
+
+def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse a model dir that cannot load (or only unsafely), before any weight is read.
+
+    The checks are on file names and config.json only, so they cost nothing and name
+    the missing piece instead of a loader's traceback.
+    """
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"cannot read {model_dir / 'config.json'} ({e}); re-download the model") from None
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{model_dir / 'config.json'} does not hold a JSON object; re-download the model")
+    pickled = sorted(p.name for g in PICKLED_WEIGHTS for p in model_dir.glob(g))
+    if not any(model_dir.glob("*.safetensors")):
+        if not pickled:
+            raise ModelFormatError(
+                f"{model_dir} has no weights (*.safetensors); download the full model or point at its directory"
+            )
+        if not allow_pickle:
+            raise ModelFormatError(f"{model_dir} holds only pickled weights ({pickled[0]}); {PICKLE_HINT}")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFormatError(
+            f"{model_dir} has no tokenizer (tokenizer.json); copy the tokenizer files of the base model into it"
+        )
 
 
 # --------------------------------------------------------------------- configs

@@ -10,6 +10,8 @@ mlx-lm dirs through a conversion to PEFT).
 from __future__ import annotations
 
 import gc
+import json
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
 from sway_common.backend.nulls import NullFactors
-from sway_common.models import parse_dtype, resolve_model_dir
+from sway_common.models import ModelFormatError, check_model_dir, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_hf import lora
 
@@ -68,6 +70,54 @@ def pick_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+@contextmanager
+def _no_bars_unless_watched() -> Iterator[None]:
+    """No "Loading weights" bars where nobody watches (CI logs, pipes): there they are
+    noise between sway-mlx's own lines. In a terminal they stay."""
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _remote_code_refused(model_dir: Path) -> ModelFormatError:
+    return ModelFormatError(
+        f"{model_dir} needs its own Python code to load (auto_map in config.json); "
+        "sway-mlx runs none unless you pass --trust-remote-code (only for a source you trust)"
+    )
+
+
+def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """Refuse, before loading, a model only its own Python code can build.
+
+    A config with ``auto_map`` whose model type transformers knows loads with the
+    library's own code; one it does not know would need the repo's code run.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if trust_remote_code or "auto_map" not in cfg or cfg.get("model_type") in CONFIG_MAPPING:
+        return
+    raise _remote_code_refused(model_dir)
+
+
+@contextmanager
+def _remote_code_translated(model_dir: Path) -> Iterator[None]:
+    """transformers' own refusal of a model's Python code, as one line with the fix."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise _remote_code_refused(model_dir) from None
+
+
 class HFDifferentialBackend(DifferentialBackendBase):
     """Base, fine-tuned, λ-scaled and null views of one transformers model + PEFT adapter.
 
@@ -89,22 +139,33 @@ class HFDifferentialBackend(DifferentialBackendBase):
         batch_size: int = 8,
         max_context: int | None = None,
         device_map: str | dict[str, Any] | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.model_dir = resolve_model_dir(model)
+        check_model_dir(self.model_dir, allow_pickle=allow_pickle)
+        _check_remote_code(self.model_dir, trust_remote_code)
+        self.allow_pickle = allow_pickle
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(self.model_dir), trust_remote_code=trust_remote_code
+        )
         require_fast_tokenizer(self.tokenizer, self.model_dir)
         if device_map is not None and device != "auto":
             raise ValueError("device_map spreads the model itself; use it with device='auto'")
         spread = device_map is not None
-        base = AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir),
-            dtype=_DTYPES[self.dtype],
-            device_map=device_map if spread else None,
-            low_cpu_mem_usage=True,
-        )
+        with _remote_code_translated(self.model_dir), _no_bars_unless_watched():
+            base = AutoModelForCausalLM.from_pretrained(
+                str(self.model_dir),
+                dtype=_DTYPES[self.dtype],
+                device_map=device_map if spread else None,
+                low_cpu_mem_usage=True,
+                trust_remote_code=trust_remote_code,
+                # None lets transformers fall back to pickles; only when the user allowed it.
+                use_safetensors=None if allow_pickle else True,
+            )
         if not spread:
             base.to(self.device)
         base.eval()
@@ -152,7 +213,8 @@ class HFDifferentialBackend(DifferentialBackendBase):
         if self.active_view is not None:
             raise ViewConflictError("close the open view before changing the adapter")
         adapter_path = Path(adapter_path)
-        weights = read_adapter(adapter_path)
+        weights = read_adapter(adapter_path, allow_pickle=self.allow_pickle)
+        lora.check_fits(self._causal_lm, weights)
         name = f"sway{self._loads}"
         with self._as_peft_dir(adapter_path) as peft_dir, warnings.catch_warnings():
             # PEFT reads a property transformers v5 deprecated; not the user's concern.

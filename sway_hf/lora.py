@@ -31,6 +31,7 @@ from peft.tuners.lora import LoraLayer
 
 from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.base import Restore
+from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
@@ -103,6 +104,37 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             f"extra: {extra}); was the adapter trained on another base model?"
         )
     return sorted(slots, key=lambda s: s.path)
+
+
+def check_fits(model: torch.nn.Module, weights: AdapterWeights) -> None:
+    """Raise one clear ValueError if an adapter module has no layer here, or the wrong shape.
+
+    Run before PEFT loads the adapter: PEFT's own error for an adapter of another base
+    model is torch's "size mismatch" list, which names neither the cause nor the fix.
+    """
+    layers = dict(model.named_modules())
+    for path, module in sorted(weights.modules.items()):
+        layer = layers.get(path, layers.get(_PEFT_PREFIX + path))
+        if layer is None:
+            raise ValueError(missing_module(path))
+        out_dims, in_dims = _linear_shape(layer)
+        if out_dims is None or in_dims is None:
+            raise ValueError(
+                f"adapter targets {path!r}, a {type(layer).__name__}; only Linear layers are supported"
+            )
+        problem = misfit(path, module.a.shape, module.b.shape, (out_dims, in_dims))
+        if problem:
+            raise ValueError(problem)
+
+
+def _linear_shape(layer: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(out, in) of a Linear, of transformers' Conv1D (GPT-2: ``nf``, ``nx``) or of a PEFT
+    layer already wrapping one; (None, None) for anything else."""
+    for out_name, in_name in (("out_features", "in_features"), ("nf", "nx")):
+        out_dims, in_dims = getattr(layer, out_name, None), getattr(layer, in_name, None)
+        if isinstance(out_dims, int) and isinstance(in_dims, int):
+            return out_dims, in_dims
+    return None, None
 
 
 def detach(model: PeftModel, slots: Sequence[LoraSlot]) -> None:

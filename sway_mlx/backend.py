@@ -24,7 +24,7 @@ from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
 from sway_common.backend.nulls import NullFactors
-from sway_common.models import normalize_config, parse_dtype, resolve_model_dir
+from sway_common.models import check_model_dir, normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_mlx import lora
 
@@ -48,13 +48,21 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         dtype: str = "auto",
         batch_size: int = 8,
         max_context: int | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         self.model_dir = resolve_model_dir(model)
+        # mlx-lm reads safetensors only, so a pickle is refused whatever allow_pickle says.
+        check_model_dir(self.model_dir)
+        self.allow_pickle = allow_pickle
         # transformers v5 configs keep rope_theta inside rope_parameters, where mlx-lm
         # does not look: load from a normalised copy or the logits are silently wrong.
         self.model, self._wrapper, config = load(
-            str(normalize_config(self.model_dir)), return_config=True
+            str(normalize_config(self.model_dir)),
+            return_config=True,
+            trust_remote_code=trust_remote_code,
+            tokenizer_config={"trust_remote_code": trust_remote_code},
         )
         self.model.eval()
         self.dtype = self._pick_dtype(dtype, config)
@@ -138,7 +146,8 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         """
         if self.active_view is not None:
             raise ViewConflictError("close the open view before changing the adapter")
-        weights = read_adapter(adapter_path)
+        weights = read_adapter(adapter_path, allow_pickle=self.allow_pickle)
+        lora.check_fits(self.model, weights)  # before the old adapter comes out
         # mlx-lm wraps a Linear once: the old layers come out before the new go in.
         lora.detach(self.model, self.slots)
         try:

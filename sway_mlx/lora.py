@@ -26,6 +26,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
 from sway_common.backend.base import Restore
+from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors
 
 _WRAPPABLE = (nn.Linear, nn.QuantizedLinear)
@@ -68,6 +69,7 @@ def attach(model: nn.Module, weights: AdapterWeights) -> list[LoraSlot]:
     on any layer subset and with per-module ranks load as they were trained. On failure
     nothing stays wrapped.
     """
+    check_fits(model, weights)
     slots: list[LoraSlot] = []
     try:
         for path in sorted(weights.modules):
@@ -114,28 +116,47 @@ def _put(parent: Any, key: str | int, module: nn.Module) -> None:
         setattr(parent, key, module)
 
 
-def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
+def check_fits(model: nn.Module, weights: AdapterWeights) -> None:
+    """Raise one clear ValueError if an adapter module has no layer here, or the wrong shape.
+
+    Checked for every module before anything is wrapped: an adapter of another base
+    model is named as such, with the module and both shapes.
+    """
+    for path, module in sorted(weights.modules.items()):
+        _fitting_base(model, path, module)
+
+
+def _fitting_base(model: nn.Module, path: str, module: LoraModule) -> tuple[Any, str | int, Any]:
     try:
         parent, key, base = _resolve(model, path)
     except KeyError:
-        raise ValueError(
-            f"adapter targets {path!r}, which this model does not have "
-            "(was the adapter trained on another base model?)"
-        ) from None
-    if not isinstance(base, _WRAPPABLE):
+        raise ValueError(missing_module(path)) from None
+    # A layer wrapped for the adapter being replaced is checked by the Linear inside it.
+    inner = base.linear if isinstance(base, LoRALinear | DoRALinear) else base
+    if not isinstance(inner, _WRAPPABLE):
         raise ValueError(
             f"adapter targets {path!r}, a {type(base).__name__}; only Linear layers are supported"
         )
+    out_dims, in_dims = inner.weight.shape
+    if isinstance(inner, nn.QuantizedLinear):  # packed: 32 // bits values per uint32
+        in_dims = in_dims * 32 // inner.bits
+    problem = misfit(path, module.a.shape, module.b.shape, (out_dims, in_dims))
+    if problem:
+        raise ValueError(problem)
+    return parent, key, base
+
+
+def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
+    parent, key, base = _fitting_base(model, path, module)
+    if not isinstance(base, _WRAPPABLE):  # detach() takes ours out first: this is foreign
+        raise ValueError(f"adapter targets {path!r}, which already carries a LoRA layer")
     a = mx.array(module.a, dtype=mx.float32).T  # (r, in) -> (in, r)
     b = mx.array(module.b, dtype=mx.float32).T  # (out, r) -> (r, out)
     cls = DoRALinear if module.magnitude is not None else LoRALinear
     layer = cls.from_base(base, r=module.rank, dropout=0.0, scale=float(module.scale))
     if tuple(layer.lora_a.shape) != tuple(a.shape) or tuple(layer.lora_b.shape) != tuple(b.shape):
-        raise ValueError(
-            f"adapter factors for {path!r} have shapes A{tuple(module.a.shape)} "
-            f"B{tuple(module.b.shape)}, which do not fit a layer of weight "
-            f"{tuple(base.weight.shape)}"
-        )
+        weight = (int(layer.lora_b.shape[1]), int(layer.lora_a.shape[0]))
+        raise ValueError(misfit(path, module.a.shape, module.b.shape, weight) or path)
     magnitude = None
     init_magnitude = None
     if module.magnitude is not None:

@@ -20,10 +20,30 @@ if str(REPO_ROOT) not in sys.path:
 
 # Each test session gets its own null cache: results never leak between sessions.
 os.environ.setdefault("SWAY_MLX_NULL_CACHE", tempfile.mkdtemp(prefix="sway-null-cache-"))
+# Full float32 matmuls on a GPU, set before MLX or CUDA starts: MLX runs float32 matmuls
+# at TF32 precision by default on CUDA (and on M5-class Metal), and NVIDIA's override
+# covers every cuBLAS user. Tests compare float32 numbers at CPU tolerances.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 
 import fixtures_build  # noqa: E402  (needs the path set above)
 
 import sway_mlx  # noqa: E402,F401  (before any mlx import: gives MLX OpenBLAS on Linux)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _full_float32_matmuls() -> None:
+    """torch's switches for the same thing (its CUDA default is already full precision;
+    this keeps a test from depending on that)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,9 @@ TEXT = (
 
 
 def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> DifferentialBackendBase:
+    # float32 unless a test asks otherwise: the contract compares against float32
+    # references, and "auto" is bf16 on a GPU.
+    kw.setdefault("dtype", "float32")
     if kind == "mlx":
         from sway_mlx.backend import MLXDifferentialBackend
 

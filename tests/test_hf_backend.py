@@ -23,6 +23,10 @@ from sway_hf.backend import HFDifferentialBackend, pick_dtype  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
+# These tests compare numbers with CPU-float32 tolerances and read tensors with .numpy():
+# pinned, so that on a GPU machine "auto" (bf16 on CUDA) does not change what they test.
+EXACT = {"dtype": "float32", "device": "cpu"}
+
 PROMPTS = [
     "The lighthouse",
     "The quick brown fox jumps over the lazy dog. The answer is",
@@ -39,7 +43,7 @@ LONG_TEXT = (
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path, tiny_peft_adapter: Path):
-    b = HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, batch_size=3)
+    b = HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, batch_size=3, **EXACT)
     yield b
     b.close()
 
@@ -93,7 +97,7 @@ def test_mlx_adapter_loads_through_conversion(tiny_model_dir: Path, tiny_mlx_ada
     from sway_common.adapters import read_adapter
 
     weights = read_adapter(tiny_mlx_adapter)
-    with HFDifferentialBackend(tiny_model_dir, tiny_mlx_adapter) as b:
+    with HFDifferentialBackend(tiny_model_dir, tiny_mlx_adapter, **EXACT) as b:
         assert b.adapter_hash == weights.content_hash
         assert {s.path for s in b.slots} == set(weights.modules)
         for slot in b.slots:
@@ -111,7 +115,7 @@ def test_mlx_adapter_loads_through_conversion(tiny_model_dir: Path, tiny_mlx_ada
 def test_set_adapter_swaps_without_reloading_base(
     tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_mlx_adapter: Path
 ) -> None:
-    with HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter) as b:
+    with HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, **EXACT) as b:
         base_model = b._causal_lm.model.embed_tokens.weight
         with b.as_base() as v:
             base = _full(v, PROMPTS)
@@ -164,7 +168,7 @@ def test_sampling_leaves_the_global_rng_alone(backend) -> None:
 def test_dora_null_magnitudes_and_small_lambda(
     tiny_model_dir: Path, tiny_dora_adapter: Path
 ) -> None:
-    with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter) as b:
+    with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter, **EXACT) as b:
         ids = [b._encode(p)[0] for p in PROMPTS[:3]]
         with b.as_base():
             base = b._last_logprobs(ids)

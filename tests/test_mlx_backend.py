@@ -30,7 +30,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path, tiny_peft_adapter: Path) -> MLXDifferentialBackend:
-    b = MLXDifferentialBackend(tiny_model_dir, tiny_peft_adapter, batch_size=4)
+    b = MLXDifferentialBackend(tiny_model_dir, tiny_peft_adapter, batch_size=4, dtype="float32")
     yield b
     b.close()
 
@@ -116,7 +116,7 @@ def test_compiled_forward_follows_the_views(backend: MLXDifferentialBackend) -> 
 def test_native_mlx_adapter_matches_mlx_lm(tiny_model_dir: Path, tiny_mlx_adapter: Path) -> None:
     """Wrapping by module path gives what mlx-lm's own adapter loading gives."""
     reference, _ = load(str(tiny_model_dir), adapter_path=str(tiny_mlx_adapter))
-    with MLXDifferentialBackend(tiny_model_dir, tiny_mlx_adapter) as b:
+    with MLXDifferentialBackend(tiny_model_dir, tiny_mlx_adapter, dtype="float32") as b:
         ids = b._encode(PROMPTS[2])[0]
         with b.as_finetuned() as view:
             row = full_dist(view, PROMPTS[2])

@@ -63,6 +63,37 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _number(value: Any, field: str, *, positive: bool = False) -> float:
+    """A config number, checked: a string or NaN here would otherwise surface as a
+    Python error far from the file that holds it."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        want = "a positive number" if positive else "a finite number"
+        raise AdapterFormatError(f"adapter_config.json: {field} must be {want}, got {value!r}")
+    return float(value)
+
+
+def _rank(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdapterFormatError(f"adapter_config.json: {field} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, field: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise AdapterFormatError(f"adapter_config.json: {field} must be a mapping, got {value!r}")
+    for key in value:
+        try:
+            re.compile(key)
+        except (re.error, TypeError):
+            raise AdapterFormatError(
+                f"adapter_config.json: {field} key {key!r} is not a valid pattern"
+            ) from None
+    return value
+
+
 # ---------------------------------------------------------------------- PEFT
 def _check_peft_config(cfg: dict[str, Any]) -> None:
     peft_type = str(cfg.get("peft_type", "")).upper()
@@ -106,9 +137,10 @@ def read_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict
     if unknown:
         _refuse_unknown("PEFT", unknown)
     dora = bool(cfg.get("use_dora", False))
-    r_default, alpha_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    r_default = _rank(cfg.get("r", 8), "r")
+    alpha_default = _number(cfg.get("lora_alpha", 8), "lora_alpha")
+    rank_pattern = _mapping(cfg.get("rank_pattern"), "rank_pattern")
+    alpha_pattern = _mapping(cfg.get("alpha_pattern"), "alpha_pattern")
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items()):
         if "A" not in p or "B" not in p:
@@ -123,12 +155,12 @@ def read_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict
                 f"PEFT module {name}: use_dora={dora} but a magnitude vector is "
                 f"{'present' if 'M' in p else 'missing'}"
             )
-        r = int(_pattern_value(rank_pattern, name, r_default))
+        r = _rank(_pattern_value(rank_pattern, name, r_default), f"rank_pattern[{name}]")
         if r != p["A"].shape[0]:
             raise AdapterFormatError(
                 f"PEFT module {name}: config rank {r} but lora_A has rank {p['A'].shape[0]}"
             )
-        alpha = float(_pattern_value(alpha_pattern, name, alpha_default))
+        alpha = _number(_pattern_value(alpha_pattern, name, alpha_default), f"alpha_pattern[{name}]")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         mag = _f32(p["M"]).reshape(-1) if "M" in p else None
         modules[name] = LoraModule(_f32(p["A"]), _f32(p["B"]), scale, mag)
@@ -214,11 +246,13 @@ def read_mlx(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict[
             f"mlx-lm fine_tune_type={kind!r} holds full weights, not a LoRA adapter"
         )
     params = cfg.get("lora_parameters") or {}
-    if "scale" not in params:
+    if not isinstance(params, dict) or "scale" not in params:
         raise AdapterFormatError("mlx-lm adapter_config.json lacks lora_parameters.scale")
-    shared = float(params["scale"])
+    shared = _number(params["scale"], "lora_parameters.scale")
     sway = cfg.get(SWAY_FIELD) or {}
-    extra = sway.get("modules", {})
+    extra = sway.get("modules", {}) if isinstance(sway, dict) else None
+    if not isinstance(extra, dict):
+        raise AdapterFormatError(f"adapter_config.json: {SWAY_FIELD} is malformed; remove it")
     if extra and float(sway.get("shared_scale", shared)) != shared:
         raise AdapterFormatError(
             f"lora_parameters.scale ({shared:g}) no longer matches the {SWAY_FIELD} field "

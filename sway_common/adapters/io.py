@@ -16,18 +16,25 @@ transformers and mlx-lm use (``model.layers.3.self_attn.q_proj``).
 
 Anything this form cannot represent (modules_to_save, LoRA biases, embedding or conv
 LoRA, other PEFT tuners, base-rewriting initialisations) is refused with
-:class:`AdapterFormatError`, never dropped. Only numpy and safetensors are used.
+:class:`AdapterFormatError`, never dropped. Only numpy and safetensors are used; a
+pickled ``adapter_model.bin`` is read (through torch) only with ``allow_pickle``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sway_common.adapters.files import AdapterFormatError, load_safetensors, save_safetensors
+from sway_common.adapters.files import (
+    AdapterFormatError,
+    load_pickled,
+    load_safetensors,
+    save_safetensors,
+)
 from sway_common.adapters.formats import mlx_payload, peft_payload, read_mlx, read_peft
 from sway_common.adapters.weights import (
     CONFIG_NAME,
@@ -42,14 +49,21 @@ from sway_common.adapters.weights import (
 def _load_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"cannot read {path}: {e}") from e
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
+        raise AdapterFormatError(f"cannot read {path}: {e}; re-save the adapter") from e
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{path} does not hold a JSON object")
     return cfg
 
 
-def _resolve(path: str | Path) -> tuple[Path, Path | None]:
+PICKLE_REFUSED = (
+    "pickled torch files can run code when loaded: re-save the adapter with safetensors "
+    "(PEFT: save_pretrained(..., safe_serialization=True)), or pass --allow-pickle if you "
+    "trust its source"
+)
+
+
+def _resolve(path: str | Path, allow_pickle: bool = False) -> tuple[Path, Path | None]:
     """(adapter dir, chosen weights file or None) for a dir or a weights-file path."""
     p = Path(path).expanduser()
     if p.is_dir():
@@ -59,10 +73,11 @@ def _resolve(path: str | Path) -> tuple[Path, Path | None]:
     if p.is_file() and p.name == CONFIG_NAME:
         return p.parent, None
     if p.is_file() and p.suffix == ".bin":
-        raise AdapterFormatError(
-            f"{p} is a pickled torch file; re-save the adapter with safetensors "
-            "(PEFT: save_pretrained(..., safe_serialization=True))"
-        )
+        if allow_pickle:
+            return p.parent, p
+        raise AdapterFormatError(f"{p} is a pickled torch file; {PICKLE_REFUSED}")
+    if not p.exists():
+        raise AdapterFormatError(f"no adapter at {p}: the path does not exist; check it")
     raise AdapterFormatError(f"no adapter at {p}: expected a directory or a .safetensors file")
 
 
@@ -88,31 +103,45 @@ def detect_format(path: str | Path) -> AdapterFormat:
     )
 
 
-def read_adapter(path: str | Path) -> AdapterWeights:
-    """Read a PEFT or mlx-lm adapter dir, or one chosen weights/checkpoint file."""
-    root, weights = _resolve(path)
-    fmt = detect_format(path)
+def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterWeights:
+    """Read a PEFT or mlx-lm adapter dir, or one chosen weights/checkpoint file.
+
+    Only safetensors are read unless ``allow_pickle``: a pickled ``adapter_model.bin``
+    is then read with torch's weights-only loader.
+    """
+    root, weights = _resolve(path, allow_pickle)
+    fmt = detect_format(path) if weights is None or weights.suffix != ".bin" else "peft"
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise AdapterFormatError(f"{root} has no {CONFIG_NAME}; it is needed for rank and scale")
     cfg = _load_config(cfg_path)
-    if fmt == "peft":
-        weights = weights or root / PEFT_WEIGHTS
-        if not weights.is_file():
-            hint = (
-                " (only adapter_model.bin is there: re-save it with safetensors, "
-                "save_pretrained(..., safe_serialization=True))"
-                if (root / "adapter_model.bin").is_file()
-                else ""
-            )
-            raise AdapterFormatError(f"{root} has no {PEFT_WEIGHTS}{hint}")
-        modules, dora = read_peft(cfg, load_safetensors(weights))
-    else:
-        weights = weights or root / MLX_WEIGHTS
-        if not weights.is_file():
-            raise AdapterFormatError(f"{root} has no {MLX_WEIGHTS}")
-        modules, dora = read_mlx(cfg, load_safetensors(weights))
+    name = PEFT_WEIGHTS if fmt == "peft" else MLX_WEIGHTS
+    weights = weights or _weights_file(root, name, allow_pickle)
+    tensors = load_pickled(weights) if weights.suffix == ".bin" else load_safetensors(weights)
+    try:
+        modules, dora = (read_peft if fmt == "peft" else read_mlx)(cfg, tensors)
+    except AdapterFormatError as e:
+        if str(e).startswith(f"{CONFIG_NAME}:"):  # a bad field: say which file holds it
+            raise AdapterFormatError(f"{cfg_path}{str(e)[len(CONFIG_NAME):]}; correct it") from None
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, re.error) as e:
+        # A config whose fields have the wrong types: name the file, not a Python internal.
+        raise AdapterFormatError(
+            f"{cfg_path} is malformed ({type(e).__name__}: {e}); re-save the adapter"
+        ) from None
     return AdapterWeights(fmt=fmt, dora=dora, modules=modules, config=cfg, path=weights)
+
+
+def _weights_file(root: Path, name: str, allow_pickle: bool) -> Path:
+    """The weights file of an adapter dir; a pickled PEFT file only when allowed."""
+    if (root / name).is_file():
+        return root / name
+    pickled = root / "adapter_model.bin"
+    if name == PEFT_WEIGHTS and pickled.is_file():
+        if allow_pickle:
+            return pickled
+        raise AdapterFormatError(f"{root} holds only adapter_model.bin; {PICKLE_REFUSED}")
+    raise AdapterFormatError(f"{root} has no {name}; it holds no adapter weights")
 
 
 # ------------------------------------------------------------------ writing

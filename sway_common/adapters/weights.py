@@ -145,6 +145,14 @@ class AdapterWeights:
     def scales(self) -> dict[str, float]:
         return {n: m.scale for n, m in self.modules.items()}
 
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of factors holding NaN or Inf (a diverged run): such an adapter is no answer."""
+        bad = []
+        for name, m in sorted(self.modules.items()):
+            parts = {"lora_A": m.a, "lora_B": m.b, "magnitude": m.magnitude}
+            bad += [f"{name}.{k}" for k, t in parts.items() if t is not None and not np.isfinite(t).all()]
+        return bad
+
     def frobenius_norms(self) -> dict[str, float]:
         """``‖ΔW‖_F`` of each module's low-rank update (DoRA: the direction update)."""
         return {n: m.frobenius_norm() for n, m in sorted(self.modules.items())}

@@ -17,13 +17,16 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from sway_common import __version__
 from sway_common.adapters import convert_adapter
 from sway_common.app.demo import run_demo
 from sway_common.app.export_check import export_check_cmd
+from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
 from sway_common.app.options import (
+    DEBUG_KEY,
     EXIT_ERROR,
     EXIT_FAIL,
     EXIT_INTERRUPTED,
@@ -37,13 +40,15 @@ from sway_common.app.options import (
     read_prompts,
     report_options,
     require_plotting,
+    safety_options,
 )
-from sway_common.app.platform import MODEL_BACKEND_KINDS, build_backend, doctor_report
+from sway_common.app.platform import MODEL_BACKEND_KINDS, build_backend, doctor_report, pick_backend
 from sway_common.blas import preloaded_openblas, without_openblas_preload
 from sway_common.probes import REGISTRY
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
+from sway_common.suite.inputs import context_problem
 from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import ModelSpec, SpecError, load_spec, quick_suite
 from sway_common.types import Verdict
@@ -53,17 +58,30 @@ def _load_spec_or_fail(spec_path: str) -> Any:
     try:
         return load_spec(spec_path)
     except SpecError as e:
-        err_console.print(f"[bold red]error:[/] {e.source}: {len(e.problems)} problem(s) in the spec:", soft_wrap=True)
+        if len(e.problems) == 1:
+            fail(f"{e.source}: {e.problems[0]}")
+        err_console.print(f"[bold red]error:[/] {escape(e.source)}: {len(e.problems)} problem(s) in the spec:", soft_wrap=True)
         for p in e.problems:
             err_console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
 
 
-def _build_or_fail(model: Any, backend: str) -> Any:
+def _build_or_fail(model: Any, backend: str, **kw: Any) -> Any:
     try:
-        return build_backend(model, backend)
+        return build_backend(model, backend, **kw)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         fail(first_line(e))
+
+
+def _check_inputs(spec: Any, opts: RunOptions, adapters: list[str]) -> None:
+    """Everything that can be checked without loading a model, in the order a user fixes it."""
+    check_outputs(opts.reports, opts.plot_dir)
+    if opts.plot_dir:
+        require_plotting()
+    if pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind) == "dummy":
+        return
+    check_model(spec.model.base, allow_pickle=opts.allow_pickle)
+    check_adapters(adapters, allow_pickle=opts.allow_pickle)
 
 
 EXIT_BY_VERDICT = {Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}
@@ -107,19 +125,24 @@ class RunOptions:
     plot_dir: str | None
     no_cache: bool
     quiet: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
 def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -> NoReturn:
     """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
-    if opts.plot_dir:
-        require_plotting()
     if opts.seed is not None:
         spec.defaults.seed = opts.seed
     adapters = [spec.model.adapter, *more_adapters]
+    _check_inputs(spec, opts, adapters)
     labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
     started = time.perf_counter()
-    backend = _build_or_fail(spec.model, opts.backend)
+    backend = _build_or_fail(spec.model, opts.backend, allow_pickle=opts.allow_pickle,
+                             trust_remote_code=opts.trust_remote_code)
     loaded = time.perf_counter()
+    if problem := context_problem(spec, backend):
+        backend.close()
+        fail(problem)
     codes = []
     try:
         for adapter, label in zip(adapters, labels, strict=False):
@@ -144,9 +167,51 @@ def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -
     sys.exit(max(codes))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Ctrl-C outside a running suite (which reports what finished itself): while loading, say.
+INTERRUPTED_EARLY = "interrupted: no verdict (a report is written whole or not at all)"
+
+
+class _App(click.Group):
+    """The command group: a usage error or an unexpected error is one line (with --debug,
+    the traceback), and Ctrl-C outside a running suite is exit 130, not click's "Aborted!"."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            fail(f"{e.format_message()}{hint}")
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C while click itself was reading input
+            err_console.print(INTERRUPTED_EARLY, highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            err_console.print(INTERRUPTED_EARLY, highlight=False)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            fail(f"{type(e).__name__}: {first_line(e)} (unexpected; rerun with --debug for the traceback)")
+
+
+@click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sway-mlx")
-def app() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def app(ctx: click.Context, debug: bool) -> None:
     """Differential tests for LoRA adapters.
 
     Did this adapter really change the model, beyond what a random adapter of the
@@ -165,6 +230,7 @@ def app() -> None:
       sway-mlx list-probes                         # what a suite can contain
       sway-mlx doctor                              # which backend runs here
     """
+    ctx.meta[DEBUG_KEY] = debug
 
 
 @app.command("eval")
@@ -176,11 +242,12 @@ def app() -> None:
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Quick eval: prompts file, one per line (default: generic prompts).")
 @click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Quick eval: number of null adapters.")
 @report_options
+@safety_options
 @click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str, ...], prompts_file: str | None,
              runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
              backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
-             threshold: float | None) -> None:
+             allow_pickle: bool, trust_remote_code: bool, threshold: float | None) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
 
     \b
@@ -209,20 +276,24 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str,
         model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
         spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache), adapter_paths[1:])
+    opts = RunOptions(backend, seed, threshold, reports, plot_dir, no_cache,
+                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    _execute(spec, opts, adapter_paths[1:])
 
 
 @app.command("gate")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @report_options
+@safety_options
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
 def gate_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, junit_path: str | None,
              backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
-             threshold: float | None) -> None:
+             allow_pickle: bool, trust_remote_code: bool, threshold: float | None) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
     spec = _load_spec_or_fail(spec_path)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache, quiet=True))
+    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache, quiet=True,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
 
 
 @app.command("list-probes")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from sway_common.app.platform import BACKEND_KINDS, installed
 from sway_common.models import cache_root
@@ -19,13 +21,27 @@ from sway_common.probes.base import DEFAULT_PROMPTS
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 err_console = Console(stderr=True)
+# Where the group's --debug flag is kept (click's ctx.meta is shared by every subcommand).
+DEBUG_KEY = "sway_mlx.debug"
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
+def debugging() -> bool:
+    """Whether ``sway-mlx --debug`` was given: errors then come with their traceback."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(DEBUG_KEY))
+
+
 def fail(message: str) -> NoReturn:
-    """One line naming the problem (and the fix), exit 2."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line naming the problem (and the fix), exit 2.
+
+    The message is printed as plain text: rich would read ``sway-mlx[plot]`` as a style
+    tag and print ``sway-mlx``, an install hint that installs nothing new.
+    """
+    if debugging() and sys.exc_info()[1] is not None:
+        traceback.print_exc()
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -46,7 +62,7 @@ def read_prompts(path: str | None) -> list[str]:
     except UnicodeDecodeError:
         fail(f"the prompts file {path} is not UTF-8 text; save it as UTF-8")
     except OSError as e:
-        fail(f"cannot read the prompts file {path}: {e.strerror or e}")
+        fail(f"cannot read the prompts file {path}: {e.strerror or e}; check the path")
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         fail(f"the prompts file {path} holds no prompts; write one prompt per line")
@@ -92,6 +108,20 @@ def plot_option(what: str, default: str | None = None) -> Decorator:
         "--plot", "plot_dir", type=click.Path(file_okay=False),
         help=f"Write PNG plots ({what}) into this directory{shown}.",
     )
+
+
+def safety_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--allow-pickle and --trust-remote-code: both off, so a model or adapter runs no code."""
+    f = click.option(
+        "--trust-remote-code", is_flag=True,
+        help="Let a model whose config.json names its own Python code (auto_map) run it. "
+             "Off by default: only for a source you trust.",
+    )(f)
+    return click.option(
+        "--allow-pickle", is_flag=True,
+        help="Read pickled weights (pytorch_model.bin, adapter_model.bin). Off by default: "
+             "only safetensors are read, since a pickle can run code when loaded.",
+    )(f)
 
 
 def report_options(f: Callable[..., Any]) -> Callable[..., Any]:

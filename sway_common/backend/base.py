@@ -186,7 +186,11 @@ class DifferentialBackendBase(ABC):
         return None
 
     def _encode(self, text: str) -> Encoding:
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        # verbose=False: the tokenizer's own "longer than the maximum" warning is noise;
+        # prompt lengths are checked against the context window before a run starts.
+        enc = self.tokenizer(
+            text, add_special_tokens=True, return_offsets_mapping=True, verbose=False
+        )
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     # ----------------------------------------------------------------- views
@@ -328,6 +332,15 @@ class DifferentialBackendBase(ABC):
                 f"the {view.label()} view was used after it was closed; "
                 "use a view only inside its with-block"
             )
+
+    def token_count(self, text: str) -> int:
+        """How many tokens ``text`` is, counted as every scoring call counts them."""
+        return len(self._encode(text)[0])
+
+    @property
+    def prompt_limit(self) -> int | None:
+        """The most tokens a prompt may have: the context window (None: no limit)."""
+        return self.max_context
 
     def _encode_nonempty(self, text: str) -> Encoding:
         ids, offsets = self._encode(text)

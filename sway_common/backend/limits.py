@@ -33,3 +33,28 @@ def require_fast_tokenizer(tokenizer: Any, model_dir: Path) -> None:
             f"{model_dir} has no fast tokenizer (tokenizer.json); character offsets "
             "are needed to split prompt and completion tokens"
         )
+
+
+# ---------------------------------------------------------------- adapter fit
+ANOTHER_BASE = "the adapter was likely trained on another base model; evaluate it with that one"
+
+
+def missing_module(path: str) -> str:
+    """Why an adapter module has no layer to sit on: the same words on every backend."""
+    return f"adapter targets {path!r}, which this model does not have: {ANOTHER_BASE}"
+
+
+def misfit(
+    path: str, a: tuple[int, ...], b: tuple[int, ...], weight: tuple[int, int]
+) -> str | None:
+    """Why factors ``a`` (r, in) and ``b`` (out, r) do not fit a layer of ``weight`` (out, in).
+
+    None when they fit. Torch's own words for this ("size mismatch for ...") name neither
+    the cause nor the fix, so both backends check before loading and say this instead.
+    """
+    if (int(b[0]), int(a[1])) == tuple(weight):
+        return None
+    return (
+        f"adapter factors for {path!r} have shapes A{tuple(a)} B{tuple(b)}, which do not fit "
+        f"this model's layer of weight {tuple(weight)} (out, in): {ANOTHER_BASE}"
+    )

@@ -157,7 +157,7 @@ class Probe:
             problems.append("prompts: needs at least one prompt")
         if hasattr(cfg, "top_k") and cfg.top_k is not None and cfg.top_k < 1:
             problems.append("top_k: must be >= 1")
-        return problems
+        return problems + empty_texts(cfg)
 
     def result(self, cfg: ProbeConfig, verdict: Verdict, **kw: Any) -> ProbeResult:
         gating = self.gating if cfg.gate is None else cfg.gate
@@ -165,6 +165,29 @@ class Probe:
             name=cfg.name, kind=self.kind, verdict=verdict, category=self.category,
             gating=gating, weight=cfg.weight, **kw,
         )
+
+
+def empty_texts(cfg: Any) -> list[str]:
+    """Empty prompts and empty completions, wherever a probe keeps them.
+
+    An empty completion scores 0 nats in every view, so it would read as "unchanged"
+    rather than as the typo it is; an empty prompt has no token to predict from.
+    """
+    fix = "write the text, or remove the entry"
+    problems = [
+        f"prompts[{i}]: the prompt is empty; {fix}"
+        for i, p in enumerate(getattr(cfg, "prompts", None) or [])
+        if isinstance(p, str) and not p.strip()
+    ]
+    for i, item in enumerate(getattr(cfg, "items", None) or []):
+        if isinstance(item, list | tuple) and len(item) == 2 and item[1] == "":
+            problems.append(f"items[{i}]: the gold answer is an empty completion; {fix}")
+    for field_name, keys in (("triples", ("chosen", "rejected")), ("cases", ("gold",))):
+        for i, entry in enumerate(getattr(cfg, field_name, None) or []):
+            for key in keys:
+                if isinstance(entry, dict) and entry.get(key) == "":
+                    problems.append(f"{field_name}[{i}].{key}: an empty completion; {fix}")
+    return problems
 
 
 REGISTRY: dict[str, type[Probe]] = {}

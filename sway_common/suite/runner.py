@@ -26,6 +26,7 @@ from sway_common.probes import REGISTRY, RunContext
 from sway_common.probes.base import DivergenceConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
+from sway_common.suite.inputs import context_check
 from sway_common.suite.spec import ForeignProbeConfig, SuiteSpec
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
@@ -174,7 +175,7 @@ def run_suite(
             category_scores=cats, threshold=threshold, meta=meta,
         )
 
-    failed = preflight(backend)
+    failed = preflight(backend) or context_check(spec, backend)
     if failed is not None:
         return finish([failed])
 

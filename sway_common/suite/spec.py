@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
 FOREIGN_KINDS = ("style_fingerprint", "leakage", "adapter_revert")
 # Probe fields that name local files: relative to the spec file, like the model paths.
 PATH_FIELDS = ("doc", "corpus", "pack", "embedding_model")
+# Values of those fields that name built-in data, not files.
+SPECIAL_PATH_VALUES = ("builtin", "none")
 # The quick eval's answer to "did it break general knowledge?": small, so it stays quick.
 QUICK_DRIFT_ITEMS = 24
 QUICK_PROSE_CHUNKS = 4
@@ -149,6 +152,9 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             problems.append(f"{path}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            problems.append(f"{path}: expected a finite number, got {value!r}")
+            return value
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -201,9 +207,10 @@ def _parse_probe(
     probe_cls = REGISTRY[kind]
     cfg = _build_dataclass(probe_cls.Config, entry, path, problems)
     if cfg is not None:
-        if base_dir is not None:
-            _resolve_probe_paths(cfg, base_dir)
-        problems.extend(f"{path}.{p}" for p in probe_cls().check(cfg))
+        escaped = _confine_probe_paths(cfg, base_dir) if base_dir is not None else []
+        problems.extend(f"{path}.{p}" for p in escaped)
+        if not escaped:  # a check may read the file: never one outside the spec's directory
+            problems.extend(f"{path}.{p}" for p in probe_cls().check(cfg))
     return cfg
 
 
@@ -224,7 +231,9 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
         raise SpecError(source, ["the document must be a mapping with version, models, suite"])
     _unknown_keys(data, ("version", "models", "defaults", "suite", "dlm_source"), "", problems)
     if data.get("version", SUPPORTED_VERSION) != SUPPORTED_VERSION:
-        problems.append(f"version: {data.get('version')!r} is not supported (this build reads 1)")
+        problems.append(
+            f"version: {data.get('version')!r} is not supported (this build reads 1); set version: 1"
+        )
 
     model = None
     models = data.get("models")
@@ -287,30 +296,74 @@ def _resolve_paths(model: ModelSpec, base_dir: Path) -> ModelSpec:
     return dataclasses.replace(model, base=fix(model.base) or model.base, adapter=fix(model.adapter))
 
 
-def _resolve_probe_paths(cfg: ProbeConfig, base_dir: Path) -> None:
+def _confine_probe_paths(cfg: ProbeConfig, base_dir: Path) -> list[str]:
+    """Resolve a probe's file fields against the spec's directory; refuse any that leave it.
+
+    A spec is often someone else's (a pull request, a shared repo): its ``doc``,
+    ``corpus`` or ``pack`` must not read ``~/.ssh`` or ``/etc`` into a report. Absolute
+    paths, ``..`` and symlinks out of the spec's directory are refused alike.
+    """
+    root = base_dir.resolve()
+    problems = []
     for name in PATH_FIELDS:
         value = getattr(cfg, name, None)
-        relative = isinstance(value, str) and not Path(value).expanduser().is_absolute()
-        if relative and (base_dir / value).exists():
-            setattr(cfg, name, str(base_dir / value))
+        if not isinstance(value, str) or not value or value in SPECIAL_PATH_VALUES:
+            continue
+        target = (root / Path(value).expanduser()).resolve()
+        if not target.is_relative_to(root):
+            problems.append(
+                f"{name}: {value!r} lies outside the spec's directory {root}; files a spec "
+                "names are read only from there: copy the file into it"
+            )
+            continue
+        setattr(cfg, name, str(target))
+    return problems
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except IsADirectoryError:
+        raise SpecError(str(path), ["is a directory; give the spec file (sway.yaml)"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {e.start}); save it as UTF-8"]) from None
+    except OSError as e:
+        raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}; check the path"]) from None
+    if not text.strip():
+        raise SpecError(str(path), ["the file is empty; write a sway.yaml v1 spec (version, models, suite)"])
+    return text
+
+
+def _syntax_problem(e: Exception, fmt: str) -> str:
+    """A parser error as one line: where, what, and what to do."""
+    import yaml
+
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if isinstance(e, json.JSONDecodeError):
+        where, what = f" at line {e.lineno}, column {e.colno}", e.msg
+    else:
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+    if isinstance(e, yaml.constructor.ConstructorError):
+        # safe_load refuses tags that would build Python objects (or run code).
+        return f"not valid {fmt}{where}: {what}; only plain YAML is read: remove the tag"
+    return f"not valid {fmt}{where}: {what}; fix the syntax there"
 
 
 def load_spec(path: str | Path) -> SuiteSpec:
-    """Read and validate a YAML or JSON spec file."""
+    """Read and validate a YAML or JSON spec file (YAML through the safe loader only)."""
     path = Path(path)
+    text = _read_text(path)
+    fmt = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
-    try:
-        if path.suffix == ".json":
+        if fmt == "JSON":
             data = json.loads(text)
         else:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # both parsers' errors carry line numbers in their text
-        raise SpecError(str(path), [f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"]) from None
+    except Exception as e:  # any parser error is a problem of the file, reported as one
+        raise SpecError(str(path), [_syntax_problem(e, fmt)]) from None
     return parse_spec(data, source=str(path), base_dir=path.parent.resolve())
 
 
