@@ -80,7 +80,9 @@ def measure(backend: Any, prompts: list[str], modes: list[tuple[str, float]]) ->
     for mode, init_scale in modes:
         rows = []
         for k in range(max(KS)):
-            proxy = NullCalibrationBackendProxy(backend, seed=NULL_SEED_BASE + k, init_scale=init_scale, mode=mode)
+            proxy = NullCalibrationBackendProxy(
+                backend, seed=NULL_SEED_BASE + k, init_scale=init_scale, mode=mode
+            )
             rows.append(mean_divergence(proxy, prompts, top_k=TOP_K, kind="js")[1])
         nulls[f"{mode}@{init_scale:g}"] = rows
     ablation_prompts = prompts[:4]
@@ -90,7 +92,9 @@ def measure(backend: Any, prompts: list[str], modes: list[tuple[str, float]]) ->
     for lam in LAMBDAS:
         with backend.as_scaled_adapter(lam) as view:
             q = view.next_token_dist_batch(ablation_prompts, top_k=TOP_K)
-        curve.append(float(np.mean([divergence(a, b, kind="js") for a, b in zip(p, q, strict=True)])))
+        curve.append(
+            float(np.mean([divergence(a, b, kind="js") for a, b in zip(p, q, strict=True)]))
+        )
     return {"adapter": d, "nulls": nulls, "curve": curve}
 
 
@@ -101,22 +105,45 @@ def verdicts(m: dict[str, Any], null_key: str, k: int, n_prompts: int) -> dict[s
     raw = float(np.mean(d))
     null = null_stats([float(np.mean(r)) for r in rows])
     cfg = AdapterAblationConfig(name="a", kind="adapter_ablation")
-    j = judge_against_null(raw, null, z_min=3.0, floor=cfg.min_effect, fixed_threshold=0.02, log_scale=True,
-                           min_ratio=cfg.min_effect_ratio, paired=paired_ratio(d, rows) if n_prompts > 1 else None)
+    j = judge_against_null(
+        raw,
+        null,
+        z_min=3.0,
+        floor=cfg.min_effect,
+        fixed_threshold=0.02,
+        log_scale=True,
+        min_ratio=cfg.min_effect_ratio,
+        paired=paired_ratio(d, rows) if n_prompts > 1 else None,
+    )
     z, p = z_score(raw, null), p_value(raw, null)
     old = z is not None and z >= 3.0 and p is not None and p <= 0.05 and raw >= cfg.min_effect
     # adapter_ablation on its 4 prompts, judged at λ=1 like delta_kl, then by shape.
     d4, rows4 = m["adapter"][:4], [r[:4] for r in m["nulls"][null_key][:k]]
-    sig = judge_against_null(float(np.mean(d4)), null_stats([float(np.mean(r)) for r in rows4]), z_min=3.0,
-                             floor=cfg.min_effect, fixed_threshold=0.02, log_scale=True,
-                             min_ratio=cfg.min_effect_ratio, paired=paired_ratio(d4, rows4))
+    sig = judge_against_null(
+        float(np.mean(d4)),
+        null_stats([float(np.mean(r)) for r in rows4]),
+        z_min=3.0,
+        floor=cfg.min_effect,
+        fixed_threshold=0.02,
+        log_scale=True,
+        min_ratio=cfg.min_effect_ratio,
+        paired=paired_ratio(d4, rows4),
+    )
     shape = judge_shape(LAMBDAS, m["curve"], cfg)
     ablation = "PASS" if sig.verdict is Verdict.PASS and not shape.problems else "FAIL"
-    return {"delta_kl": j.verdict.value, "delta_kl_old_rule": "PASS" if old else "FAIL", "adapter_ablation": ablation,
-            "shape_ok": not shape.problems, "exponent": shape.exponent, "ratio": j.ratio}
+    return {
+        "delta_kl": j.verdict.value,
+        "delta_kl_old_rule": "PASS" if old else "FAIL",
+        "adapter_ablation": ablation,
+        "shape_ok": not shape.problems,
+        "exponent": shape.exponent,
+        "ratio": j.ratio,
+    }
 
 
-def build_panel(backend_kind: str, model_dir: Path, work: Path, n_random: int) -> list[dict[str, Any]]:
+def build_panel(
+    backend_kind: str, model_dir: Path, work: Path, n_random: int
+) -> list[dict[str, Any]]:
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -152,7 +179,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto", choices=["auto", "mlx", "hf"])
     ap.add_argument("--random", type=int, default=24, help="random adapters in the panel")
-    ap.add_argument("--dtype", default="auto", help="auto: float32 on CPU, the model's half precision on a GPU")
+    ap.add_argument(
+        "--dtype", default="auto", help="auto: float32 on CPU, the model's half precision on a GPU"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     kind = pick_backend(args.backend)
@@ -168,22 +197,47 @@ def main() -> None:
             for entry in panel:
                 backend.set_adapter(entry["path"])
                 modes = [("norm_matched", 0.02)]
-                if entry.get("init_scale") is not None:  # exchangeable with fixed nulls at its scale
+                if (
+                    entry.get("init_scale") is not None
+                ):  # exchangeable with fixed nulls at its scale
                     modes.append(("fixed", entry["init_scale"]))
                 t0 = time.perf_counter()
                 m = measure(backend, prompts, modes)
-                table = {f"{mode}|{k}|{n}": verdicts(m, mode, k, n) for mode in m["nulls"] for k in KS for n in PS}
-                records.append({"name": entry["name"], "group": entry["group"], "verdicts": table,
-                                "measure_s": round(time.perf_counter() - t0, 2), "curve": m["curve"]})
+                table = {
+                    f"{mode}|{k}|{n}": verdicts(m, mode, k, n)
+                    for mode in m["nulls"]
+                    for k in KS
+                    for n in PS
+                }
+                records.append(
+                    {
+                        "name": entry["name"],
+                        "group": entry["group"],
+                        "verdicts": table,
+                        "measure_s": round(time.perf_counter() - t0, 2),
+                        "curve": m["curve"],
+                    }
+                )
                 head = table["norm_matched@0.02|8|8"]
-                print(f"{entry['name']:>12}  delta_kl {head['delta_kl']:>4} (old {head['delta_kl_old_rule']})  "
-                      f"ablation {head['adapter_ablation']:>4}  ratio {head['ratio']:.3g}  "
-                      f"exponent {head['exponent']}  {records[-1]['measure_s']} s", flush=True)
+                print(
+                    f"{entry['name']:>12}  delta_kl {head['delta_kl']:>4} (old {head['delta_kl_old_rule']})  "
+                    f"ablation {head['adapter_ablation']:>4}  ratio {head['ratio']:.3g}  "
+                    f"exponent {head['exponent']}  {records[-1]['measure_s']} s",
+                    flush=True,
+                )
         finally:
             backend.close()
-    out = {"backend": kind, "dtype": args.dtype, "machine": f"{platform.system()} {platform.machine()}", "ks": KS, "prompts": PS,
-           "wall_s": round(time.perf_counter() - started, 1), "summary": summarise(records), "records": records,
-           "train_settings": TRAIN_SETTINGS}
+    out = {
+        "backend": kind,
+        "dtype": args.dtype,
+        "machine": f"{platform.system()} {platform.machine()}",
+        "ks": KS,
+        "prompts": PS,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "summary": summarise(records),
+        "records": records,
+        "train_settings": TRAIN_SETTINGS,
+    }
     for cell, groups in out["summary"].items():
         shown = "  ".join(f"{g} {v[0]}/{v[1]}" for g, v in sorted(groups.items()))
         print(f"{cell:<28} {shown}")

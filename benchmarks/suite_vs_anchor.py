@@ -50,7 +50,9 @@ def ensure_anchor(venv: Path) -> list[str]:
     return [str(exe)]
 
 
-def write_spec(path: Path, model_dir: Path, adapter: Path, runs: int, n_prompts: int, dtype: str) -> None:
+def write_spec(
+    path: Path, model_dir: Path, adapter: Path, runs: int, n_prompts: int, dtype: str
+) -> None:
     prompts = (demo_prompts() + list(DEFAULT_PROMPTS))[:n_prompts]
     model = {"kind": "hf", "base": str(model_dir), "dtype": dtype}
     spec = {
@@ -72,35 +74,66 @@ def timed(cmd: list[str], env: dict[str, str], out: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if not out.exists():
-        raise RuntimeError(f"{cmd[0]} wrote no JSON (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{cmd[0]} wrote no JSON (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        )
     data = json.loads(out.read_text())
     probes = data.get("probes") or data.get("results") or []
     verdicts = {p["name"]: str(p.get("verdict")).upper().split(".")[-1] for p in probes}
-    return {"wall_s": round(wall, 2), "probe_s": round(sum(p.get("duration_s") or 0.0 for p in probes), 2),
-            "verdicts": verdicts, "exit": proc.returncode}
+    return {
+        "wall_s": round(wall, 2),
+        "probe_s": round(sum(p.get("duration_s") or 0.0 for p in probes), 2),
+        "verdicts": verdicts,
+        "exit": proc.returncode,
+    }
 
 
-def run_pair_series(args: argparse.Namespace, spec: Path, anchor: list[str], backend: str, work: Path) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("anchor_cold", "ours_cold", "anchor_warm", "ours_warm")}
+def run_pair_series(
+    args: argparse.Namespace, spec: Path, anchor: list[str], backend: str, work: Path
+) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("anchor_cold", "ours_cold", "anchor_warm", "ours_warm")
+    }
     ours = [sys.executable, "-m", "sway_common.app.cli", "eval", str(spec), "--backend", backend]
     base_env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    base_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    base_env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+    )
     for i in range(args.repeats):
         anchor_cache, our_cache = work / f"anchor-{backend}-{i}", work / f"ours-{backend}-{i}"
         for phase in ("cold", "warm"):
             env = {**base_env, "XDG_CACHE_HOME": str(anchor_cache)}
             out = work / f"anchor-{backend}-{i}-{phase}.json"
-            runs[f"anchor_{phase}"].append(timed([*anchor, "run", str(spec), "--json", str(out)], env, out))
+            runs[f"anchor_{phase}"].append(
+                timed([*anchor, "run", str(spec), "--json", str(out)], env, out)
+            )
             env = {**base_env, "SWAY_MLX_NULL_CACHE": str(our_cache)}
             out = work / f"ours-{backend}-{i}-{phase}.json"
             runs[f"ours_{phase}"].append(timed([*ours, "--json", str(out)], env, out))
-            print(f"{backend} repeat {i} {phase}: anchor {runs[f'anchor_{phase}'][-1]['wall_s']} s, "
-                  f"ours {runs[f'ours_{phase}'][-1]['wall_s']} s", flush=True)
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "probe_s")} for k, v in runs.items()}
-    ratios = {f"{phase}_{m}": round(med[f"anchor_{phase}"][m] / med[f"ours_{phase}"][m], 2)
-              for phase in ("cold", "warm") for m in ("probe_s", "wall_s") if med[f"ours_{phase}"][m] > 0}
-    agree = runs["anchor_cold"][0]["verdicts"].get("doc_divergence") == runs["ours_cold"][0]["verdicts"].get("doc_divergence")
-    return {"runs": runs, "median": med, "anchor_over_ours": ratios, "delta_kl_verdicts_agree": agree}
+            print(
+                f"{backend} repeat {i} {phase}: anchor {runs[f'anchor_{phase}'][-1]['wall_s']} s, "
+                f"ours {runs[f'ours_{phase}'][-1]['wall_s']} s",
+                flush=True,
+            )
+    med = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("wall_s", "probe_s")}
+        for k, v in runs.items()
+    }
+    ratios = {
+        f"{phase}_{m}": round(med[f"anchor_{phase}"][m] / med[f"ours_{phase}"][m], 2)
+        for phase in ("cold", "warm")
+        for m in ("probe_s", "wall_s")
+        if med[f"ours_{phase}"][m] > 0
+    }
+    agree = runs["anchor_cold"][0]["verdicts"].get("doc_divergence") == runs["ours_cold"][0][
+        "verdicts"
+    ].get("doc_divergence")
+    return {
+        "runs": runs,
+        "median": med,
+        "anchor_over_ours": ratios,
+        "delta_kl_verdicts_agree": agree,
+    }
 
 
 def main() -> None:
@@ -110,17 +143,31 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--anchor-venv", type=Path, default=cache_root() / "bench" / "dlm-sway-venv")
-    ap.add_argument("--anchor-python", help="a python that imports dlm_sway already (no venv is made)")
-    ap.add_argument("--dtype", default="fp32", help="the spec's dtype: fp32 on a CPU, auto for a GPU's bf16")
+    ap.add_argument(
+        "--anchor-python", help="a python that imports dlm_sway already (no venv is made)"
+    )
+    ap.add_argument(
+        "--dtype", default="fp32", help="the spec's dtype: fp32 on a CPU, auto for a GPU's bf16"
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    anchor = [args.anchor_python, "-c", RUN_ANCHOR] if args.anchor_python else ensure_anchor(args.anchor_venv)
+    anchor = (
+        [args.anchor_python, "-c", RUN_ANCHOR]
+        if args.anchor_python
+        else ensure_anchor(args.anchor_venv)
+    )
     model_dir = prepare_smollm2()
     from rich.console import Console
 
-    adapter = ensure_adapter("hf", DemoAdapter("trained", 16), model_dir, cache_root(), Console(stderr=True))
-    results: dict[str, Any] = {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-                               "k": args.runs, "prompts": args.prompts, "dtype": args.dtype}
+    adapter = ensure_adapter(
+        "hf", DemoAdapter("trained", 16), model_dir, cache_root(), Console(stderr=True)
+    )
+    results: dict[str, Any] = {
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+        "k": args.runs,
+        "prompts": args.prompts,
+        "dtype": args.dtype,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "sway.yaml"
         write_spec(spec, model_dir, adapter, args.runs, args.prompts, args.dtype)
@@ -128,8 +175,11 @@ def main() -> None:
             results[backend] = run_pair_series(args, spec, anchor, backend, Path(tmp))
     for backend in args.backends.split(","):
         r = results[backend]
-        print(f"{backend}: anchor/ours " + ", ".join(f"{k} {v}×" for k, v in r["anchor_over_ours"].items())
-              + f"; delta_kl verdicts agree: {r['delta_kl_verdicts_agree']}")
+        print(
+            f"{backend}: anchor/ours "
+            + ", ".join(f"{k} {v}×" for k, v in r["anchor_over_ours"].items())
+            + f"; delta_kl verdicts agree: {r['delta_kl_verdicts_agree']}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -96,7 +96,9 @@ def _snapshot_local(repo_id: str) -> Path | None:
 
     try:
         path = snapshot_download(
-            repo_id, cache_dir=str(_hf_hub_cache()), local_files_only=True,
+            repo_id,
+            cache_dir=str(_hf_hub_cache()),
+            local_files_only=True,
             allow_patterns=_HUB_PATTERNS,
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
@@ -188,9 +190,13 @@ def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> None:
     try:
         cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ModelFormatError(f"cannot read {model_dir / 'config.json'} ({e}); re-download the model") from None
+        raise ModelFormatError(
+            f"cannot read {model_dir / 'config.json'} ({e}); re-download the model"
+        ) from None
     if not isinstance(cfg, dict):
-        raise ModelFormatError(f"{model_dir / 'config.json'} does not hold a JSON object; re-download the model")
+        raise ModelFormatError(
+            f"{model_dir / 'config.json'} does not hold a JSON object; re-download the model"
+        )
     pickled = sorted(p.name for g in PICKLED_WEIGHTS for p in model_dir.glob(g))
     if not any(model_dir.glob("*.safetensors")):
         if not pickled:
@@ -198,7 +204,9 @@ def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> None:
                 f"{model_dir} has no weights (*.safetensors); download the full model or point at its directory"
             )
         if not allow_pickle:
-            raise ModelFormatError(f"{model_dir} holds only pickled weights ({pickled[0]}); {PICKLE_HINT}")
+            raise ModelFormatError(
+                f"{model_dir} holds only pickled weights ({pickled[0]}); {PICKLE_HINT}"
+            )
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         raise ModelFormatError(
             f"{model_dir} has no tokenizer (tokenizer.json); copy the tokenizer files of the base model into it"

@@ -49,22 +49,32 @@ class NullCache:
             self._fingerprints[model_dir] = model_fingerprint(model_dir) if model_dir else ""
         return self._fingerprints[model_dir]
 
-    def key(self, info: dict[str, Any], draw: dict[str, Any], measurement: Sequence[Any]) -> str | None:
+    def key(
+        self, info: dict[str, Any], draw: dict[str, Any], measurement: Sequence[Any]
+    ) -> str | None:
         """The entry's name, or None when the backend cannot say what it has loaded."""
         model_dir = str(info.get("model_dir") or "")
         if not model_dir or not info.get("adapter_hash") or not Path(model_dir).is_dir():
             return None
         parts = {
-            "version": __version__, "recipe": NULL_RECIPE, "backend": info.get("backend"), "dtype": str(info.get("dtype")),
-            "device": str(info.get("device")), "model": self._model(model_dir),
-            "adapter": info["adapter_hash"], "draw": draw, "measurement": list(measurement),
+            "version": __version__,
+            "recipe": NULL_RECIPE,
+            "backend": info.get("backend"),
+            "dtype": str(info.get("dtype")),
+            "device": str(info.get("device")),
+            "model": self._model(model_dir),
+            "adapter": info["adapter_hash"],
+            "draw": draw,
+            "measurement": list(measurement),
         }
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 
     def get(self, key: str) -> Any | None:
         try:
-            return json.loads((self.root / key[:2] / f"{key}.json").read_text(encoding="utf-8"))["value"]
+            return json.loads((self.root / key[:2] / f"{key}.json").read_text(encoding="utf-8"))[
+                "value"
+            ]
         except (OSError, ValueError, KeyError):
             return None  # missing, or unreadable: recompute and overwrite
 

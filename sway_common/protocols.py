@@ -58,9 +58,7 @@ class ScoringBackend(Protocol):
         """The distribution of the token after ``prompt``, truncated to ``top_k`` ids."""
         ...
 
-    def next_token_dist_batch(
-        self, prompts: Sequence[str], *, top_k: int = 256
-    ) -> list[TokenDist]:
+    def next_token_dist_batch(self, prompts: Sequence[str], *, top_k: int = 256) -> list[TokenDist]:
         """One :class:`TokenDist` per prompt, in order.
 
         This default loops. Backends that batch for real must match the per-prompt

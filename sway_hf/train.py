@@ -45,8 +45,12 @@ def train_lora(
     # which is most of the cost of a step on a CPU.
     depth = model.config.num_hidden_layers
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
-        bias="none", task_type="CAUSAL_LM",
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
         layers_to_transform=list(range(max(0, depth - num_layers), depth)),
     )
     model = get_peft_model(model, config)

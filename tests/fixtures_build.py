@@ -118,7 +118,11 @@ def train_tiny_peft_adapter(model_dir: Path, dst: Path, steps: int = 40) -> Path
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, bias="none",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        bias="none",
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, cfg)
@@ -153,8 +157,17 @@ def train_tiny_mlx_adapter(model_dir: Path, dst: Path, iters: int = 20) -> Path:
     from sway_mlx.train import train_lora
 
     return train_lora(
-        model_dir, document_chunks(), dst, steps=iters, rank=4, alpha=8.0, learning_rate=1e-2,
-        num_layers=2, max_tokens=256, batch_size=2, save_every=10,
+        model_dir,
+        document_chunks(),
+        dst,
+        steps=iters,
+        rank=4,
+        alpha=8.0,
+        learning_rate=1e-2,
+        num_layers=2,
+        max_tokens=256,
+        batch_size=2,
+        save_every=10,
     )
 
 

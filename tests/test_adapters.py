@@ -119,7 +119,9 @@ def test_fixture_peft_adapter(tiny_peft_adapter: Path) -> None:
         assert norm == pytest.approx(float(np.linalg.norm(w.modules[name].delta())), rel=1e-5)
 
 
-def test_fixture_peft_adapter_changes_distribution(tiny_model_dir: Path, tiny_peft_adapter: Path) -> None:
+def test_fixture_peft_adapter_changes_distribution(
+    tiny_model_dir: Path, tiny_peft_adapter: Path
+) -> None:
     base, ft = _hf_logits(tiny_model_dir, None), _hf_logits(tiny_model_dir, tiny_peft_adapter)
     p = torch.softmax(torch.tensor(base), -1).numpy()
     q = torch.softmax(torch.tensor(ft), -1).numpy()
@@ -133,7 +135,13 @@ def test_fixture_peft_adapter_changes_distribution(tiny_model_dir: Path, tiny_pe
         ({}, True),
         ({"use_rslora": True, "r": 8, "lora_alpha": 16}, True),
         ({"rank_pattern": {"v_proj": 2}, "alpha_pattern": {"layers.1.self_attn.q_proj": 3}}, False),
-        ({"layers_to_transform": [1], "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"]}, True),
+        (
+            {
+                "layers_to_transform": [1],
+                "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"],
+            },
+            True,
+        ),
         ({"target_modules": r".*\.0\.self_attn\.q_proj|.*\.1\.mlp\.up_proj"}, True),
         ({"use_dora": True}, True),
         ({"use_dora": True, "rank_pattern": {"q_proj": 8}}, True),
@@ -162,7 +170,9 @@ def test_peft_delta_matches_peft_merge(
 def test_peft_scales_follow_patterns_and_rslora(tiny_model_dir: Path, tmp_path: Path) -> None:
     w = read_adapter(
         _peft_adapter(
-            tiny_model_dir, tmp_path / "p", rank_pattern={"v_proj": 2},
+            tiny_model_dir,
+            tmp_path / "p",
+            rank_pattern={"v_proj": 2},
             alpha_pattern={"layers.1.self_attn.q_proj": 3},
         )[0]
     )
@@ -171,7 +181,9 @@ def test_peft_scales_follow_patterns_and_rslora(tiny_model_dir: Path, tmp_path: 
     assert w.modules["model.layers.0.self_attn.v_proj"].rank == 2
     assert w.modules["model.layers.0.self_attn.v_proj"].scale == 4.0
     assert w.rank == 4
-    r = read_adapter(_peft_adapter(tiny_model_dir, tmp_path / "r", use_rslora=True, r=8, lora_alpha=16)[0])
+    r = read_adapter(
+        _peft_adapter(tiny_model_dir, tmp_path / "r", use_rslora=True, r=8, lora_alpha=16)[0]
+    )
     assert all(m.scale == pytest.approx(16 / np.sqrt(8)) for m in r.modules.values())
 
 
@@ -182,7 +194,9 @@ def test_fixture_mlx_adapter_matches_mlx_fuse(tiny_model_dir: Path, tiny_mlx_ada
     assert w.fmt == "mlx" and w.rank == 4 and w.layers == [0, 1]
     assert w.target_keys == ["self_attn.q_proj", "self_attn.v_proj"]
     assert all(m.scale == 2.0 for m in w.modules.values())
-    model, _ = mlx_lm.load(str(normalize_config(tiny_model_dir)), adapter_path=str(tiny_mlx_adapter))
+    model, _ = mlx_lm.load(
+        str(normalize_config(tiny_model_dir)), adapter_path=str(tiny_mlx_adapter)
+    )
     lora_layers = {
         name: mod for name, mod in model.named_modules() if type(mod).__name__ == "LoRALinear"
     }
@@ -254,7 +268,9 @@ def test_converted_peft_adapter_runs_in_peft_like_mlx(
 ) -> None:
     peft_dir = convert_adapter(tiny_mlx_adapter, tmp_path / "peft", to="peft")
     np.testing.assert_allclose(
-        _hf_logits(tiny_model_dir, peft_dir), _mlx_logits(tiny_model_dir, tiny_mlx_adapter), atol=1e-4
+        _hf_logits(tiny_model_dir, peft_dir),
+        _mlx_logits(tiny_model_dir, tiny_mlx_adapter),
+        atol=1e-4,
     )
 
 
@@ -262,9 +278,11 @@ def test_peft_writer_targets_exactly(tiny_model_dir: Path, tmp_path: Path) -> No
     """A non-rectangular module set is written as an exact regex PEFT loads as-is,
     and per-module ranks / alphas as escaped full-name patterns PEFT honours."""
     path, _, _ = _peft_adapter(
-        tiny_model_dir, tmp_path / "p",
+        tiny_model_dir,
+        tmp_path / "p",
         target_modules=r".*\.0\.self_attn\.q_proj|.*\.1\.mlp\.up_proj|.*\.1\.self_attn\.v_proj",
-        rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3},
+        rank_pattern={"up_proj": 2},
+        alpha_pattern={"v_proj": 3},
     )
     w = read_adapter(path)
     out = write_peft_adapter(w, tmp_path / "out", base_model_name_or_path=str(tiny_model_dir))
@@ -281,9 +299,7 @@ def test_peft_writer_targets_exactly(tiny_model_dir: Path, tmp_path: Path) -> No
 
 
 def test_non_power_of_two_scale_ratio_needs_opt_in(tiny_model_dir: Path, tmp_path: Path) -> None:
-    path, _, _ = _peft_adapter(
-        tiny_model_dir, tmp_path / "p", alpha_pattern={"v_proj": 3}
-    )
+    path, _, _ = _peft_adapter(tiny_model_dir, tmp_path / "p", alpha_pattern={"v_proj": 3})
     w = read_adapter(path)
     with pytest.raises(AdapterFormatError, match="allow_rescale"):
         write_mlx_adapter(w, tmp_path / "m")

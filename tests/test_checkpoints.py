@@ -25,7 +25,9 @@ from sway_common.types import Verdict
 
 PROMPTS = ["The keeper said", "In the storm"]
 MLX_CONFIG = {
-    "fine_tune_type": "lora", "num_layers": 1, "iters": 250,
+    "fine_tune_type": "lora",
+    "num_layers": 1,
+    "iters": 250,
     "lora_parameters": {"rank": 2, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
 }
 
@@ -52,10 +54,18 @@ def write_mlx_run(run: Path, steps: list[int], final_seed: int | None = None) ->
 
 def write_peft_dir(d: Path, seed: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    (d / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    )
     rng = np.random.default_rng(seed)
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight":
-               rng.normal(size=(2, 8)).astype(np.float32)}, str(d / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.normal(
+                size=(2, 8)
+            ).astype(np.float32)
+        },
+        str(d / "adapter_model.safetensors"),
+    )
 
 
 def row(step: int, z: float | None, verdict: Verdict, div: float | None = 0.1) -> CheckpointRow:
@@ -120,10 +130,18 @@ def test_real_mlx_lm_run_dir(tiny_mlx_adapter: Path) -> None:
     ("setup", "expected"),
     [
         (lambda d: None, "NNNNNNN_adapters.safetensors"),
-        (lambda d: save_file(mlx_tensors(1), str(d / "adapters.safetensors"))
-         or (d / "adapter_config.json").write_text(json.dumps(MLX_CONFIG)), "--save-every"),
+        (
+            lambda d: (
+                save_file(mlx_tensors(1), str(d / "adapters.safetensors"))
+                or (d / "adapter_config.json").write_text(json.dumps(MLX_CONFIG))
+            ),
+            "--save-every",
+        ),
         (lambda d: (d / "checkpoint-3").mkdir(), "full fine-tune"),
-        (lambda d: save_file(mlx_tensors(1), str(d / "0000001_adapters.safetensors")), "no adapter_config.json"),
+        (
+            lambda d: save_file(mlx_tensors(1), str(d / "0000001_adapters.safetensors")),
+            "no adapter_config.json",
+        ),
         (lambda d: (write_mlx_run(d, [1]), write_peft_dir(d / "checkpoint-2", 1)), "both"),
     ],
     ids=["empty", "final-only", "full-finetune", "mlx-no-config", "both-layouts"],
@@ -144,8 +162,16 @@ def test_missing_dir_is_a_checkpoint_error(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ summary
 def test_summary_first_pass_best_and_held_out_regressions_only() -> None:
     P, F, E = Verdict.PASS, Verdict.FAIL, Verdict.ERROR
-    rows = [row(100, 0.5, F), row(200, 4.0, P), row(300, 40.0, P), row(400, 30.0, P),
-            row(500, 12.0, P), row(600, None, E, None), row(700, 1.0, F), row(800, 45.0, P)]
+    rows = [
+        row(100, 0.5, F),
+        row(200, 4.0, P),
+        row(300, 40.0, P),
+        row(400, 30.0, P),
+        row(500, 12.0, P),
+        row(600, None, E, None),
+        row(700, 1.0, F),
+        row(800, 45.0, P),
+    ]
     rows[4].held_out = {"drift": "PASS"}
     rows[6].held_out = {"drift": "FAIL"}
     rows[7].held_out = {"drift": "FAIL"}  # still failing: one regression, not two
@@ -160,7 +186,11 @@ def test_summary_first_pass_best_and_held_out_regressions_only() -> None:
 
 def test_growing_adapter_whose_z_falls_is_not_a_regression() -> None:
     """Norm-matched nulls grow with the adapter: z falls while the divergence rises."""
-    rows = [row(10, 60.0, Verdict.PASS, 0.51), row(20, 40.0, Verdict.PASS, 0.59), row(30, 25.0, Verdict.PASS, 0.64)]
+    rows = [
+        row(10, 60.0, Verdict.PASS, 0.51),
+        row(20, 40.0, Verdict.PASS, 0.59),
+        row(30, 25.0, Verdict.PASS, 0.64),
+    ]
     s = summarize(rows)
     assert not s.regressions and not s.below_noise
     assert "effect 0.51 → 0.64 nats (rising" in s.line and "regress" not in s.line
@@ -171,7 +201,9 @@ def test_summary_without_a_pass_and_without_rows() -> None:
     assert s.first_pass is None and s.best.step == 2 and not s.regressions and not s.last_passes
     assert "no checkpoint rose above noise" in s.line
     empty = summarize([])
-    assert empty.first_pass is None and empty.best is None and empty.line == "no checkpoints evaluated"
+    assert (
+        empty.first_pass is None and empty.best is None and empty.line == "no checkpoints evaluated"
+    )
 
 
 def test_summary_steady_pass_has_no_regression() -> None:
@@ -209,8 +241,12 @@ def test_evaluate_checkpoints_builds_base_once_and_survives_bad_ones(
     monkeypatch.setattr(platform, "build_backend", counting_build)
     seen: list[int] = []
     rows = evaluate_checkpoints(
-        run_with_bad_checkpoints, model=str(tiny_model_dir), backend=real_backend,
-        prompts=PROMPTS, runs=3, on_row=lambda r: seen.append(r.step),
+        run_with_bad_checkpoints,
+        model=str(tiny_model_dir),
+        backend=real_backend,
+        prompts=PROMPTS,
+        runs=3,
+        on_row=lambda r: seen.append(r.step),
     )
     assert [r.step for r in rows] == seen == [5, 10, 15, 20]
     by_step = {r.step: r for r in rows}
@@ -228,19 +264,36 @@ def test_evaluate_checkpoints_builds_base_once_and_survives_bad_ones(
 
 
 # ------------------------------------------------------------------ CLI
-def test_cli_checkpoints_end_to_end(tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path,
-                                    real_backend: str) -> None:
+def test_cli_checkpoints_end_to_end(
+    tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str
+) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The keeper said\n\nIn the storm\n")
     plots, out = tmp_path / "plots", tmp_path / "traj.json"
-    args = [str(tiny_mlx_adapter), "--model", str(tiny_model_dir), "--backend", real_backend,
-            "--prompts", str(prompts), "--runs", "3", "--plot", str(plots), "--json", str(out)]
+    args = [
+        str(tiny_mlx_adapter),
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        real_backend,
+        "--prompts",
+        str(prompts),
+        "--runs",
+        "3",
+        "--plot",
+        str(plots),
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(checkpoints_cmd, args)
     data = json.loads(out.read_text())
     last_passes = data["rows"][-1]["verdict"] == "PASS"
     assert result.exit_code == (0 if last_passes else 1), result.output
     assert [r["step"] for r in data["rows"]] == [10, 20] and data["prompts"] == PROMPTS
-    assert data["summary"]["line"] in result.output.replace("\n", " ") or "rose above noise" in result.output
+    assert (
+        data["summary"]["line"] in result.output.replace("\n", " ")
+        or "rose above noise" in result.output
+    )
     assert "step 10" in result.output and "step 20" in result.output
     # --plot names a directory, as for `eval`.
     assert (plots / "sway-trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -251,15 +304,28 @@ def test_cli_checkpoints_end_to_end(tiny_mlx_adapter: Path, tiny_model_dir: Path
     [
         (["{tmp}/missing", "--model", "m"], "is not a directory"),
         (["{tmp}/empty", "--model", "m"], "no checkpoints"),
-        (["{tmp}/run", "--model", "m", "--prompts", "{tmp}/nope.txt"], "cannot read the prompts file"),
+        (
+            ["{tmp}/run", "--model", "m", "--prompts", "{tmp}/nope.txt"],
+            "cannot read the prompts file",
+        ),
         (["{tmp}/run", "--model", "m", "--prompts", "{tmp}/blank.txt"], "holds no prompts"),
         ([], "missing the training run directory"),
         (["{tmp}/run", "--adapter-path", "{tmp}/empty", "--model", "m"], "not both"),
         (["{tmp}/bare"], "no --model given"),
     ],
-    ids=["missing-dir", "no-checkpoints", "unreadable-prompts", "blank-prompts", "no-dir", "two-dirs", "no-model"],
+    ids=[
+        "missing-dir",
+        "no-checkpoints",
+        "unreadable-prompts",
+        "blank-prompts",
+        "no-dir",
+        "two-dirs",
+        "no-model",
+    ],
 )
-def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "bare").mkdir()
     save_file(mlx_tensors(1), str(tmp_path / "bare" / "0000001_adapters.safetensors"))
@@ -267,7 +333,10 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, arg
     write_mlx_run(tmp_path / "run", [1, 2])
     (tmp_path / "blank.txt").write_text("\n  \n")
     before = sorted(p for p in tmp_path.rglob("*"))
-    result = CliRunner().invoke(checkpoints_cmd, [a.format(tmp=tmp_path) for a in args] + ["--json", str(tmp_path / "o.json")])
+    result = CliRunner().invoke(
+        checkpoints_cmd,
+        [a.format(tmp=tmp_path) for a in args] + ["--json", str(tmp_path / "o.json")],
+    )
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], result.output
@@ -293,7 +362,11 @@ def test_light_imports() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, sway_common.app.checkpoints, sway_common.app.watch, sway_common.app.loop_cli, "
-            "sway_common.report.plots; heavy = {'torch', 'mlx', 'matplotlib', 'transformers'} & "
-            "{m.split('.')[0] for m in sys.modules}; assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys, sway_common.app.checkpoints, sway_common.app.watch, sway_common.app.loop_cli, "
+        "sway_common.report.plots; heavy = {'torch', 'mlx', 'matplotlib', 'transformers'} & "
+        "{m.split('.')[0] for m in sys.modules}; assert not heavy, heavy"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
+    )

@@ -34,8 +34,16 @@ def _spec(tmp_path: Path, adapter: str = "trained", body: str = SPEC) -> Path:
 
 def test_eval_writes_all_four_reports(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["eval", str(_spec(tmp_path)), "--json", str(out / "r.json"),
-            "--markdown", str(out / "r.md"), "--junit", str(out / "r.xml")]
+    args = [
+        "eval",
+        str(_spec(tmp_path)),
+        "--json",
+        str(out / "r.json"),
+        "--markdown",
+        str(out / "r.md"),
+        "--junit",
+        str(out / "r.xml"),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output and "delta_kl" in result.output
@@ -64,14 +72,18 @@ def test_gate_threshold_overrides_the_spec(tmp_path: Path) -> None:
     assert result.exit_code == 1
 
 
-def test_spec_with_two_typos_exits_two_naming_both_without_loading(tmp_path: Path, monkeypatch) -> None:
+def test_spec_with_two_typos_exits_two_naming_both_without_loading(
+    tmp_path: Path, monkeypatch
+) -> None:
     import sway_common.app.platform as platform
 
     def forbidden(*a, **k):
         raise AssertionError("a backend was built for an invalid spec")
 
     monkeypatch.setattr(platform, "build_backend", forbidden)
-    body = SPEC.replace("runs: 5", "rnus: 5").replace("prompts: [\"The keeper", "prompt: [\"The keeper", 1)
+    body = SPEC.replace("runs: 5", "rnus: 5").replace(
+        'prompts: ["The keeper', 'prompt: ["The keeper', 1
+    )
     result = CliRunner().invoke(app, ["eval", str(_spec(tmp_path, body=body))])
     assert result.exit_code == 2
     assert "rnus" in result.output and "did you mean 'runs'" in result.output
@@ -100,7 +112,10 @@ def test_help_teaches() -> None:
     assert "null" in result.output and "eval" in result.output and "gate" in result.output
 
 
-@pytest.mark.parametrize("module", ["sway_common", "sway_common.app.cli", "sway_common.suite.runner", "sway_common.suite.spec"])
+@pytest.mark.parametrize(
+    "module",
+    ["sway_common", "sway_common.app.cli", "sway_common.suite.runner", "sway_common.suite.spec"],
+)
 def test_importing_sway_common_loads_neither_mlx_nor_torch(module: str) -> None:
     code = (
         f"import sys, {module}\n"
@@ -111,7 +126,11 @@ def test_importing_sway_common_loads_neither_mlx_nor_torch(module: str) -> None:
 
 
 def test_eval_of_several_adapters_loads_the_base_once(
-    tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_dora_adapter: Path, tmp_path: Path, monkeypatch
+    tiny_model_dir: Path,
+    tiny_peft_adapter: Path,
+    tiny_dora_adapter: Path,
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:
     import sway_common.app.cli as cli
 
@@ -124,15 +143,30 @@ def test_eval_of_several_adapters_loads_the_base_once(
 
     monkeypatch.setattr(cli, "build_backend", counting)
     out = tmp_path / "r.json"
-    args = ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(tiny_peft_adapter),
-            "--adapter-path", str(tiny_dora_adapter), "--runs", "3", "--backend", "hf", "--json", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter-path",
+        str(tiny_peft_adapter),
+        "--adapter-path",
+        str(tiny_dora_adapter),
+        "--runs",
+        "3",
+        "--backend",
+        "hf",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code in (0, 1), result.output
     assert len(builds) == 1
     assert "base model loaded once" in result.output
     for adapter in (tiny_peft_adapter, tiny_dora_adapter):
         report = load_json(tmp_path / f"r-{adapter.name}.json")
-        assert report.meta["adapter"].endswith(adapter.name) or adapter.name in json.dumps(report.meta)
+        assert report.meta["adapter"].endswith(adapter.name) or adapter.name in json.dumps(
+            report.meta
+        )
     assert not out.exists()
 
 
@@ -150,12 +184,23 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
         return real_put(self, key, value)
 
     monkeypatch.setattr(NullCache, "put", counting)
-    args = ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(tiny_peft_adapter), "--runs", "3",
-            "--backend", "hf"]
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--adapter-path",
+        str(tiny_peft_adapter),
+        "--runs",
+        "3",
+        "--backend",
+        "hf",
+    ]
     outs = []
     for extra in ([], [], ["--no-cache"]):
         computed.clear()
-        result = CliRunner().invoke(app, [*args, *extra, "--json", str(tmp_path / f"r{len(outs)}.json")])
+        result = CliRunner().invoke(
+            app, [*args, *extra, "--json", str(tmp_path / f"r{len(outs)}.json")]
+        )
         assert result.exit_code in (0, 1), result.output
         outs.append((len(computed), load_json(tmp_path / f"r{len(outs)}.json")))
     (first, a), (second, b), (bypassed, c) = outs

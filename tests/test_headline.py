@@ -12,7 +12,9 @@ PROMPTS = ["The keeper said", "In the storm", "A ledger entry:", "Tell me about 
 
 
 def _line(**backend_kw) -> str:
-    return headline(run_suite(quick_suite(PROMPTS, runs=5), backend=DummyDifferentialBackend(**backend_kw)))
+    return headline(
+        run_suite(quick_suite(PROMPTS, runs=5), backend=DummyDifferentialBackend(**backend_kw))
+    )
 
 
 def test_trained_adapter_reads_as_sigmas_above_its_null() -> None:
@@ -23,7 +25,10 @@ def test_trained_adapter_reads_as_sigmas_above_its_null() -> None:
 
 def test_untrained_adapter_reads_as_a_no_op() -> None:
     line = _line(adapter_strength=0.0)
-    assert line.startswith("the adapter is a no-op: ΔW = scale·B·A is zero") and "no probe was run" in line
+    assert (
+        line.startswith("the adapter is a no-op: ΔW = scale·B·A is zero")
+        and "no probe was run" in line
+    )
 
 
 def test_random_adapter_reads_as_indistinguishable() -> None:
@@ -39,8 +44,14 @@ def test_nan_adapter_reads_as_not_evaluated() -> None:
 
 def test_significant_but_negligible_says_so() -> None:
     dk = ProbeResult(
-        name="dk", kind="delta_kl", verdict=Verdict.FAIL, raw=2.9e-4, z=6.6, effect_ratio=2.8,
-        null=NullStats(mean=1e-4, std=2.4e-5, n=8), evidence={"per_prompt": [0.0] * 8},
+        name="dk",
+        kind="delta_kl",
+        verdict=Verdict.FAIL,
+        raw=2.9e-4,
+        z=6.6,
+        effect_ratio=2.8,
+        null=NullStats(mean=1e-4, std=2.4e-5, n=8),
+        evidence={"per_prompt": [0.0] * 8},
     )
     line = headline(SuiteResult(probes=[dk], verdict=Verdict.FAIL, score=0.1))
     assert "6.6σ above its null on 8 prompts but its effect is negligible" in line
@@ -48,14 +59,22 @@ def test_significant_but_negligible_says_so() -> None:
 
 def test_z_past_what_k_draws_support_is_shown_as_a_bound() -> None:
     dk = ProbeResult(
-        name="dk", kind="delta_kl", verdict=Verdict.PASS, raw=0.18, z=2840.0, effect_ratio=52.0,
-        null=NullStats(mean=3e-3, std=1e-4, n=3), evidence={"per_prompt": [0.18] * 8},
+        name="dk",
+        kind="delta_kl",
+        verdict=Verdict.PASS,
+        raw=0.18,
+        z=2840.0,
+        effect_ratio=52.0,
+        null=NullStats(mean=3e-3, std=1e-4, n=3),
+        evidence={"per_prompt": [0.18] * 8},
     )
     line = headline(SuiteResult(probes=[dk], verdict=Verdict.PASS, score=1.0))
     assert line.startswith("adapter is > 50.0σ above its null on 8 prompts") and "2840" not in line
 
 
 def test_an_interrupted_run_is_never_a_verdict_on_the_adapter() -> None:
-    dk = ProbeResult(name="dk", kind="delta_kl", verdict=Verdict.SKIP, message="not run: interrupted")
+    dk = ProbeResult(
+        name="dk", kind="delta_kl", verdict=Verdict.SKIP, message="not run: interrupted"
+    )
     result = SuiteResult(probes=[dk], verdict=Verdict.ERROR, score=None, meta={"interrupted": True})
     assert headline(result) == "interrupted after 0 of 1 probes: no verdict on the adapter"

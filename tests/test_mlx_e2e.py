@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.mlx]
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     line.strip()
-    for line in (REPO / "sway_common" / "app" / "data" / "demo_prompts.txt").read_text().splitlines()
+    for line in (REPO / "sway_common" / "app" / "data" / "demo_prompts.txt")
+    .read_text()
+    .splitlines()
     if line.strip()
 ]
 TIMINGS: dict[str, float] = {}
@@ -43,8 +45,16 @@ def train_with_mlx_lm(model_dir: Path, dst: Path) -> Path:
     far enough for a clear signal, in well under half the time of the usual 1e-4 recipe.
     """
     return train_lora(
-        model_dir, fixtures_build.document_chunks(160), dst, steps=16, rank=8, alpha=160.0,
-        learning_rate=6e-4, num_layers=8, max_tokens=128, batch_size=4,
+        model_dir,
+        fixtures_build.document_chunks(160),
+        dst,
+        steps=16,
+        rank=8,
+        alpha=160.0,
+        learning_rate=6e-4,
+        num_layers=8,
+        max_tokens=128,
+        batch_size=4,
     )
 
 

@@ -28,9 +28,16 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("given", "want"),
     [
-        ("auto", "auto"), ("AUTO", "auto"), ("float32", "float32"), ("fp32", "float32"),
-        ("FP32", "float32"), ("bfloat16", "bfloat16"), ("bf16", "bfloat16"),
-        ("float16", "float16"), ("fp16", "float16"), (" Fp16 ", "float16"),
+        ("auto", "auto"),
+        ("AUTO", "auto"),
+        ("float32", "float32"),
+        ("fp32", "float32"),
+        ("FP32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("bf16", "bfloat16"),
+        ("float16", "float16"),
+        ("fp16", "float16"),
+        (" Fp16 ", "float16"),
     ],
 )
 def test_parse_dtype_accepts_aliases(given: str, want: str) -> None:
@@ -55,7 +62,10 @@ def _write_model_dir(d: Path, cfg: dict) -> Path:
 def test_normalize_lifts_rope_theta(tmp_path: Path) -> None:
     src = _write_model_dir(
         tmp_path / "m",
-        {"model_type": "llama", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}},
+        {
+            "model_type": "llama",
+            "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+        },
     )
     out = normalize_config(src)
     assert out != src
@@ -75,8 +85,11 @@ def test_normalize_lifts_rope_theta(tmp_path: Path) -> None:
 
 def test_normalize_lifts_rope_scaling_for_non_default_type(tmp_path: Path) -> None:
     params = {
-        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
-        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_theta": 500000.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
     src = _write_model_dir(tmp_path / "m", {"model_type": "llama", "rope_parameters": params})

@@ -52,7 +52,9 @@ def test_plot_ablation_and_z_write_where_asked(suite_result: SuiteResult, tmp_pa
 
 def test_without_an_ablation_probe_only_the_z_plot(tmp_path: Path) -> None:
     spec = quick_suite(PROMPTS, runs=4)
-    spec = SuiteSpec(probes=[c for c in spec.probes if c.kind != "adapter_ablation"], defaults=spec.defaults)
+    spec = SuiteSpec(
+        probes=[c for c in spec.probes if c.kind != "adapter_ablation"], defaults=spec.defaults
+    )
     result = run_suite(spec, backend=DummyDifferentialBackend())
     assert [p.name for p in write_plots(result, tmp_path)] == ["sway-z.png"]
     with pytest.raises(ValueError, match="adapter_ablation"):
@@ -62,12 +64,15 @@ def test_without_an_ablation_probe_only_the_z_plot(tmp_path: Path) -> None:
 def test_z_plot_with_huge_negative_and_missing_z(tmp_path: Path) -> None:
     result = SuiteResult(
         probes=[
-            ProbeResult("null_baseline", "null_adapter", Verdict.PASS, null=NullStats(0.01, 0.002, 8)),
+            ProbeResult(
+                "null_baseline", "null_adapter", Verdict.PASS, null=NullStats(0.01, 0.002, 8)
+            ),
             ProbeResult("doc", "delta_kl", Verdict.PASS, raw=0.3, z=412.0),
             ProbeResult("neg", "delta_kl", Verdict.FAIL, raw=0.001, z=-2.7),
             ProbeResult("broken", "adapter_ablation", Verdict.ERROR, message="RuntimeError: boom"),
         ],
-        verdict=Verdict.ERROR, score=None,
+        verdict=Verdict.ERROR,
+        score=None,
     )
     assert_png(plot_z(result, tmp_path / "z.png"))
     with pytest.raises(ValueError):
@@ -75,11 +80,25 @@ def test_z_plot_with_huge_negative_and_missing_z(tmp_path: Path) -> None:
 
 
 def _rows() -> list[CheckpointRow]:
-    spec = [(100, 0.004, 0.4, Verdict.FAIL), (200, 0.03, 8.5, Verdict.PASS), (300, 0.09, 260.0, Verdict.PASS),
-            (400, None, None, Verdict.ERROR), (500, 0.05, 90.0, Verdict.PASS), (600, 0.08, 240.0, Verdict.PASS)]
+    spec = [
+        (100, 0.004, 0.4, Verdict.FAIL),
+        (200, 0.03, 8.5, Verdict.PASS),
+        (300, 0.09, 260.0, Verdict.PASS),
+        (400, None, None, Verdict.ERROR),
+        (500, 0.05, 90.0, Verdict.PASS),
+        (600, 0.08, 240.0, Verdict.PASS),
+    ]
     return [
-        CheckpointRow(step, f"step {step}", div, z, None if div is None else 0.006,
-                      None if div is None else 0.002, v, "msg")
+        CheckpointRow(
+            step,
+            f"step {step}",
+            div,
+            z,
+            None if div is None else 0.006,
+            None if div is None else 0.002,
+            v,
+            "msg",
+        )
         for step, div, z, v in spec
     ]
 
@@ -94,7 +113,10 @@ def test_trajectory_plot_edge_cases(tmp_path: Path, which: str) -> None:
     if which == "one":
         rows = rows[:1]
     elif which == "all-errors":
-        rows = [CheckpointRow(s, f"step {s}", None, None, None, None, Verdict.ERROR, "bad") for s in (1, 2)]
+        rows = [
+            CheckpointRow(s, f"step {s}", None, None, None, None, Verdict.ERROR, "bad")
+            for s in (1, 2)
+        ]
     else:
         for r in rows:
             r.null_mean = r.null_std = None

@@ -31,14 +31,18 @@ def test_trained_adapter_passes_with_a_real_null_comparison() -> None:
 
 
 def test_untrained_adapter_is_one_preflight_fail_before_any_probe() -> None:
-    result = run_suite(quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=0.0))
+    result = run_suite(
+        quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=0.0)
+    )
     assert [(p.kind, p.verdict) for p in result.probes] == [("preflight", Verdict.FAIL)]
     assert "no-op" in result.probes[0].message and "ΔW" in result.probes[0].message
     assert result.verdict is Verdict.FAIL
 
 
 def test_near_zero_adapter_fails_and_its_curve_is_not_called_healthy() -> None:
-    result = run_suite(quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=1e-3))
+    result = run_suite(
+        quick_suite(PROMPTS, runs=6), backend=DummyDifferentialBackend(adapter_strength=1e-3)
+    )
     probes = _by_kind(result)
     assert probes["delta_kl"].verdict is Verdict.FAIL
     assert probes["adapter_ablation"].verdict is not Verdict.PASS
@@ -99,8 +103,12 @@ def test_runs_are_reproducible() -> None:
     assert [p.z for p in a.probes] == [p.z for p in b.probes]
 
 
-def _r(verdict: Verdict, score: float | None = 1.0, gating: bool = True, category: str = "adherence") -> ProbeResult:
-    return ProbeResult(name="p", kind="k", verdict=verdict, score=score, gating=gating, category=category)
+def _r(
+    verdict: Verdict, score: float | None = 1.0, gating: bool = True, category: str = "adherence"
+) -> ProbeResult:
+    return ProbeResult(
+        name="p", kind="k", verdict=verdict, score=score, gating=gating, category=category
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +128,10 @@ def test_overall_verdict_never_reads_healthy_over_a_gating_failure(results, expe
 
 
 def test_score_below_threshold_fails_and_weights_apply() -> None:
-    results = [_r(Verdict.PASS, 0.9, category="adherence"), _r(Verdict.PASS, 0.1, category="ablation")]
+    results = [
+        _r(Verdict.PASS, 0.9, category="adherence"),
+        _r(Verdict.PASS, 0.1, category="ablation"),
+    ]
     score, cats = composite(results, {"adherence": 3.0, "ablation": 1.0})
     assert cats == {"adherence": 0.9, "ablation": 0.1}
     assert score == pytest.approx(0.7)

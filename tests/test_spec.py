@@ -37,7 +37,12 @@ def test_an_existing_dlm_sway_suite_loads(tmp_path: Path) -> None:
     path.write_text(DLM_SWAY_SUITE)
     spec = load_spec(path)
     kinds = [type(c) for c in spec.probes]
-    assert kinds == [NullAdapterConfig, DeltaKLConfig, SectionInternalizationConfig, AdapterAblationConfig]
+    assert kinds == [
+        NullAdapterConfig,
+        DeltaKLConfig,
+        SectionInternalizationConfig,
+        AdapterAblationConfig,
+    ]
     assert spec.probes[0].runs == 3 and spec.null_calibration().runs == 3
     assert spec.probes[1].prompts == ["The key insight is", "An important rule"]
     assert spec.model.kind == "hf" and spec.model.adapter == "./runs/adapter/v0003"
@@ -53,11 +58,15 @@ def test_relative_adapter_paths_resolve_against_the_spec_file(tmp_path: Path) ->
 
 def test_json_specs_load_too(tmp_path: Path) -> None:
     path = tmp_path / "suite.json"
-    path.write_text(json.dumps({
-        "version": 1,
-        "models": {"ft": {"kind": "dummy", "base": "dummy", "adapter": "trained"}},
-        "suite": [{"name": "dk", "kind": "delta_kl", "prompts": ["a"]}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "models": {"ft": {"kind": "dummy", "base": "dummy", "adapter": "trained"}},
+                "suite": [{"name": "dk", "kind": "delta_kl", "prompts": ["a"]}],
+            }
+        )
+    )
     assert load_spec(path).probes[0].name == "dk"
 
 
@@ -91,7 +100,10 @@ def test_every_problem_is_reported_at_once_with_suggestions() -> None:
         ({"name": "n", "kind": "null_adapter", "runs": 1}, "at least 2 null draws"),
         ({"name": "n", "kind": "null_adapter", "rank_multipliers": [1.0, 0.0]}, "rank_multipliers"),
         ({"name": "a", "kind": "adapter_ablation", "lambdas": [0.0, 1.0]}, "at least 3 distinct"),
-        ({"name": "a", "kind": "adapter_ablation", "assert_saturation_between": [0.3]}, "expected 2 items"),
+        (
+            {"name": "a", "kind": "adapter_ablation", "assert_saturation_between": [0.3]},
+            "expected 2 items",
+        ),
         ({"kind": "delta_kl"}, "name: required field is missing"),
         ({"name": "x"}, "kind: required"),
     ],
@@ -104,10 +116,12 @@ def test_bad_entries_name_the_field(entry: dict, fragment: str) -> None:
 
 def test_model_problems() -> None:
     with pytest.raises(SpecError) as info:
-        parse_spec({
-            "models": {"base": {"base": "other"}, "ft": {"kind": "mxl", "base": "m"}},
-            "suite": [{"name": "a", "kind": "delta_kl"}, {"name": "a", "kind": "delta_kl"}],
-        })
+        parse_spec(
+            {
+                "models": {"base": {"base": "other"}, "ft": {"kind": "mxl", "base": "m"}},
+                "suite": [{"name": "a", "kind": "delta_kl"}, {"name": "a", "kind": "delta_kl"}],
+            }
+        )
     text = str(info.value)
     assert "did you mean 'mlx'" in text
     assert "models.ft.adapter: required" in text

@@ -337,7 +337,9 @@ def test_t_isf_inverts_the_t_tail() -> None:
 def test_z_bound_is_where_the_small_sample_p_reaches_its_floor() -> None:
     for n in (3, 8, 16):
         bound = z_bound(n)
-        assert p_value(bound, NullStats(mean=0.0, std=1.0, n=n)) == pytest.approx(Z_DISPLAY_P, rel=1e-4)
+        assert p_value(bound, NullStats(mean=0.0, std=1.0, n=n)) == pytest.approx(
+            Z_DISPLAY_P, rel=1e-4
+        )
     # More draws make the same z more significant, so the bound comes down toward normal.
     assert z_bound(3) > z_bound(8) > z_bound(16) > 3.7
 

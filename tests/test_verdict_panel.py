@@ -31,8 +31,15 @@ from sway_common.types import Verdict  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
 from sway_mlx.train import train_lora  # noqa: E402
 
-ALL_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ALL_LINEAR = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def _prompts() -> list[str]:
@@ -55,19 +62,32 @@ def _suite() -> SuiteSpec:
 def native_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """30 iterations of `mlx_lm lora`, all linear layers of the last 8 blocks, saved every 10."""
     return train_lora(
-        normalize_config(smollm2_dir), fixtures_build.document_chunks(160), tmp_path_factory.mktemp("native"),
-        steps=30, rank=8, alpha=16.0, learning_rate=2e-4, targets=ALL_LINEAR, num_layers=8,
-        max_tokens=128, batch_size=4, save_every=10,
+        normalize_config(smollm2_dir),
+        fixtures_build.document_chunks(160),
+        tmp_path_factory.mktemp("native"),
+        steps=30,
+        rank=8,
+        alpha=16.0,
+        learning_rate=2e-4,
+        targets=ALL_LINEAR,
+        num_layers=8,
+        max_tokens=128,
+        batch_size=4,
+        save_every=10,
     )
 
 
 @pytest.fixture(scope="module")
-def verdicts(smollm2_dir: Path, native_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Verdict]]:
+def verdicts(
+    smollm2_dir: Path, native_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, Verdict]]:
     trained = read_adapter(native_run)
     work = tmp_path_factory.mktemp("controls")
     panel = {
         "native": native_run,
-        "random at its norm": write_mlx_adapter(random_like(trained, 0), work / "random", allow_rescale=True),
+        "random at its norm": write_mlx_adapter(
+            random_like(trained, 0), work / "random", allow_rescale=True
+        ),
         "B≈0": write_mlx_adapter(shrink_b(trained), work / "bzero", allow_rescale=True),
     }
     backend = MLXDifferentialBackend(normalize_config(smollm2_dir), native_run, dtype="float32")
@@ -95,9 +115,16 @@ def test_controls_never_pass(verdicts, control: str) -> None:
         assert verdicts[control][probe] is not Verdict.PASS, verdicts[control]["messages"]
 
 
-def test_growing_checkpoints_are_not_called_regressions(smollm2_dir: Path, native_run: Path) -> None:
-    rows = evaluate_checkpoints(native_run, model=str(normalize_config(smollm2_dir)), backend="mlx",
-                                prompts=_prompts(), runs=4)
+def test_growing_checkpoints_are_not_called_regressions(
+    smollm2_dir: Path, native_run: Path
+) -> None:
+    rows = evaluate_checkpoints(
+        native_run,
+        model=str(normalize_config(smollm2_dir)),
+        backend="mlx",
+        prompts=_prompts(),
+        runs=4,
+    )
     summary = summarize(rows)
     assert [r.step for r in rows] == [10, 20, 30]
     assert not summary.regressions and "regressed" not in summary.line

@@ -42,16 +42,39 @@ class FakeEvaluate:
             read_adapter(ckpt.path)
         except ValueError as e:
             return error_row(ckpt, str(e))
-        return CheckpointRow(ckpt.step, ckpt.label, ckpt.step / 1000, float(ckpt.step), 0.01,
-                             0.001, Verdict.PASS, "ok", key=ckpt.key)
+        return CheckpointRow(
+            ckpt.step,
+            ckpt.label,
+            ckpt.step / 1000,
+            float(ckpt.step),
+            0.01,
+            0.001,
+            Verdict.PASS,
+            "ok",
+            key=ckpt.key,
+        )
 
 
-def run_watch(run: Path, history: Path, evaluate: Callable[[Checkpoint], CheckpointRow] | None,
-              *, until: Callable[[], bool] | None = None, timeout: float = 30.0, **kw) -> list[CheckpointRow]:
+def run_watch(
+    run: Path,
+    history: Path,
+    evaluate: Callable[[Checkpoint], CheckpointRow] | None,
+    *,
+    until: Callable[[], bool] | None = None,
+    timeout: float = 30.0,
+    **kw,
+) -> list[CheckpointRow]:
     deadline = time.monotonic() + timeout
     kw = {**FAST, **kw}
-    return watch(run, model="unused", prompts=PROMPTS, history=history, evaluate=evaluate,
-                 stop=lambda: time.monotonic() > deadline or (until is not None and until()), **kw)
+    return watch(
+        run,
+        model="unused",
+        prompts=PROMPTS,
+        history=history,
+        evaluate=evaluate,
+        stop=lambda: time.monotonic() > deadline or (until is not None and until()),
+        **kw,
+    )
 
 
 def history_lines(history: Path) -> list[dict]:
@@ -115,7 +138,9 @@ def test_restart_skips_recorded_checkpoints(tmp_path: Path) -> None:
     assert len(history_lines(history)) == 3
 
 
-def test_unreadable_file_is_an_error_after_max_tries_and_retried_once_rewritten(tmp_path: Path) -> None:
+def test_unreadable_file_is_an_error_after_max_tries_and_retried_once_rewritten(
+    tmp_path: Path,
+) -> None:
     run = write_mlx_run(tmp_path / "run", [])
     good = valid_bytes(tmp_path / "x.safetensors", 1)
     target = run / "0000001_adapters.safetensors"
@@ -123,7 +148,9 @@ def test_unreadable_file_is_an_error_after_max_tries_and_retried_once_rewritten(
     history = tmp_path / "h.jsonl"
     fake = FakeEvaluate()
     (r,) = run_watch(run, history, fake, max_checkpoints=1, max_tries=3)
-    assert r.verdict is Verdict.ERROR and "unreadable after 3 tries" in r.message and fake.calls == []
+    assert (
+        r.verdict is Verdict.ERROR and "unreadable after 3 tries" in r.message and fake.calls == []
+    )
     assert read_history(history)[0].verdict is Verdict.ERROR
     time.sleep(0.01)  # a new mtime even on coarse clocks
     target.write_bytes(good)
@@ -190,11 +217,14 @@ def test_missing_run_dir_raises(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ real backend
-def test_watch_with_a_real_backend(tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path,
-                                   real_backend: str, monkeypatch) -> None:  # noqa: F811
+def test_watch_with_a_real_backend(
+    tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str, monkeypatch
+) -> None:  # noqa: F811
     builds = []
     real_build = platform.build_backend
-    monkeypatch.setattr(platform, "build_backend", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(
+        platform, "build_backend", lambda *a, **k: builds.append(1) or real_build(*a, **k)
+    )
     run = tmp_path / "run"
     run.mkdir()
     src = tiny_mlx_adapter
@@ -208,16 +238,26 @@ def test_watch_with_a_real_backend(tiny_mlx_adapter: Path, tiny_model_dir: Path,
         path.write_bytes(data[: len(data) // 3])
         time.sleep(0.3)  # stalled longer than the settle time, shorter than the tries
         with open(path, "ab") as f:
-            f.write(data[len(data) // 3:])
+            f.write(data[len(data) // 3 :])
         shutil.copyfile(src / "adapters.safetensors", run / "adapters.safetensors")
 
     writer = threading.Thread(target=trainer)
     writer.start()
     history = tmp_path / "h.jsonl"
     deadline = time.monotonic() + 120
-    rows = watch(run, model=str(tiny_model_dir), backend=real_backend, prompts=PROMPTS, history=history,
-                 runs=3, max_checkpoints=3, max_tries=30, poll_s=0.05, settle_s=0.1,
-                 stop=lambda: time.monotonic() > deadline)
+    rows = watch(
+        run,
+        model=str(tiny_model_dir),
+        backend=real_backend,
+        prompts=PROMPTS,
+        history=history,
+        runs=3,
+        max_checkpoints=3,
+        max_tries=30,
+        poll_s=0.05,
+        settle_s=0.1,
+        stop=lambda: time.monotonic() > deadline,
+    )
     writer.join()
     by_step = {r.step: r for r in rows}
     assert sorted(by_step) == [10, 15, 20]
@@ -227,17 +267,33 @@ def test_watch_with_a_real_backend(tiny_mlx_adapter: Path, tiny_model_dir: Path,
     assert len(builds) == 1 and len(history_lines(history)) == 3
 
 
-def test_cli_watch(tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str) -> None:  # noqa: F811
+def test_cli_watch(
+    tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str
+) -> None:  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(tiny_mlx_adapter, run)
-    args = [str(run), "--model", str(tiny_model_dir), "--backend", real_backend, "--runs", "3",
-            "--poll", "0.05", "--max-checkpoints", "2"]
+    args = [
+        str(run),
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        real_backend,
+        "--runs",
+        "3",
+        "--poll",
+        "0.05",
+        "--max-checkpoints",
+        "2",
+    ]
     result = CliRunner().invoke(watch_cmd, args)
     assert result.exit_code == 0, result.output
     assert "step 10" in result.output and "step 20" in result.output
     assert len(history_lines(run / "sway-history.jsonl")) == 2
     assert (run / "sway-trajectory.png").read_bytes()[:4] == b"\x89PNG"
-    assert "first above noise" in result.output.lower() or "no checkpoint rose" in result.output.lower()
+    assert (
+        "first above noise" in result.output.lower()
+        or "no checkpoint rose" in result.output.lower()
+    )
 
 
 def test_cli_watch_bad_input(tmp_path: Path) -> None:

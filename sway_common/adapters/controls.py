@@ -34,5 +34,7 @@ def random_like(w: AdapterWeights, seed: int, *, init_scale: float | None = None
 
 def shrink_b(w: AdapterWeights, factor: float = 1e-4) -> AdapterWeights:
     """``w`` with every B multiplied by ``factor``: the learned direction, almost no effect."""
-    modules = {n: replace(m, b=(m.b * np.float32(factor)).astype(np.float32)) for n, m in w.modules.items()}
+    modules = {
+        n: replace(m, b=(m.b * np.float32(factor)).astype(np.float32)) for n, m in w.modules.items()
+    }
     return AdapterWeights(fmt=w.fmt, dora=w.dora, modules=modules, config=dict(w.config))

@@ -71,7 +71,9 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _entry(path: Path, name: str, info: object, size: int) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+def _entry(
+    path: Path, name: str, info: object, size: int
+) -> tuple[str, tuple[int, ...], tuple[int, int]]:
     """(dtype, shape, byte range) of one header entry, checked against the file's length.
 
     A file cut short (a half-copied download, an interrupted save) fails here with its

@@ -75,7 +75,9 @@ def _number(value: Any, field: str, *, positive: bool = False) -> float:
 
 def _rank(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AdapterFormatError(f"adapter_config.json: {field} must be an integer >= 1, got {value!r}")
+        raise AdapterFormatError(
+            f"adapter_config.json: {field} must be an integer >= 1, got {value!r}"
+        )
     return value
 
 
@@ -103,7 +105,9 @@ def _check_peft_config(cfg: dict[str, Any]) -> None:
         )
     bias = cfg.get("bias", "none")
     if bias not in (None, "none"):
-        raise AdapterFormatError(f"PEFT bias={bias!r} trains base biases; only bias='none' is supported")
+        raise AdapterFormatError(
+            f"PEFT bias={bias!r} trains base biases; only bias='none' is supported"
+        )
     for key, what in _PEFT_UNSUPPORTED.items():
         if cfg.get(key):
             raise AdapterFormatError(f"PEFT adapter uses {what} ({key}); it cannot be represented")
@@ -115,17 +119,21 @@ def _check_peft_config(cfg: dict[str, Any]) -> None:
         )
 
 
-def read_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraModule], bool]:
+def read_peft(
+    cfg: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> tuple[dict[str, LoraModule], bool]:
     _check_peft_config(cfg)
     parts: dict[str, dict[str, np.ndarray]] = {}
     unknown: list[str] = []
     for key, t in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         if "lora_embedding_" in name:
             raise AdapterFormatError(f"PEFT adapter has LoRA on an embedding layer ({key})")
         for suffix, part in (
-            (".lora_A.weight", "A"), (".lora_B.weight", "B"),
-            (".lora_magnitude_vector.weight", "M"), (".lora_magnitude_vector", "M"),
+            (".lora_A.weight", "A"),
+            (".lora_B.weight", "B"),
+            (".lora_magnitude_vector.weight", "M"),
+            (".lora_magnitude_vector", "M"),
         ):
             if name.endswith(suffix):
                 parts.setdefault(name[: -len(suffix)], {})[part] = t
@@ -160,7 +168,9 @@ def read_peft(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict
             raise AdapterFormatError(
                 f"PEFT module {name}: config rank {r} but lora_A has rank {p['A'].shape[0]}"
             )
-        alpha = _number(_pattern_value(alpha_pattern, name, alpha_default), f"alpha_pattern[{name}]")
+        alpha = _number(
+            _pattern_value(alpha_pattern, name, alpha_default), f"alpha_pattern[{name}]"
+        )
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         mag = _f32(p["M"]).reshape(-1) if "M" in p else None
         modules[name] = LoraModule(_f32(p["A"]), _f32(p["B"]), scale, mag)
@@ -239,7 +249,9 @@ def peft_payload(
 
 
 # ---------------------------------------------------------------------- mlx-lm
-def read_mlx(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict[str, LoraModule], bool]:
+def read_mlx(
+    cfg: dict[str, Any], tensors: dict[str, np.ndarray]
+) -> tuple[dict[str, LoraModule], bool]:
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise AdapterFormatError(
@@ -281,15 +293,19 @@ def read_mlx(cfg: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[dict[
                 "only Linear layers are supported"
             )
         if ("m" in p) != dora:
-            raise AdapterFormatError(f"mlx-lm module {name}: fine_tune_type={kind} but 'm' is "
-                                     f"{'present' if 'm' in p else 'missing'}")
+            raise AdapterFormatError(
+                f"mlx-lm module {name}: fine_tune_type={kind} but 'm' is "
+                f"{'present' if 'm' in p else 'missing'}"
+            )
         a, b = _f32(p["lora_a"].T), _f32(p["lora_b"].T)
         scale = shared
         info = extra.get(name)
         if info is not None:
             r, scale = int(info["rank"]), float(info["scale"])
             if np.any(a[r:]) or np.any(b[:, r:]):
-                raise AdapterFormatError(f"mlx-lm module {name}: rank padding beyond {r} is not zero")
+                raise AdapterFormatError(
+                    f"mlx-lm module {name}: rank padding beyond {r} is not zero"
+                )
             a, b = _f32(a[:r]), _f32(b[:, :r])
             if scale != shared:
                 # Undo the fold done on writing (exact when the ratio is a power of two).
@@ -323,7 +339,9 @@ def mlx_payload(
         if not (_pow2(m.scale / shared) and np.array_equal(folded[name] / ratio, m.b)):
             inexact.append(f"{name} (scale {m.scale:g})")
     if inexact and not allow_rescale:
-        shown = ", ".join(inexact[:3]) + (f" (+{len(inexact) - 3} more)" if len(inexact) > 3 else "")
+        shown = ", ".join(inexact[:3]) + (
+            f" (+{len(inexact) - 3} more)" if len(inexact) > 3 else ""
+        )
         raise AdapterFormatError(
             f"mlx-lm has one LoRA scale ({shared:g}); folding the other scales into lora_b would "
             f"round for {shown}. Pass allow_rescale=True to accept ~1-ulp changes, or use the "
@@ -347,7 +365,10 @@ def mlx_payload(
     # -1 = every block; untargeted (block, key) pairs get lora_b = 0, i.e. ΔW = 0.
     cfg["num_layers"] = int(src.get("num_layers", -1)) if w.fmt == "mlx" else -1
     cfg["lora_parameters"] = {
-        "rank": r_max, "scale": shared, "dropout": float(dropout or 0.0), "keys": w.target_keys,
+        "rank": r_max,
+        "scale": shared,
+        "dropout": float(dropout or 0.0),
+        "keys": w.target_keys,
     }
     if w.fmt == "peft" and src.get("base_model_name_or_path"):
         cfg.setdefault("model", src["base_model_name_or_path"])

@@ -122,7 +122,9 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterWeig
         modules, dora = (read_peft if fmt == "peft" else read_mlx)(cfg, tensors)
     except AdapterFormatError as e:
         if str(e).startswith(f"{CONFIG_NAME}:"):  # a bad field: say which file holds it
-            raise AdapterFormatError(f"{cfg_path}{str(e)[len(CONFIG_NAME):]}; correct it") from None
+            raise AdapterFormatError(
+                f"{cfg_path}{str(e)[len(CONFIG_NAME) :]}; correct it"
+            ) from None
         raise
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError, re.error) as e:
         # A config whose fields have the wrong types: name the file, not a Python internal.
@@ -145,9 +147,7 @@ def _weights_file(root: Path, name: str, allow_pickle: bool) -> Path:
 
 
 # ------------------------------------------------------------------ writing
-def write_mlx_adapter(
-    w: AdapterWeights, dst: str | Path, *, allow_rescale: bool = False
-) -> Path:
+def write_mlx_adapter(w: AdapterWeights, dst: str | Path, *, allow_rescale: bool = False) -> Path:
     """Write ``w`` as an mlx-lm adapter dir that ``mlx_lm`` loads as-is.
 
     mlx-lm has one rank, one scale and a "last ``num_layers`` blocks" rule. So:

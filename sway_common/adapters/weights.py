@@ -150,7 +150,11 @@ class AdapterWeights:
         bad = []
         for name, m in sorted(self.modules.items()):
             parts = {"lora_A": m.a, "lora_B": m.b, "magnitude": m.magnitude}
-            bad += [f"{name}.{k}" for k, t in parts.items() if t is not None and not np.isfinite(t).all()]
+            bad += [
+                f"{name}.{k}"
+                for k, t in parts.items()
+                if t is not None and not np.isfinite(t).all()
+            ]
         return bad
 
     def frobenius_norms(self) -> dict[str, float]:
@@ -164,5 +168,3 @@ def split_layer_name(name: str) -> tuple[str, int | None, str]:
     if m is None:
         return "", None, name
     return m["prefix"], int(m["idx"]), m["suffix"]
-
-

@@ -43,13 +43,20 @@ class CheckpointEvaluator:
     """
 
     def __init__(
-        self, *, model: str, backend: str = "auto", prompts: Sequence[str], runs: int = 8,
+        self,
+        *,
+        model: str,
+        backend: str = "auto",
+        prompts: Sequence[str],
+        runs: int = 8,
         seed: int = 0,
     ) -> None:
         self.model, self.backend_kind = model, backend
         self.spec = SuiteSpec(
             probes=[
-                NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
+                NullAdapterConfig(
+                    name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)
+                ),
                 DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
             ],
             defaults=Defaults(seed=seed),
@@ -72,16 +79,21 @@ class CheckpointEvaluator:
             try:
                 self.backend = platform.build_backend(spec, self.backend_kind)
             except Exception as e:
-                raise BackendBuildError(f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}") from e
+                raise BackendBuildError(
+                    f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}"
+                ) from e
             self.builds += 1
         else:
             try:
                 self.backend.set_adapter(ckpt.path)
             except Exception as e:
-                return error_row(ckpt, f"cannot load the adapter: {_short(e)}", time.perf_counter() - start)
+                return error_row(
+                    ckpt, f"cannot load the adapter: {_short(e)}", time.perf_counter() - start
+                )
         try:
             result = run_suite(
-                self.spec, backend=self.backend,
+                self.spec,
+                backend=self.backend,
                 on_result=(lambda r: on_probe(r.name)) if on_probe else None,
             )
         except Exception as e:
@@ -115,7 +127,9 @@ def evaluate_checkpoints(
     progress display; ``checkpoints`` skips discovery when the caller already did it.
     """
     ckpts = list(checkpoints) if checkpoints is not None else discover_checkpoints(run_dir)
-    evaluator = CheckpointEvaluator(model=model, backend=backend, prompts=prompts, runs=runs, seed=seed)
+    evaluator = CheckpointEvaluator(
+        model=model, backend=backend, prompts=prompts, runs=runs, seed=seed
+    )
     rows: list[CheckpointRow] = []
     try:
         for ckpt in ckpts:

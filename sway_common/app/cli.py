@@ -60,7 +60,10 @@ def _load_spec_or_fail(spec_path: str) -> Any:
     except SpecError as e:
         if len(e.problems) == 1:
             fail(f"{e.source}: {e.problems[0]}")
-        err_console.print(f"[bold red]error:[/] {escape(e.source)}: {len(e.problems)} problem(s) in the spec:", soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.source)}: {len(e.problems)} problem(s) in the spec:",
+            soft_wrap=True,
+        )
         for p in e.problems:
             err_console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
@@ -95,8 +98,13 @@ def _report_path(path: str, label: str | None) -> str:
     return str(p.with_name(f"{p.stem}-{label}{p.suffix}"))
 
 
-def _emit(result: Any, reports: dict[str, str | None], plot_dir: str | None, quiet: bool,
-          label: str | None = None) -> None:
+def _emit(
+    result: Any,
+    reports: dict[str, str | None],
+    plot_dir: str | None,
+    quiet: bool,
+    label: str | None = None,
+) -> None:
     writers = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
     for kind, path in reports.items():
         if path:
@@ -137,8 +145,12 @@ def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -
     _check_inputs(spec, opts, adapters)
     labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
     started = time.perf_counter()
-    backend = _build_or_fail(spec.model, opts.backend, allow_pickle=opts.allow_pickle,
-                             trust_remote_code=opts.trust_remote_code)
+    backend = _build_or_fail(
+        spec.model,
+        opts.backend,
+        allow_pickle=opts.allow_pickle,
+        trust_remote_code=opts.trust_remote_code,
+    )
     loaded = time.perf_counter()
     if problem := context_problem(spec, backend):
         backend.close()
@@ -148,9 +160,13 @@ def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -
         for adapter, label in zip(adapters, labels, strict=False):
             if adapter != adapters[0]:
                 backend.set_adapter(adapter)
-            result = run_suite(spec, backend=backend, threshold=opts.threshold,
-                               progress=suite_progress if sys.stderr.isatty() else None,
-                               null_cache=null_cache(opts.no_cache))
+            result = run_suite(
+                spec,
+                backend=backend,
+                threshold=opts.threshold,
+                progress=suite_progress if sys.stderr.isatty() else None,
+                null_cache=null_cache(opts.no_cache),
+            )
             _emit(result, opts.reports, opts.plot_dir, opts.quiet, label)
             if result.meta.get("interrupted"):
                 err_console.print("interrupted: reports hold the probes that finished")
@@ -162,8 +178,11 @@ def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -
             close()
     if more_adapters:
         each = (time.perf_counter() - loaded) / len(adapters)
-        err_console.print(f"base model loaded once in {loaded - started:.1f} s; "
-                          f"{len(adapters)} adapters at {each:.1f} s each", highlight=False)
+        err_console.print(
+            f"base model loaded once in {loaded - started:.1f} s; "
+            f"{len(adapters)} adapters at {each:.1f} s each",
+            highlight=False,
+        )
     sys.exit(max(codes))
 
 
@@ -204,10 +223,14 @@ class _App(click.Group):
         except Exception as e:
             if ctx.meta.get(DEBUG_KEY):
                 raise
-            fail(f"{type(e).__name__}: {first_line(e)} (unexpected; rerun with --debug for the traceback)")
+            fail(
+                f"{type(e).__name__}: {first_line(e)} (unexpected; rerun with --debug for the traceback)"
+            )
 
 
-@click.group(cls=_App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_App, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="sway-mlx")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
@@ -236,18 +259,51 @@ def app(ctx: click.Context, debug: bool) -> None:
 @app.command("eval")
 @click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
 @click.option("--model", help="Quick eval without a spec: base model (local HF dir or hub id).")
-@click.option("--adapter-path", "adapter_paths", multiple=True,
-              help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file. Repeat it to "
-                   "test several adapters of one base: the base loads once.")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="Quick eval: prompts file, one per line (default: generic prompts).")
-@click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Quick eval: number of null adapters.")
+@click.option(
+    "--adapter-path",
+    "adapter_paths",
+    multiple=True,
+    help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file. Repeat it to "
+    "test several adapters of one base: the base loads once.",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False),
+    help="Quick eval: prompts file, one per line (default: generic prompts).",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(2, 64),
+    default=8,
+    show_default=True,
+    help="Quick eval: number of null adapters.",
+)
 @report_options
 @safety_options
-@click.option("--threshold", type=float, default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
-def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str, ...], prompts_file: str | None,
-             runs: int, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
-             allow_pickle: bool, trust_remote_code: bool, threshold: float | None) -> None:
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).",
+)
+def eval_cmd(
+    spec_path: str | None,
+    model: str | None,
+    adapter_paths: tuple[str, ...],
+    prompts_file: str | None,
+    runs: int,
+    json_path: str | None,
+    markdown_path: str | None,
+    junit_path: str | None,
+    backend: str,
+    seed: int | None,
+    plot_dir: str | None,
+    no_cache: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    threshold: float | None,
+) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
 
     \b
@@ -272,12 +328,22 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str,
             if not Path(path).exists():
                 fail(f"adapter path {path} does not exist; give an adapter dir or checkpoint file")
         if len({Path(p).name for p in adapter_paths}) < len(adapter_paths):
-            fail("several --adapter-path values share a name; their reports would overwrite each other")
+            fail(
+                "several --adapter-path values share a name; their reports would overwrite each other"
+            )
         model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
         spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    opts = RunOptions(backend, seed, threshold, reports, plot_dir, no_cache,
-                      allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    opts = RunOptions(
+        backend,
+        seed,
+        threshold,
+        reports,
+        plot_dir,
+        no_cache,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     _execute(spec, opts, adapter_paths[1:])
 
 
@@ -285,15 +351,42 @@ def eval_cmd(spec_path: str | None, model: str | None, adapter_paths: tuple[str,
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @report_options
 @safety_options
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).")
-def gate_cmd(spec_path: str, json_path: str | None, markdown_path: str | None, junit_path: str | None,
-             backend: str, seed: int | None, plot_dir: str | None, no_cache: bool,
-             allow_pickle: bool, trust_remote_code: bool, threshold: float | None) -> None:
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).",
+)
+def gate_cmd(
+    spec_path: str,
+    json_path: str | None,
+    markdown_path: str | None,
+    junit_path: str | None,
+    backend: str,
+    seed: int | None,
+    plot_dir: str | None,
+    no_cache: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    threshold: float | None,
+) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
     spec = _load_spec_or_fail(spec_path)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    _execute(spec, RunOptions(backend, seed, threshold, reports, plot_dir, no_cache, quiet=True,
-                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    _execute(
+        spec,
+        RunOptions(
+            backend,
+            seed,
+            threshold,
+            reports,
+            plot_dir,
+            no_cache,
+            quiet=True,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        ),
+    )
 
 
 @app.command("list-probes")
@@ -309,7 +402,11 @@ def list_probes_cmd() -> None:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             shown = repr(default)
-            console.print(f"    {f.name}: {shown if len(shown) < 60 else shown[:57] + '...'}", highlight=False, markup=False)
+            console.print(
+                f"    {f.name}: {shown if len(shown) < 60 else shown[:57] + '...'}",
+                highlight=False,
+                markup=False,
+            )
 
 
 @app.command("doctor")
@@ -322,7 +419,9 @@ def doctor_cmd(as_json: bool) -> None:
         return
     console = Console()
     console.print(f"platform     {report['platform']} (python {report['python']})", highlight=False)
-    console.print(f"apple silicon {report['apple_silicon']}   cuda {report['cuda']}", highlight=False)
+    console.print(
+        f"apple silicon {report['apple_silicon']}   cuda {report['cuda']}", highlight=False
+    )
     for name, status in report["backends"].items():
         colour = "green" if status == "ok" else "yellow"
         console.print(f"backend {name:<5} [{colour}]{status}[/]", highlight=False)
@@ -337,7 +436,9 @@ def doctor_cmd(as_json: bool) -> None:
 @app.command("convert-adapter")
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["mlx", "peft"]), required=True, help="Target format.")
+@click.option(
+    "--to", "to", type=click.Choice(["mlx", "peft"]), required=True, help="Target format."
+)
 def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
     """Convert a LoRA adapter between mlx-lm and PEFT layouts (weights bit-exact).
 
@@ -355,7 +456,13 @@ def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
 
 @app.command("demo")
 @backend_option(MODEL_BACKEND_KINDS)
-@click.option("--runs", type=click.IntRange(2, 64), default=8, show_default=True, help="Null adapters per evaluation.")
+@click.option(
+    "--runs",
+    type=click.IntRange(2, 64),
+    default=8,
+    show_default=True,
+    help="Null adapters per evaluation.",
+)
 @plot_option("z against the null band, the ablation curve, per adapter")
 def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     """Train two adapters on a bundled document and show which one is above noise.
@@ -383,8 +490,11 @@ def main() -> None:
     if preloaded_openblas():
         # An inherited OpenBLAS preload slows torch down; MLX loads OpenBLAS itself
         # (sway_mlx), so the preload is never needed: start again without it.
-        os.execve(sys.executable, [sys.executable, "-m", "sway_common.app.cli", *sys.argv[1:]],
-                  without_openblas_preload(dict(os.environ)))
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", "sway_common.app.cli", *sys.argv[1:]],
+            without_openblas_preload(dict(os.environ)),
+        )
     app()
 
 

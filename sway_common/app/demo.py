@@ -48,24 +48,41 @@ TRAIN_SETTINGS: dict[str, Any] = {"rank": 8, "alpha": 16.0, "learning_rate": 3e-
 
 
 def demo_document() -> str:
-    return resources.files("sway_common.app.data").joinpath("demo_document.md").read_text(encoding="utf-8")
+    return (
+        resources.files("sway_common.app.data")
+        .joinpath("demo_document.md")
+        .read_text(encoding="utf-8")
+    )
 
 
 def demo_prompts() -> list[str]:
-    text = resources.files("sway_common.app.data").joinpath("demo_prompts.txt").read_text(encoding="utf-8")
+    text = (
+        resources.files("sway_common.app.data")
+        .joinpath("demo_prompts.txt")
+        .read_text(encoding="utf-8")
+    )
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def document_chunks(text: str) -> list[str]:
     """Paragraphs (heading dropped): each is one training example."""
-    return [p.strip().replace("\n", " ") for p in text.split("\n\n") if p.strip() and not p.startswith("#")]
+    return [
+        p.strip().replace("\n", " ")
+        for p in text.split("\n\n")
+        if p.strip() and not p.startswith("#")
+    ]
 
 
 def adapter_dir(cache: Path, backend: str, adapter: DemoAdapter, model_dir: Path) -> Path:
     """Cache path keyed by everything that shapes the adapter, so stale ones are never reused."""
     key = json.dumps(
-        {"doc": demo_document(), "steps": adapter.steps, "model": model_dir.name,
-         "backend": backend, **TRAIN_SETTINGS},
+        {
+            "doc": demo_document(),
+            "steps": adapter.steps,
+            "model": model_dir.name,
+            "backend": backend,
+            **TRAIN_SETTINGS,
+        },
         sort_keys=True,
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
@@ -80,33 +97,57 @@ def _trainer(backend: str) -> Any:
     return train_lora
 
 
-def ensure_adapter(backend: str, adapter: DemoAdapter, model_dir: Path, cache: Path, console: Console) -> Path:
+def ensure_adapter(
+    backend: str, adapter: DemoAdapter, model_dir: Path, cache: Path, console: Console
+) -> Path:
     path = adapter_dir(cache, backend, adapter, model_dir)
     if (path / "adapter_config.json").exists():
         return path
     trainer = "mlx-lm" if backend == "mlx" else "PEFT"
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"training '{adapter.label}' adapter ({trainer}, {adapter.steps} steps)",
-                                 total=adapter.steps, loss="")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(
+            f"training '{adapter.label}' adapter ({trainer}, {adapter.steps} steps)",
+            total=adapter.steps,
+            loss="",
+        )
 
         def on_step(step: int, loss: float) -> None:
             progress.update(task, completed=step, loss=f"loss {loss:.3f}")
 
-        _trainer(backend)(model_dir, document_chunks(demo_document()), path,
-                          steps=adapter.steps, on_step=on_step, **TRAIN_SETTINGS)
+        _trainer(backend)(
+            model_dir,
+            document_chunks(demo_document()),
+            path,
+            steps=adapter.steps,
+            on_step=on_step,
+            **TRAIN_SETTINGS,
+        )
     console.print(f"trained '{adapter.label}' adapter with {trainer} → {path}", highlight=False)
     return path
 
 
-def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = None,
-             plot_dir: Path | None = None) -> int:
+def run_demo(
+    backend: str = "auto",
+    *,
+    runs: int = 8,
+    console: Console | None = None,
+    plot_dir: Path | None = None,
+) -> int:
     """Run the demo; return the exit code (0 when the contrast shows as expected)."""
     console = console or Console()
     started = time.perf_counter()
     choice = pick_backend(backend)
     console.print(f"[bold]sway-mlx {__version__} demo[/] — backend: {choice}")
-    with console.status("preparing SmolLM2-135M-Instruct (the first run converts the bundled GGUF)"):
+    with console.status(
+        "preparing SmolLM2-135M-Instruct (the first run converts the bundled GGUF)"
+    ):
         model_dir = prepare_smollm2()
     cache = cache_root()
     paths = [ensure_adapter(choice, a, model_dir, cache, console) for a in ADAPTERS]
@@ -119,8 +160,14 @@ def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = 
         for adapter, path in zip(ADAPTERS, paths, strict=True):
             if path != paths[0]:
                 engine.set_adapter(path)
-            console.rule(f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})")
-            result = run_suite(quick_suite(prompts, runs=runs), backend=engine, progress=suite_progress if console.is_terminal else None)
+            console.rule(
+                f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})"
+            )
+            result = run_suite(
+                quick_suite(prompts, runs=runs),
+                backend=engine,
+                progress=suite_progress if console.is_terminal else None,
+            )
             render_terminal(result, console)
             console.print(f"[bold]→ {headline(result)}[/]", highlight=False, soft_wrap=True)
             if plot_dir is not None:
@@ -133,8 +180,12 @@ def run_demo(backend: str = "auto", *, runs: int = 8, console: Console | None = 
     elapsed = time.perf_counter() - started
     expected = verdicts[0] is Verdict.PASS and verdicts[1] is not Verdict.PASS
     if expected:
-        console.print("[green]the trained adapter is clearly above noise; the one-step adapter is not[/]")
+        console.print(
+            "[green]the trained adapter is clearly above noise; the one-step adapter is not[/]"
+        )
     else:
-        console.print(f"[yellow]unexpected contrast: trained {verdicts[0].value}, one-step {verdicts[1].value}[/]")
+        console.print(
+            f"[yellow]unexpected contrast: trained {verdicts[0].value}, one-step {verdicts[1].value}[/]"
+        )
     console.print(f"demo finished in {elapsed:.1f} s", highlight=False)
     return 0 if expected else 1

@@ -59,12 +59,19 @@ HISTORY_JSONL = "sway-history.jsonl"
 def recorded_base_model(run_dir: Path) -> str | None:
     """The base model a run's adapter config names (mlx-lm ``model``, PEFT
     ``base_model_name_or_path``), so ``--model`` can usually be left out."""
-    for cfg in [run_dir / "adapter_config.json", *sorted(run_dir.glob("checkpoint-*/adapter_config.json"))]:
+    for cfg in [
+        run_dir / "adapter_config.json",
+        *sorted(run_dir.glob("checkpoint-*/adapter_config.json")),
+    ]:
         try:
             data = json.loads(cfg.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        name = (data.get("model") or data.get("base_model_name_or_path")) if isinstance(data, dict) else None
+        name = (
+            (data.get("model") or data.get("base_model_name_or_path"))
+            if isinstance(data, dict)
+            else None
+        )
         if isinstance(name, str) and name:
             return name
     return None
@@ -94,13 +101,29 @@ def _resolve_inputs(
 def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.argument("run_dir", metavar="[DIR]", required=False, type=click.Path()),
-        click.option("--adapter-path", type=click.Path(), help="The run directory, named as mlx_lm.lora names it (same as DIR)."),
-        click.option("--model", help="Base model: local dir or Hugging Face id. Default: the one the run's adapter_config.json records."),
+        click.option(
+            "--adapter-path",
+            type=click.Path(),
+            help="The run directory, named as mlx_lm.lora names it (same as DIR).",
+        ),
+        click.option(
+            "--model",
+            help="Base model: local dir or Hugging Face id. Default: the one the run's adapter_config.json records.",
+        ),
         backend_option(MODEL_BACKEND_KINDS),
-        click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
-                     help="Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain."),
-        click.option("--runs", type=click.IntRange(min=2), default=8, show_default=True,
-                     help="Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt."),
+        click.option(
+            "--prompts",
+            "prompts_file",
+            type=click.Path(dir_okay=False),
+            help="Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain.",
+        ),
+        click.option(
+            "--runs",
+            type=click.IntRange(min=2),
+            default=8,
+            show_default=True,
+            help="Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt.",
+        ),
         seed_option,
         plot_option(f"{TRAJECTORY_PNG}: z and divergence against step", default="DIR"),
         click.option("--no-plot", is_flag=True, help="Write no PNG."),
@@ -121,10 +144,19 @@ def rows_table(rows: list[CheckpointRow]) -> Table:
     table.add_column("Effect", justify="right")
     table.add_column("Verdict")
     for r in rows:
-        null = "—" if r.null_mean is None else f"{format_metric(r.null_mean)} ± {format_metric(r.null_std)}"
+        null = (
+            "—"
+            if r.null_mean is None
+            else f"{format_metric(r.null_mean)} ± {format_metric(r.null_std)}"
+        )
         table.add_row(
-            str(r.step), Text(r.label), format_metric(r.divergence), null, format_z(r.z, r.null_n),
-            format_effect(r.effect_ratio), Text(r.verdict.value, style=VERDICT_STYLES[r.verdict]),
+            str(r.step),
+            Text(r.label),
+            format_metric(r.divergence),
+            null,
+            format_z(r.z, r.null_n),
+            format_effect(r.effect_ratio),
+            Text(r.verdict.value, style=VERDICT_STYLES[r.verdict]),
         )
     return table
 
@@ -135,13 +167,26 @@ def print_summary(console: Console, rows: list[CheckpointRow], summary: Trajecto
             console.print(Text(f"{r.label}: {r.message}", style="red"))
     first = summary.first_pass
     if first is None:
-        console.print(Text("No checkpoint rose above noise: every one is within what a random "
-                           "adapter of the same shape does.", style="yellow"))
+        console.print(
+            Text(
+                "No checkpoint rose above noise: every one is within what a random "
+                "adapter of the same shape does.",
+                style="yellow",
+            )
+        )
     else:
-        console.print(Text(f"First above noise: {first.label} (z={format_z(first.z, first.null_n)}, "
-                           f"{format_metric(first.divergence)} nats).", style="green"))
+        console.print(
+            Text(
+                f"First above noise: {first.label} (z={format_z(first.z, first.null_n)}, "
+                f"{format_metric(first.divergence)} nats).",
+                style="green",
+            )
+        )
     if summary.best is not None and summary.best is not first:
-        console.print(f"Best: {summary.best.label} (z={format_z(summary.best.z, summary.best.null_n)}).", highlight=False)
+        console.print(
+            f"Best: {summary.best.label} (z={format_z(summary.best.z, summary.best.null_n)}).",
+            highlight=False,
+        )
     if trend := effect_trend(rows):
         console.print(f"Effect: {trend}.", highlight=False)
     for r in summary.below_noise:
@@ -162,10 +207,24 @@ def _plot(rows: list[CheckpointRow], path: Path | None, console: Console) -> Non
 # ------------------------------------------------------------------ checkpoints
 @click.command("checkpoints")
 @shared_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows and the summary as JSON here.")
-def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
-                    prompts_file: str | None, runs: int, seed: int | None, plot_dir: str | None, no_plot: bool,
-                    json_path: str | None) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    help="Write the rows and the summary as JSON here.",
+)
+def checkpoints_cmd(
+    run_dir: str | None,
+    adapter_path: str | None,
+    model: str | None,
+    backend: str,
+    prompts_file: str | None,
+    runs: int,
+    seed: int | None,
+    plot_dir: str | None,
+    no_plot: bool,
+    json_path: str | None,
+) -> None:
     """Test every checkpoint of a training run against random adapters of its shape.
 
     DIR is the run's output directory: mlx-lm's --adapter-path (NNNNNNN_adapters.safetensors
@@ -195,13 +254,24 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
     plot = None if no_plot else Path(plot_dir or path) / TRAJECTORY_PNG
     seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
-    err.print(f"{len(ckpts)} checkpoints in {path} ({ckpts[0].label} … {ckpts[-1].label}); "
-              f"{len(prompts)} prompts, {runs} null adapters each", highlight=False)
+    err.print(
+        f"{len(ckpts)} checkpoints in {path} ({ckpts[0].label} … {ckpts[-1].label}); "
+        f"{len(prompts)} prompts, {runs} null adapters each",
+        highlight=False,
+    )
 
     rows: list[CheckpointRow] = []
-    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TextColumn("{task.fields[what]}"), TimeElapsedColumn(),
-                        console=err, transient=True, disable=not err.is_terminal)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
     task = progress.add_task("checkpoints", total=len(ckpts), what="")
 
     def on_row(row: CheckpointRow) -> None:
@@ -211,8 +281,14 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
     try:
         with progress:
             evaluate_checkpoints(
-                path, model=model, backend=backend, prompts=prompts, runs=runs, seed=seed,
-                checkpoints=ckpts, on_row=on_row,
+                path,
+                model=model,
+                backend=backend,
+                prompts=prompts,
+                runs=runs,
+                seed=seed,
+                checkpoints=ckpts,
+                on_row=on_row,
                 on_status=lambda c, what: progress.update(task, description=c.label, what=what),
             )
     except BackendBuildError as e:
@@ -233,13 +309,29 @@ def checkpoints_cmd(run_dir: str | None, adapter_path: str | None, model: str | 
     sys.exit(0 if summary.last_passes else 1)
 
 
-def _write_json(target: Path, run_dir: Path, model: str, backend: str, prompts: list[str], runs: int,
-                seed: int, rows: list[CheckpointRow], summary: TrajectorySummary) -> None:
+def _write_json(
+    target: Path,
+    run_dir: Path,
+    model: str,
+    backend: str,
+    prompts: list[str],
+    runs: int,
+    seed: int,
+    rows: list[CheckpointRow],
+    summary: TrajectorySummary,
+) -> None:
     payload = {
-        "schema_version": 1, "run_dir": str(run_dir), "model": model, "backend": backend,
-        "prompts": prompts, "runs": runs, "seed": seed, "rows": [r.to_dict() for r in rows],
+        "schema_version": 1,
+        "run_dir": str(run_dir),
+        "model": model,
+        "backend": backend,
+        "prompts": prompts,
+        "runs": runs,
+        "seed": seed,
+        "rows": [r.to_dict() for r in rows],
         "summary": {
-            "line": summary.line, "last_passes": summary.last_passes,
+            "line": summary.line,
+            "last_passes": summary.last_passes,
             "first_pass_step": summary.first_pass.step if summary.first_pass else None,
             "best_step": summary.best.step if summary.best else None,
             "regressions": [vars(g) for g in summary.regressions],
@@ -251,17 +343,48 @@ def _write_json(target: Path, run_dir: Path, model: str, backend: str, prompts: 
 # ------------------------------------------------------------------ watch
 @click.command("watch")
 @shared_options
-@click.option("--history", "history_path", type=click.Path(dir_okay=False),
-              help=f"JSONL file, one line per tested checkpoint; a restarted watch skips what it holds [default: DIR/{HISTORY_JSONL}].")
-@click.option("--poll", "poll_s", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
-              help="Seconds between looks at DIR.")
-@click.option("--settle", "settle_s", type=click.FloatRange(min=0.0), default=None,
-              help="Seconds a checkpoint's files must stay unchanged before it is read [default: --poll].")
-@click.option("--max-checkpoints", type=click.IntRange(min=1), default=None,
-              help="Stop after testing this many new checkpoints (default: run until Ctrl-C).")
-def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, backend: str,
-              prompts_file: str | None, runs: int, seed: int | None, plot_dir: str | None, no_plot: bool, history_path: str | None,
-              poll_s: float, settle_s: float | None, max_checkpoints: int | None) -> None:
+@click.option(
+    "--history",
+    "history_path",
+    type=click.Path(dir_okay=False),
+    help=f"JSONL file, one line per tested checkpoint; a restarted watch skips what it holds [default: DIR/{HISTORY_JSONL}].",
+)
+@click.option(
+    "--poll",
+    "poll_s",
+    type=click.FloatRange(min=0.05),
+    default=2.0,
+    show_default=True,
+    help="Seconds between looks at DIR.",
+)
+@click.option(
+    "--settle",
+    "settle_s",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Seconds a checkpoint's files must stay unchanged before it is read [default: --poll].",
+)
+@click.option(
+    "--max-checkpoints",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after testing this many new checkpoints (default: run until Ctrl-C).",
+)
+def watch_cmd(
+    run_dir: str | None,
+    adapter_path: str | None,
+    model: str | None,
+    backend: str,
+    prompts_file: str | None,
+    runs: int,
+    seed: int | None,
+    plot_dir: str | None,
+    no_plot: bool,
+    history_path: str | None,
+    poll_s: float,
+    settle_s: float | None,
+    max_checkpoints: int | None,
+) -> None:
     """Test each checkpoint while training runs, as soon as it is written.
 
     Start it beside your trainer, pointing at the same directory:
@@ -289,11 +412,16 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
         known = len(read_history(history))
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the history {history}: {getattr(e, 'strerror', None) or e}")
-    err.print(f"watching {path} ({len(prompts)} prompts, {runs} null adapters per checkpoint); "
-              f"history {history}" + (f" ({known} already tested)" if known else "")
-              + "; Ctrl-C to stop", highlight=False)
+    err.print(
+        f"watching {path} ({len(prompts)} prompts, {runs} null adapters per checkpoint); "
+        f"history {history}" + (f" ({known} already tested)" if known else "") + "; Ctrl-C to stop",
+        highlight=False,
+    )
+
     def on_row(r: CheckpointRow) -> None:
-        line = Text(f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z, r.null_n):>8}  ")
+        line = Text(
+            f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z, r.null_n):>8}  "
+        )
         line.append(r.verdict.value, style=VERDICT_STYLES[r.verdict])
         if r.verdict is not Verdict.PASS:
             line.append(f"  {r.message}", style="dim")
@@ -303,9 +431,20 @@ def watch_cmd(run_dir: str | None, adapter_path: str | None, model: str | None, 
     status = err.status("waiting for checkpoints", spinner="dots")
     try:
         with status:
-            watch(path, model=model, backend=backend, prompts=prompts, history=history, poll_s=poll_s,
-                  settle_s=settle_s, max_checkpoints=max_checkpoints, runs=runs, seed=seed,
-                  on_row=on_row, on_status=lambda msg: status.update(msg))
+            watch(
+                path,
+                model=model,
+                backend=backend,
+                prompts=prompts,
+                history=history,
+                poll_s=poll_s,
+                settle_s=settle_s,
+                max_checkpoints=max_checkpoints,
+                runs=runs,
+                seed=seed,
+                on_row=on_row,
+                on_status=lambda msg: status.update(msg),
+            )
     except (BackendBuildError, CheckpointError) as e:
         fail(str(e))
     rows = read_history(history)

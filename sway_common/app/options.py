@@ -63,7 +63,9 @@ def read_prompts(path: str | None) -> list[str]:
         fail(f"the prompts file {path} is not UTF-8 text; save it as UTF-8")
     except OSError as e:
         fail(f"cannot read the prompts file {path}: {e.strerror or e}; check the path")
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    prompts = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     if not prompts:
         fail(f"the prompts file {path} holds no prompts; write one prompt per line")
     return prompts
@@ -77,21 +79,27 @@ def require_plotting(alternative: str = "or leave out --plot") -> None:
 
 def backend_option(kinds: tuple[str, ...] = BACKEND_KINDS) -> Decorator:
     return click.option(
-        "--backend", type=click.Choice(kinds), default="auto", show_default=True,
+        "--backend",
+        type=click.Choice(kinds),
+        default="auto",
+        show_default=True,
         help="auto: MLX on Apple silicon, HF on CUDA, elsewhere HF if torch is installed, else MLX.",
     )
 
 
 seed_option: Decorator = click.option(
-    "--seed", type=int, default=None,
+    "--seed",
+    type=int,
+    default=None,
     help="Seed of the null adapters [default: the spec's defaults.seed, else 0].",
 )
 
 
 no_cache_option: Decorator = click.option(
-    "--no-cache", is_flag=True,
+    "--no-cache",
+    is_flag=True,
     help="Recompute the null adapters' measurements instead of reading them from the cache "
-         "(kept under $SWAY_MLX_CACHE/nulls, keyed by model, adapter, prompts and seeds).",
+    "(kept under $SWAY_MLX_CACHE/nulls, keyed by model, adapter, prompts and seeds).",
 )
 
 
@@ -105,7 +113,9 @@ def null_cache(no_cache: bool) -> NullCache | None:
 def plot_option(what: str, default: str | None = None) -> Decorator:
     shown = f" [default: {default}]" if default else ""
     return click.option(
-        "--plot", "plot_dir", type=click.Path(file_okay=False),
+        "--plot",
+        "plot_dir",
+        type=click.Path(file_okay=False),
         help=f"Write PNG plots ({what}) into this directory{shown}.",
     )
 
@@ -113,24 +123,40 @@ def plot_option(what: str, default: str | None = None) -> Decorator:
 def safety_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--allow-pickle and --trust-remote-code: both off, so a model or adapter runs no code."""
     f = click.option(
-        "--trust-remote-code", is_flag=True,
+        "--trust-remote-code",
+        is_flag=True,
         help="Let a model whose config.json names its own Python code (auto_map) run it. "
-             "Off by default: only for a source you trust.",
+        "Off by default: only for a source you trust.",
     )(f)
     return click.option(
-        "--allow-pickle", is_flag=True,
+        "--allow-pickle",
+        is_flag=True,
         help="Read pickled weights (pytorch_model.bin, adapter_model.bin). Off by default: "
-             "only safetensors are read, since a pickle can run code when loaded.",
+        "only safetensors are read, since a pickle can run code when loaded.",
     )(f)
 
 
 def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--json/--markdown/--junit/--plot, --backend and --seed for the suite commands."""
     options = [
-        click.option("--json", "json_path", type=click.Path(dir_okay=False),
-                     help="Write the full result as JSON here (loads back with sway_common.report.load_json)."),
-        click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Write a Markdown report here."),
-        click.option("--junit", "junit_path", type=click.Path(dir_okay=False), help="Write a JUnit XML report here (for CI)."),
+        click.option(
+            "--json",
+            "json_path",
+            type=click.Path(dir_okay=False),
+            help="Write the full result as JSON here (loads back with sway_common.report.load_json).",
+        ),
+        click.option(
+            "--markdown",
+            "markdown_path",
+            type=click.Path(dir_okay=False),
+            help="Write a Markdown report here.",
+        ),
+        click.option(
+            "--junit",
+            "junit_path",
+            type=click.Path(dir_okay=False),
+            help="Write a JUnit XML report here (for CI).",
+        ),
         plot_option("z per probe against the null band, the ablation curve"),
         backend_option(),
         seed_option,

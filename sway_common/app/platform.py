@@ -52,7 +52,9 @@ class BackendUnavailableError(RuntimeError):
     pass
 
 
-def build_backend(model: ModelSpec, backend: str = "auto", *, plain: bool = False, **kw: Any) -> Any:
+def build_backend(
+    model: ModelSpec, backend: str = "auto", *, plain: bool = False, **kw: Any
+) -> Any:
     """Construct the differential backend for ``model`` (base + adapter).
 
     ``plain``: the model alone, no adapter (only its base view), e.g. an exported model.
@@ -65,7 +67,9 @@ def build_backend(model: ModelSpec, backend: str = "auto", *, plain: bool = Fals
         adapter = model.adapter or "trained"
         if adapter not in presets:
             raise ValueError(f"dummy adapter must be one of {', '.join(presets)}, got {adapter!r}")
-        return DummyDifferentialBackend(adapter_strength=presets[adapter], nan_adapter=adapter == "nan")
+        return DummyDifferentialBackend(
+            adapter_strength=presets[adapter], nan_adapter=adapter == "nan"
+        )
     if model.adapter is None and not plain:
         raise ValueError("an adapter path is required (models.ft.adapter or --adapter-path)")
     if choice == "mlx":
@@ -75,7 +79,9 @@ def build_backend(model: ModelSpec, backend: str = "auto", *, plain: bool = Fals
             )
         from sway_mlx.backend import MLXDifferentialBackend
 
-        return MLXDifferentialBackend(model.base, None if plain else model.adapter, dtype=model.dtype, **kw)
+        return MLXDifferentialBackend(
+            model.base, None if plain else model.adapter, dtype=model.dtype, **kw
+        )
     if choice == "hf":
         if not (installed("torch") and installed("peft") and installed("transformers")):
             raise BackendUnavailableError(
@@ -85,7 +91,9 @@ def build_backend(model: ModelSpec, backend: str = "auto", *, plain: bool = Fals
         from sway_hf.backend import HFDifferentialBackend
 
         adapter = None if plain else model.adapter
-        return HFDifferentialBackend(model.base, adapter, dtype=model.dtype, device=model.device, **kw)
+        return HFDifferentialBackend(
+            model.base, adapter, dtype=model.dtype, device=model.device, **kw
+        )
     raise ValueError(f"unknown backend {choice!r}; choose one of {', '.join(BACKEND_KINDS)}")
 
 
@@ -105,7 +113,11 @@ def blas_report() -> dict[str, Any]:
         mlx = "OpenBLAS, loaded by sway-mlx when the MLX backend runs"
     else:
         mlx = f"reference BLAS (~30x slower float32 matmuls): {INSTALL_HINT}"
-    return {"openblas": openblas, "mlx_cpu_matmuls": mlx, "ld_preload_openblas": preloaded_openblas()}
+    return {
+        "openblas": openblas,
+        "mlx_cpu_matmuls": mlx,
+        "ld_preload_openblas": preloaded_openblas(),
+    }
 
 
 def doctor_report() -> dict[str, Any]:

@@ -121,7 +121,11 @@ def append_history(path: str | Path, row: CheckpointRow, fp: str | None = None) 
     """Append one JSON line and make it durable before returning."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**row.to_dict(), "fingerprint": fp, "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        **row.to_dict(),
+        "fingerprint": fp,
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     line = json.dumps(to_jsonable(record), allow_nan=False).encode("utf-8") + b"\n"
     with open(path, "a+b") as f:
         f.seek(0, os.SEEK_END)
@@ -153,7 +157,9 @@ def _pending(run_dir: Path, done: dict[str, str | None]) -> list[Checkpoint]:
     # mlx-lm writes the final file just before each numbered checkpoint: consider it only
     # once every numbered one is recorded, and only if it differs from the highest of them.
     if (
-        final is not None and not out and todo(final)
+        final is not None
+        and not out
+        and todo(final)
         and (not numbered or not same_content(final.weights, numbered[-1].weights))
     ):
         out.append(final)
@@ -194,13 +200,17 @@ def watch(
     done = _history_index(history)
     evaluator = None
     if evaluate is None:
-        evaluator = CheckpointEvaluator(model=model, backend=backend, prompts=prompts, runs=runs, seed=seed)
+        evaluator = CheckpointEvaluator(
+            model=model, backend=backend, prompts=prompts, runs=runs, seed=seed
+        )
         evaluate = evaluator
     seen: dict[str, _Seen] = {}
     rows: list[CheckpointRow] = []
 
     def finished() -> bool:
-        return (stop is not None and stop()) or (max_checkpoints is not None and len(rows) >= max_checkpoints)
+        return (stop is not None and stop()) or (
+            max_checkpoints is not None and len(rows) >= max_checkpoints
+        )
 
     def record(ckpt: Checkpoint, row: CheckpointRow, fp: str) -> None:
         row.key = row.key or ckpt.key

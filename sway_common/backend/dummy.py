@@ -35,6 +35,7 @@ class DummyDifferentialBackend(DifferentialBackendBase):
     # Its hidden state is a running average with no positions, so a prompt of any length
     # is fine; max_context only sets its rolling windows.
     prompt_limit = None
+
     def __init__(
         self,
         *,

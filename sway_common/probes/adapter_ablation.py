@@ -61,7 +61,11 @@ def saturation_lambda(lams: list[float], curve: list[float], level: float) -> fl
 
 def power_fit(lams: list[float], curve: list[float]) -> tuple[float | None, float | None]:
     """(exponent, R²) of ``d = c·λ^e`` fitted on log–log over 0 < λ <= 1 with d > 0."""
-    pts = [(math.log(lam), math.log(d)) for lam, d in zip(lams, curve, strict=True) if 0 < lam <= 1 and d > 0]
+    pts = [
+        (math.log(lam), math.log(d))
+        for lam, d in zip(lams, curve, strict=True)
+        if 0 < lam <= 1 and d > 0
+    ]
     if len({x for x, _ in pts}) < 2:
         return None, None
     slope, _, r2 = linear_fit([x for x, _ in pts], [y for _, y in pts])
@@ -77,20 +81,30 @@ def judge_shape(lams: list[float], curve: list[float], cfg: AdapterAblationConfi
     lo, hi = cfg.assert_saturation_between
     problems = []
     if curve[lams.index(0.0)] > 1e-6:
-        problems.append(f"λ=0 differs from the base (d={curve[lams.index(0.0)]:.2g}): backend scaling is broken")
+        problems.append(
+            f"λ=0 differs from the base (d={curve[lams.index(0.0)]:.2g}): backend scaling is broken"
+        )
     steps = zip(lams, lams[1:], curve, curve[1:], strict=False)
     falls = [(a, b) for a, b, da, db in steps if db < da * (1 - MONOTONE_SLACK)]
     if falls:
         problems.append(f"the effect falls as λ grows ({falls[0][0]:g} → {falls[0][1]:g})")
     if exponent is None or not cfg.exponent_min <= exponent <= cfg.exponent_max:
         shown = "undefined" if exponent is None else f"{exponent:.2f}"
-        problems.append(f"growth exponent {shown} outside [{cfg.exponent_min:g}, {cfg.exponent_max:g}]")
+        problems.append(
+            f"growth exponent {shown} outside [{cfg.exponent_min:g}, {cfg.exponent_max:g}]"
+        )
     elif r2 is not None and r2 < cfg.assert_linearity_gte:
-        problems.append(f"the curve is not a power law (log–log R²={r2:.2f} < {cfg.assert_linearity_gte:g})")
+        problems.append(
+            f"the curve is not a power law (log–log R²={r2:.2f} < {cfg.assert_linearity_gte:g})"
+        )
     if sat is None or not lo <= sat <= hi:
-        problems.append(f"saturation λ {sat if sat is None else round(sat, 2)} outside [{lo:g}, {hi:g}]")
+        problems.append(
+            f"saturation λ {sat if sat is None else round(sat, 2)} outside [{lo:g}, {hi:g}]"
+        )
     if overshoot is not None and overshoot < cfg.assert_overshoot_gte:
-        problems.append(f"overshoot {overshoot:.2f} < {cfg.assert_overshoot_gte:g}: the adapter has saturated")
+        problems.append(
+            f"overshoot {overshoot:.2f} < {cfg.assert_overshoot_gte:g}: the adapter has saturated"
+        )
     return Shape(exponent, r2, sat, overshoot, problems)
 
 
@@ -125,10 +139,14 @@ class AdapterAblationProbe(Probe):
             ctx.progress(f"λ={lam:g}")
             with ctx.backend.as_scaled_adapter(lam) as view:
                 q = view.next_token_dist_batch(cfg.prompts, top_k=top_k)
-            per_lambda.append([divergence(a, b, kind=cfg.divergence) for a, b in zip(p, q, strict=True)])
+            per_lambda.append(
+                [divergence(a, b, kind=cfg.divergence) for a, b in zip(p, q, strict=True)]
+            )
         curve = [sum(d) / len(d) for d in per_lambda]
         at_one, per_prompt = curve[lams.index(1.0)], per_lambda[lams.index(1.0)]
-        sig, null = judge_divergence(cfg, ctx, self.kind, at_one, per_prompt, top_k, unit=" nats at λ=1")
+        sig, null = judge_divergence(
+            cfg, ctx, self.kind, at_one, per_prompt, top_k, unit=" nats at λ=1"
+        )
         shape = judge_shape(lams, curve, cfg)
         if sig.verdict is not Verdict.PASS:
             verdict, message = sig.verdict, f"curve not judged: {sig.message}"
@@ -136,18 +154,33 @@ class AdapterAblationProbe(Probe):
             verdict, message = Verdict.FAIL, "; ".join(shape.problems)
         else:
             verdict = Verdict.PASS
-            message = (f"healthy response: grows like λ^{shape.exponent:.2f}, saturation λ={shape.saturation:.2f}"
-                       + (f", overshoot {shape.overshoot:.2f}" if shape.overshoot is not None else "")
-                       + f"; {sig.message}")
+            message = (
+                f"healthy response: grows like λ^{shape.exponent:.2f}, saturation λ={shape.saturation:.2f}"
+                + (f", overshoot {shape.overshoot:.2f}" if shape.overshoot is not None else "")
+                + f"; {sig.message}"
+            )
         # A curve only earns credit once the adapter is distinguishable from noise.
         score = max(0.0, 1 - len(shape.problems) / 3) if sig.verdict is Verdict.PASS else 0.0
         return self.result(
-            cfg, verdict, score=score, raw=at_one, z=sig.z, p_value=sig.p,
-            effect_ratio=sig.ratio, null=null, message=message,
+            cfg,
+            verdict,
+            score=score,
+            raw=at_one,
+            z=sig.z,
+            p_value=sig.p,
+            effect_ratio=sig.ratio,
+            null=null,
+            message=message,
             evidence={
-                "lambdas": lams, "curve": curve, "exponent": shape.exponent, "r_squared": shape.r2,
-                "saturation_lambda": shape.saturation, "overshoot": shape.overshoot,
-                "problems": shape.problems, "divergence": cfg.divergence, "z_scale": "log",
+                "lambdas": lams,
+                "curve": curve,
+                "exponent": shape.exponent,
+                "r_squared": shape.r2,
+                "saturation_lambda": shape.saturation,
+                "overshoot": shape.overshoot,
+                "problems": shape.problems,
+                "divergence": cfg.divergence,
+                "z_scale": "log",
                 "effect_ratio_interval": sig.ratio_interval,
             },
         )

@@ -39,16 +39,31 @@ class DeltaKLProbe(Probe):
 
     def run(self, cfg: DeltaKLConfig, ctx: RunContext) -> ProbeResult:
         top_k = cfg.top_k or ctx.top_k
-        raw, per_prompt = mean_divergence(ctx.backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)
+        raw, per_prompt = mean_divergence(
+            ctx.backend, cfg.prompts, top_k=top_k, kind=cfg.divergence
+        )
         j, null = judge_divergence(
             cfg, ctx, self.kind, raw, per_prompt, top_k, unit=f" nats mean {cfg.divergence.upper()}"
         )
         return self.result(
-            cfg, j.verdict, score=j.score, raw=raw, z=j.z, p_value=j.p, effect_ratio=j.ratio,
-            null=null, message=j.message,
+            cfg,
+            j.verdict,
+            score=j.score,
+            raw=raw,
+            z=j.z,
+            p_value=j.p,
+            effect_ratio=j.ratio,
+            null=null,
+            message=j.message,
             evidence={
-                "divergence": cfg.divergence, "top_k": top_k, "per_prompt": per_prompt,
-                "prompts": list(cfg.prompts), "max": max(per_prompt), "z_scale": "log",
-                "z_linear": j.z_linear, "effect_ratio_interval": j.ratio_interval, "fail_reason": j.fail_reason,
+                "divergence": cfg.divergence,
+                "top_k": top_k,
+                "per_prompt": per_prompt,
+                "prompts": list(cfg.prompts),
+                "max": max(per_prompt),
+                "z_scale": "log",
+                "z_linear": j.z_linear,
+                "effect_ratio_interval": j.ratio_interval,
+                "fail_reason": j.fail_reason,
             },
         )

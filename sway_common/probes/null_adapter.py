@@ -42,8 +42,11 @@ class NullAdapterConfig(ProbeConfig):
 
     def calibration(self) -> NullCalibration:
         return NullCalibration(
-            runs=self.runs, init_scale=self.init_scale, seed_base=self.seed_base,
-            rank_multipliers=tuple(self.rank_multipliers), mode=self.mode,
+            runs=self.runs,
+            init_scale=self.init_scale,
+            seed_base=self.seed_base,
+            rank_multipliers=tuple(self.rank_multipliers),
+            mode=self.mode,
             calibrate_kinds=tuple(self.calibrate_kinds),
         )
 
@@ -56,7 +59,9 @@ class NullAdapterProbe(Probe):
     Config = NullAdapterConfig
 
     def check(self, cfg: NullAdapterConfig) -> list[str]:
-        problems = [p for p in super().check(cfg) if not p.startswith("prompts:")]  # empty is allowed
+        problems = [
+            p for p in super().check(cfg) if not p.startswith("prompts:")
+        ]  # empty is allowed
         if cfg.runs < 2:
             problems.append("runs: needs at least 2 null draws to estimate a spread")
         if cfg.init_scale <= 0:
@@ -68,7 +73,8 @@ class NullAdapterProbe(Probe):
     def run(self, cfg: NullAdapterConfig, ctx: RunContext) -> ProbeResult:
         if not isinstance(ctx.backend, NullCalibratedBackend) or ctx.null is None:
             return self.result(
-                cfg, Verdict.SKIP,
+                cfg,
+                Verdict.SKIP,
                 message="backend cannot draw null adapters; probes use fixed thresholds",
             )
 
@@ -83,7 +89,9 @@ class NullAdapterProbe(Probe):
         for m in ctx.null.rank_multipliers:
             stats, _ = ctx.null_per_prompt(measure, rank_scale=m, key=key)
             profile[f"{m:g}"] = {
-                "mean": stats.mean, "std": stats.std, "z_real": z_score(real, stats),
+                "mean": stats.mean,
+                "std": stats.std,
+                "z_real": z_score(real, stats),
             }
             if m == ctx.null.rank_multipliers[0]:
                 primary = stats
@@ -93,9 +101,16 @@ class NullAdapterProbe(Probe):
             + (" (degenerate: no z-scores possible)" if primary.degenerate else "")
         )
         return self.result(
-            cfg, verdict, raw=primary.mean, null=primary, message=msg,
+            cfg,
+            verdict,
+            raw=primary.mean,
+            null=primary,
+            message=msg,
             evidence={
-                "mode": ctx.null.mode, "init_scale": ctx.null.init_scale,
-                "seeds": ctx.null.seeds, "rank_profile": profile, "real_mean_js": real,
+                "mode": ctx.null.mode,
+                "init_scale": ctx.null.init_scale,
+                "seeds": ctx.null.seeds,
+                "rank_profile": profile,
+                "real_mean_js": real,
             },
         )

@@ -31,7 +31,11 @@ def _adapter_line(result: SuiteResult) -> str:
     if dk.verdict is Verdict.ERROR:
         return f"adapter could not be evaluated: {dk.message}"
     if dk.verdict is Verdict.PASS and dk.z is not None:
-        ratio = f" ({dk.effect_ratio:.3g}× a random adapter of the same size)" if dk.effect_ratio else ""
+        ratio = (
+            f" ({dk.effect_ratio:.3g}× a random adapter of the same size)"
+            if dk.effect_ratio
+            else ""
+        )
         return f"adapter is {z_shown} above its null {on}{ratio}"
     if dk.verdict is Verdict.PASS:
         return f"adapter moves the model {on} (no null calibration: fixed threshold only)"

@@ -113,13 +113,28 @@ def plot_ablation(result: SuiteResult, path: PathLike) -> Path:
         fig = Figure(figsize=(7.5, 4.8), layout="constrained")
         ax = fig.add_subplot()
         ax.axvline(1.0, color="black", lw=1, ls=":", zorder=1)
-        ax.text(1.0, 1.0, " trained adapter (λ=1)", transform=ax.get_xaxis_transform(),
-                va="top", ha="left", fontsize=9.5)
+        ax.text(
+            1.0,
+            1.0,
+            " trained adapter (λ=1)",
+            transform=ax.get_xaxis_transform(),
+            va="top",
+            ha="left",
+            fontsize=9.5,
+        )
         null = probe.null
         if null is not None and null.n:
             lo, hi = null.mean - 2 * null.std, null.mean + 2 * null.std
-            ax.fill_between([0.93, 1.07], [lo, lo], [hi, hi], color=NULL_COLOR, alpha=0.45,
-                            lw=0, label=f"{null.n} null adapters at λ=1 (mean ± 2σ)", zorder=2)
+            ax.fill_between(
+                [0.93, 1.07],
+                [lo, lo],
+                [hi, hi],
+                color=NULL_COLOR,
+                alpha=0.45,
+                lw=0,
+                label=f"{null.n} null adapters at λ=1 (mean ± 2σ)",
+                zorder=2,
+            )
             ax.hlines(null.mean, 0.93, 1.07, color="#616161", lw=1.5, zorder=3)
         color = COLORS.get(probe.verdict, LINE_COLOR)
         ax.plot(lams, curve, "-o", color=LINE_COLOR, lw=2, ms=6, label="real adapter × λ", zorder=4)
@@ -127,8 +142,15 @@ def plot_ablation(result: SuiteResult, path: PathLike) -> Path:
         if at_one is not None:
             ax.plot([1.0], [at_one], "o", ms=11, mfc="none", mec=color, mew=2.2, zorder=5)
         if max(curve) <= 1e-12:
-            ax.text(0.5, 0.5, "no measurable change from the base at any λ", transform=ax.transAxes,
-                    ha="center", va="center", color=COLORS[Verdict.FAIL])
+            ax.text(
+                0.5,
+                0.5,
+                "no measurable change from the base at any λ",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color=COLORS[Verdict.FAIL],
+            )
         ax.set_xlabel("adapter scale λ (0 = base model, 1 = as trained)")
         ax.set_ylabel(f"mean next-token {kind} from base (nats)")
         ax.set_ylim(bottom=0)
@@ -170,13 +192,29 @@ def plot_z(result: SuiteResult, path: PathLike, *, z_threshold: float = Z_THRESH
             if p.z is not None and math.isfinite(p.z):
                 ax.barh(label_y, p.z, height=0.6, color=COLORS.get(p.verdict, LINE_COLOR))
                 # Right of the bar's end (or of zero for a negative z): clear of the tick labels.
-                ax.text(max(p.z, 0.0), label_y, f" {format_z(p.z, p.null.n if p.null else None)}", va="center", ha="left",
-                        fontsize=10, fontweight="bold")
+                ax.text(
+                    max(p.z, 0.0),
+                    label_y,
+                    f" {format_z(p.z, p.null.n if p.null else None)}",
+                    va="center",
+                    ha="left",
+                    fontsize=10,
+                    fontweight="bold",
+                )
             else:
                 ax.barh(label_y, 0.0, height=0.6, color=NULL_COLOR)
-                ax.text(0.02, label_y, _no_z_note(p), transform=ax.get_yaxis_transform(),
-                        va="center", ha="left", color="#424242", fontsize=9.5, style="italic",
-                        bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 2})
+                ax.text(
+                    0.02,
+                    label_y,
+                    _no_z_note(p),
+                    transform=ax.get_yaxis_transform(),
+                    va="center",
+                    ha="left",
+                    color="#424242",
+                    fontsize=9.5,
+                    style="italic",
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.85, "pad": 2},
+                )
         ax.set_yticks(range(len(probes)))
         ax.set_yticklabels([f"{p.name}\n({p.kind}: {p.verdict.value})" for p in reversed(probes)])
         for tick, p in zip(ax.get_yticklabels(), reversed(probes), strict=True):
@@ -197,13 +235,15 @@ def plot_z(result: SuiteResult, path: PathLike, *, z_threshold: float = Z_THRESH
 
 # ------------------------------------------------------------------ trajectory
 def plot_trajectory(
-    rows: Sequence[CheckpointRow], path: PathLike, *, z_threshold: float = Z_THRESHOLD,
+    rows: Sequence[CheckpointRow],
+    path: PathLike,
+    *,
+    z_threshold: float = Z_THRESHOLD,
     title: str = "Adapter signal over training",
 ) -> Path:
     """z and divergence per checkpoint, sharing the step axis; first pass and regressions marked."""
     import matplotlib
     from matplotlib.figure import Figure
-
 
     rows = sorted(rows, key=lambda r: r.step)
     if not rows:
@@ -215,11 +255,26 @@ def plot_trajectory(
         fig = Figure(figsize=(10.5, 7), layout="constrained")
         top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1.15, 1])
         top.axhspan(-2, 2, color=NULL_COLOR, alpha=0.25, lw=0, label="null adapters (±2σ)")
-        top.axhline(z_threshold, color="black", ls="--", lw=1.2, label=f"PASS needs z ≥ {z_threshold:g}")
+        top.axhline(
+            z_threshold, color="black", ls="--", lw=1.2, label=f"PASS needs z ≥ {z_threshold:g}"
+        )
         if scored:
-            top.plot([r.step for r in scored], [r.z for r in scored], "-", color=LINE_COLOR, lw=1.8, zorder=3)
-            top.scatter([r.step for r in scored], [r.z for r in scored], s=42, zorder=4,
-                        c=[COLORS.get(r.verdict, LINE_COLOR) for r in scored], edgecolors="white")
+            top.plot(
+                [r.step for r in scored],
+                [r.z for r in scored],
+                "-",
+                color=LINE_COLOR,
+                lw=1.8,
+                zorder=3,
+            )
+            top.scatter(
+                [r.step for r in scored],
+                [r.z for r in scored],
+                s=42,
+                zorder=4,
+                c=[COLORS.get(r.verdict, LINE_COLOR) for r in scored],
+                edgecolors="white",
+            )
         zs = [r.z for r in scored if r.z is not None]
         top.set_ylim(min([-3.0, *zs]) * 1.1, max([z_threshold * 1.8, *zs]) * 1.15)
         _z_scale(top.yaxis, top.set_yscale, zs)
@@ -232,14 +287,29 @@ def plot_trajectory(
         for r in errors:
             for ax in (top, bottom):
                 ax.axvline(r.step, color=COLORS[Verdict.ERROR], lw=1, ls=":", alpha=0.8)
-            top.text(r.step, 0.02, " ERROR", transform=top.get_xaxis_transform(), rotation=90,
-                     va="bottom", ha="right", color=COLORS[Verdict.ERROR], fontsize=9)
+            top.text(
+                r.step,
+                0.02,
+                " ERROR",
+                transform=top.get_xaxis_transform(),
+                rotation=90,
+                va="bottom",
+                ha="right",
+                color=COLORS[Verdict.ERROR],
+                fontsize=9,
+            )
         first = summary.first_pass
         if first is not None and first.z is not None:
-            top.annotate(f"first above noise\n{first.label}", xy=(first.step, first.z),
-                         xytext=(12, 28), textcoords="offset points", fontsize=10,
-                         arrowprops={"arrowstyle": "->", "color": COLORS[Verdict.PASS]},
-                         color=COLORS[Verdict.PASS], fontweight="bold")
+            top.annotate(
+                f"first above noise\n{first.label}",
+                xy=(first.step, first.z),
+                xytext=(12, 28),
+                textcoords="offset points",
+                fontsize=10,
+                arrowprops={"arrowstyle": "->", "color": COLORS[Verdict.PASS]},
+                color=COLORS[Verdict.PASS],
+                fontweight="bold",
+            )
         by_step = {r.step: r for r in rows}
         marked = [by_step[g.step] for g in summary.regressions]
         for r in marked:
@@ -247,9 +317,17 @@ def plot_trajectory(
                 ax.axvline(r.step, color=COLORS[Verdict.FAIL], lw=8, alpha=0.12)
         dropped = [r for r in marked if r.z is not None]
         if dropped:
-            top.scatter([r.step for r in dropped], [r.z for r in dropped], marker="v", s=150,
-                        facecolors="none", edgecolors=COLORS[Verdict.FAIL], linewidths=2,
-                        zorder=5, label="regression")
+            top.scatter(
+                [r.step for r in dropped],
+                [r.z for r in dropped],
+                marker="v",
+                s=150,
+                facecolors="none",
+                edgecolors=COLORS[Verdict.FAIL],
+                linewidths=2,
+                zorder=5,
+                label="regression",
+            )
         top.set_ylabel("z vs null adapters (σ)")
         _legend_outside(top)
         top.set_title(summary.line, fontsize=9.5, fontweight="normal", color="#424242", wrap=True)
@@ -259,16 +337,38 @@ def plot_trajectory(
         if band:
             lo = [max(0.0, r.null_mean - 2 * r.null_std) for r in band]  # type: ignore[operator]
             hi = [r.null_mean + 2 * r.null_std for r in band]  # type: ignore[operator]
-            bottom.fill_between([r.step for r in band], lo, hi, color=NULL_COLOR, alpha=0.3, lw=0,
-                                label="null adapters (mean ± 2σ)")
-            bottom.plot([r.step for r in band], [r.null_mean for r in band], color="#616161",
-                        lw=1, ls="--")
+            bottom.fill_between(
+                [r.step for r in band],
+                lo,
+                hi,
+                color=NULL_COLOR,
+                alpha=0.3,
+                lw=0,
+                label="null adapters (mean ± 2σ)",
+            )
+            bottom.plot(
+                [r.step for r in band], [r.null_mean for r in band], color="#616161", lw=1, ls="--"
+            )
         if div:
-            bottom.plot([r.step for r in div], [r.divergence for r in div], "-o", color=LINE_COLOR,
-                        lw=1.8, ms=5, label="real adapter")
+            bottom.plot(
+                [r.step for r in div],
+                [r.divergence for r in div],
+                "-o",
+                color=LINE_COLOR,
+                lw=1.8,
+                ms=5,
+                label="real adapter",
+            )
         else:
-            bottom.text(0.5, 0.5, "no checkpoint could be evaluated", transform=bottom.transAxes,
-                        ha="center", va="center", color=COLORS[Verdict.ERROR])
+            bottom.text(
+                0.5,
+                0.5,
+                "no checkpoint could be evaluated",
+                transform=bottom.transAxes,
+                ha="center",
+                va="center",
+                color=COLORS[Verdict.ERROR],
+            )
         bottom.set_ylim(bottom=0)
         bottom.set_xlabel("training step")
         bottom.set_ylabel("mean next-token JS\nfrom base (nats)")

@@ -30,8 +30,12 @@ class SuiteProgressBar:
 def suite_progress(total: int, console: Console | None = None) -> Iterator[SuiteProgressBar]:
     """A transient bar on ``console`` (stderr by default) for a suite of ``total`` probes."""
     bar = Progress(
-        TextColumn("[bold]{task.fields[probe]}"), BarColumn(), TextColumn("{task.description}"),
-        TimeElapsedColumn(), transient=True, console=console or Console(stderr=True),
+        TextColumn("[bold]{task.fields[probe]}"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        transient=True,
+        console=console or Console(stderr=True),
     )
     with bar:
         yield SuiteProgressBar(bar, total)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -75,8 +75,12 @@ def preflight(backend: Any) -> ProbeResult | None:
     if ok:
         return None
     return ProbeResult(
-        name="preflight", kind="preflight", verdict=verdict, category="preflight",
-        message=f"{reason}; no probe was run", gating=True,
+        name="preflight",
+        kind="preflight",
+        verdict=verdict,
+        category="preflight",
+        message=f"{reason}; no probe was run",
+        gating=True,
     )
 
 
@@ -96,7 +100,11 @@ def _run_one(cfg: Any, ctx: RunContext) -> ProbeResult:
     start = time.perf_counter()
     if isinstance(cfg, ForeignProbeConfig):
         result = ProbeResult(
-            name=cfg.name, kind=cfg.kind, verdict=Verdict.SKIP, category="other", gating=False,
+            name=cfg.name,
+            kind=cfg.kind,
+            verdict=Verdict.SKIP,
+            category="other",
+            gating=False,
             message=f"probe kind {cfg.kind!r} is not implemented by sway-mlx",
         )
     else:
@@ -159,7 +167,9 @@ def run_suite(
     started = time.time()
     threshold = spec.defaults.coverage_threshold if threshold is None else threshold
     meta: dict[str, Any] = {
-        "spec": spec.source, "seed": spec.defaults.seed, "sway_version": __version__,
+        "spec": spec.source,
+        "seed": spec.defaults.seed,
+        "sway_version": __version__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         **dict(getattr(backend, "info", {}) or {}),
     }
@@ -171,8 +181,12 @@ def run_suite(
         if extra.get("interrupted"):
             verdict = Verdict.ERROR  # an incomplete run is never a verdict on the adapter
         return SuiteResult(
-            probes=results, verdict=verdict, score=score,
-            category_scores=cats, threshold=threshold, meta=meta,
+            probes=results,
+            verdict=verdict,
+            score=score,
+            category_scores=cats,
+            threshold=threshold,
+            meta=meta,
         )
 
     failed = preflight(backend) or context_check(spec, backend)
@@ -189,8 +203,13 @@ def run_suite(
 
     shown_cm = progress(len(configs)) if progress is not None else nullcontext(None)
     with shown_cm as shown:
-        ctx = RunContext(backend=backend, seed=spec.defaults.seed, top_k=spec.defaults.top_k, null=null,
-                         null_cache=null_cache)
+        ctx = RunContext(
+            backend=backend,
+            seed=spec.defaults.seed,
+            top_k=spec.defaults.top_k,
+            null=null,
+            null_cache=null_cache,
+        )
         if shown is not None:
             ctx.progress = shown.note
         for i, cfg in enumerate(configs):
@@ -200,10 +219,16 @@ def run_suite(
                 result = _run_one(cfg, ctx)
             except KeyboardInterrupt:
                 for rest in configs[i:]:
-                    results.append(ProbeResult(
-                        name=rest.name, kind=rest.kind, verdict=Verdict.SKIP, category="other",
-                        gating=False, message="not run: interrupted",
-                    ))
+                    results.append(
+                        ProbeResult(
+                            name=rest.name,
+                            kind=rest.kind,
+                            verdict=Verdict.SKIP,
+                            category="other",
+                            gating=False,
+                            message="not run: interrupted",
+                        )
+                    )
                 return finish(results, interrupted=True)
             results.append(result)
             if on_result is not None:

@@ -131,7 +131,10 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             if len(value) != len(args):
                 problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
                 return value
-            return tuple(_coerce(v, a, f"{path}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return tuple(
+                _coerce(v, a, f"{path}[{i}]", problems)
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -256,9 +259,13 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
         if model is not None and base_dir is not None:
             model = _resolve_paths(model, base_dir)
 
-    defaults = _build_dataclass(Defaults, data.get("defaults", {}), "defaults", problems) or Defaults()
+    defaults = (
+        _build_dataclass(Defaults, data.get("defaults", {}), "defaults", problems) or Defaults()
+    )
     if not defaults.differential:
-        problems.append("defaults.differential: false is not supported; views always share one model")
+        problems.append(
+            "defaults.differential: false is not supported; views always share one model"
+        )
     if not 0.0 <= defaults.coverage_threshold <= 1.0:
         problems.append("defaults.coverage_threshold: must lie in [0, 1]")
     if defaults.top_k < 1:
@@ -276,7 +283,9 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
         seen: set[str] = set()
         for cfg in probes:
             if cfg.name in seen:
-                problems.append(f"suite: probe name {cfg.name!r} is used twice; names must be unique")
+                problems.append(
+                    f"suite: probe name {cfg.name!r} is used twice; names must be unique"
+                )
             seen.add(cfg.name)
 
     if problems:
@@ -293,7 +302,9 @@ def _resolve_paths(model: ModelSpec, base_dir: Path) -> ModelSpec:
         candidate = base_dir / value
         return str(candidate) if candidate.exists() else value
 
-    return dataclasses.replace(model, base=fix(model.base) or model.base, adapter=fix(model.adapter))
+    return dataclasses.replace(
+        model, base=fix(model.base) or model.base, adapter=fix(model.adapter)
+    )
 
 
 def _confine_probe_paths(cfg: ProbeConfig, base_dir: Path) -> list[str]:
@@ -328,9 +339,13 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         raise SpecError(str(path), [f"not UTF-8 text (byte {e.start}); save it as UTF-8"]) from None
     except OSError as e:
-        raise SpecError(str(path), [f"cannot read the file: {e.strerror or e}; check the path"]) from None
+        raise SpecError(
+            str(path), [f"cannot read the file: {e.strerror or e}; check the path"]
+        ) from None
     if not text.strip():
-        raise SpecError(str(path), ["the file is empty; write a sway.yaml v1 spec (version, models, suite)"])
+        raise SpecError(
+            str(path), ["the file is empty; write a sway.yaml v1 spec (version, models, suite)"]
+        )
     return text
 
 
@@ -374,7 +389,9 @@ def quick_suite(
     small general-knowledge and held-out-prose regression checks."""
     return SuiteSpec(
         probes=[
-            NullAdapterConfig(name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)),
+            NullAdapterConfig(
+                name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)
+            ),
             DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
             AdapterAblationConfig(name="ablation", kind="adapter_ablation", prompts=list(prompts)),
             CalibrationDriftConfig(

@@ -204,8 +204,17 @@ class CheckpointRow:
 
 def error_row(ckpt: Checkpoint, message: str, duration_s: float = 0.0) -> CheckpointRow:
     return CheckpointRow(
-        ckpt.step, ckpt.label, None, None, None, None, Verdict.ERROR, message,
-        path=str(ckpt.path), duration_s=duration_s, key=ckpt.key,
+        ckpt.step,
+        ckpt.label,
+        None,
+        None,
+        None,
+        None,
+        Verdict.ERROR,
+        message,
+        path=str(ckpt.path),
+        duration_s=duration_s,
+        key=ckpt.key,
     )
 
 
@@ -217,10 +226,20 @@ def row_from_result(ckpt: Checkpoint, result: SuiteResult, duration_s: float) ->
     null = dk.null
     held_out = {p.name: p.verdict.value for p in result.probes if p.category == HELD_OUT_CATEGORY}
     return CheckpointRow(
-        ckpt.step, ckpt.label, dk.raw, dk.z, null.mean if null else None,
-        null.std if null else None, dk.verdict, dk.message, path=str(ckpt.path),
-        effect_ratio=dk.effect_ratio, duration_s=duration_s, key=ckpt.key,
-        null_n=null.n if null else None, held_out=held_out,
+        ckpt.step,
+        ckpt.label,
+        dk.raw,
+        dk.z,
+        null.mean if null else None,
+        null.std if null else None,
+        dk.verdict,
+        dk.message,
+        path=str(ckpt.path),
+        effect_ratio=dk.effect_ratio,
+        duration_s=duration_s,
+        key=ckpt.key,
+        null_n=null.n if null else None,
+        held_out=held_out,
     )
 
 
@@ -257,10 +276,16 @@ def held_out_regressions(rows: Sequence[CheckpointRow]) -> list[Regression]:
     found: list[Regression] = []
     held: set[str] = set()  # probes that have not failed so far
     for r in rows:
-        failed = [name for name, v in r.held_out.items() if v == Verdict.FAIL.value and name in held]
+        failed = [
+            name for name, v in r.held_out.items() if v == Verdict.FAIL.value and name in held
+        ]
         if failed:
-            found.append(Regression(r.step, r.label, f"{', '.join(sorted(failed))} got worse (FAIL)"))
-        held |= {name for name, v in r.held_out.items() if v in (Verdict.PASS.value, Verdict.WARN.value)}
+            found.append(
+                Regression(r.step, r.label, f"{', '.join(sorted(failed))} got worse (FAIL)")
+            )
+        held |= {
+            name for name, v in r.held_out.items() if v in (Verdict.PASS.value, Verdict.WARN.value)
+        }
         held -= set(failed)
     return found
 
@@ -271,8 +296,16 @@ def effect_trend(rows: Sequence[CheckpointRow]) -> str:
     if len(measured) < 2:
         return ""
     a, b = measured[0], measured[-1]
-    direction = "rising" if b.divergence > a.divergence else "falling" if b.divergence < a.divergence else "flat"
-    return f"effect {a.divergence:.3g} → {b.divergence:.3g} nats ({direction}, {a.label} → {b.label})"
+    direction = (
+        "rising"
+        if b.divergence > a.divergence
+        else "falling"
+        if b.divergence < a.divergence
+        else "flat"
+    )
+    return (
+        f"effect {a.divergence:.3g} → {b.divergence:.3g} nats ({direction}, {a.label} → {b.label})"
+    )
 
 
 def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
@@ -291,21 +324,35 @@ def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
         default=None,
     )
     regressions = held_out_regressions(rows)
-    below = [r for r in rows if first is not None and r.step > first.step and r.verdict is not Verdict.PASS]
+    below = [
+        r
+        for r in rows
+        if first is not None and r.step > first.step and r.verdict is not Verdict.PASS
+    ]
     last = rows[-1] if rows else None
     if not rows:
         line = "no checkpoints evaluated"
     elif first is None:
-        line = "no checkpoint rose above noise" + (f" (best: {best.label}, {_z(best)})" if best else "")
+        line = "no checkpoint rose above noise" + (
+            f" (best: {best.label}, {_z(best)})" if best else ""
+        )
     else:
         parts = [f"first above noise: {first.label} ({_z(first)})"]
         if best is not None and best is not first:
             parts.append(f"best: {best.label} ({_z(best)})")
         if trend := effect_trend(scored):
             parts.append(trend)
-        parts.append("regressed at " + ", ".join(g.label for g in regressions) if regressions
-                     else "no held-out regressions" if any(r.held_out for r in rows) else "no held-out probe ran")
-        parts.append("the last checkpoint passes" if last and last.verdict is Verdict.PASS
-                     else "the last checkpoint does NOT pass")
+        parts.append(
+            "regressed at " + ", ".join(g.label for g in regressions)
+            if regressions
+            else "no held-out regressions"
+            if any(r.held_out for r in rows)
+            else "no held-out probe ran"
+        )
+        parts.append(
+            "the last checkpoint passes"
+            if last and last.verdict is Verdict.PASS
+            else "the last checkpoint does NOT pass"
+        )
         line = "; ".join(parts)
     return TrajectorySummary(first, best, regressions, last, line, below)
