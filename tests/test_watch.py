@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
-from test_checkpoints import PROMPTS, mlx_tensors, real_backend, write_mlx_run  # noqa: F401
+from test_checkpoints import PROMPTS, mlx_tensors, write_mlx_run
 
 from sway_common.adapters import read_adapter
 from sway_common.app import platform
@@ -219,7 +219,7 @@ def test_missing_run_dir_raises(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ real backend
 def test_watch_with_a_real_backend(
     tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str, monkeypatch
-) -> None:  # noqa: F811
+) -> None:
     builds = []
     real_build = platform.build_backend
     monkeypatch.setattr(
@@ -269,7 +269,7 @@ def test_watch_with_a_real_backend(
 
 def test_cli_watch(
     tiny_mlx_adapter: Path, tiny_model_dir: Path, tmp_path: Path, real_backend: str
-) -> None:  # noqa: F811
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_mlx_adapter, run)
     args = [
