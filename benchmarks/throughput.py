@@ -10,9 +10,16 @@ the public view API:
 - ``next_token_dist_batch``: last-position distributions (B prompts of T tokens), prompts/s;
 
 in the base view and the fine-tuned (LoRA) view, with the result cache cleared before
-each timed run. Results go to a JSON file and a printed table.
+each timed run; and the null calibration's next-token work, the base view and K null
+views on the same B prompts, two ways: one view at a time (``view: "null-loop"``, K+1
+forwards per batch) and stacked (``view: "stacked"``, ``next_token_dist_views``: all
+views' rows in shared batches, the blocks below the first adapted one run once), timed
+in alternating pairs with ``stacked_speedup`` = loop / stacked time of the same run.
+Results go to a JSON file and a printed table.
 
     python benchmarks/throughput.py --backends hf,mlx --batches 1,8 --seq 256
+    # a real model and adapter instead of the random SmolLM2-shaped build:
+    python benchmarks/throughput.py --model DIR --adapter DIR --batches 16 --seq 12 --nulls 8
 """
 
 from __future__ import annotations
@@ -95,6 +102,53 @@ def run_op(backend: Any, view_name: str, op: str, texts: list[str]) -> None:
             view.next_token_dist_batch(texts, top_k=256)
 
 
+def null_views(k: int) -> list[Any]:
+    """The views a K-null calibration reads: the base view and K norm-matched nulls."""
+    from sway_common.backend.base import ViewSpec
+
+    return [ViewSpec("base")] + [ViewSpec("null", seed=1000 + i, mode="norm_matched") for i in range(k)]
+
+
+def run_null_views(backend: Any, texts: list[str], k: int, stacked: bool) -> None:
+    """One uncached pass of the null calibration's next-token work, stacked or one view at a time."""
+    backend._cache.clear()
+    views = null_views(k)
+    if stacked:
+        backend.next_token_dist_views(views, texts, top_k=256)
+        return
+    for view in views:
+        with backend._open(view) as handle:
+            handle.next_token_dist_batch(texts, top_k=256)
+
+
+def bench_null_views(name: str, backend: Any, texts: list[str], args: argparse.Namespace) -> list[dict]:
+    """Loop vs stacked, in alternating pairs (the machine's load drifts; pairs see the same)."""
+    for stacked in (False, True):
+        run_null_views(backend, texts, args.nulls, stacked)  # warm-up; the shared-block check runs once
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.repeats):
+        for stacked in (False, True):
+            start = time.perf_counter()
+            run_null_views(backend, texts, args.nulls, stacked)
+            times[stacked].append(time.perf_counter() - start)
+    loop, stacked_s = statistics.median(times[False]), statistics.median(times[True])
+    speedup = statistics.median(a / b for a, b in zip(times[False], times[True], strict=True))
+    records = []
+    for view, seconds in (("null-loop", loop), ("stacked", stacked_s)):
+        records.append({
+            "backend": name, "device": backend.info.get("device", "default"),
+            "dtype": backend.info.get("dtype"), "op": "next_token_dist_views", "view": view,
+            "batch": len(texts), "seq": args.seq, "nulls": args.nulls, "seconds": seconds,
+            "prompts_per_s": len(texts) * (args.nulls + 1) / seconds,
+            "shared_block": backend._shared_blocks.get(backend.adapter_hash),
+            "stacked_speedup": speedup, "times": times[view == "stacked"],
+        })
+    print(f"{name:4} base+{args.nulls} nulls next_token B={len(texts):<3} T={args.seq}: loop "
+          f"{loop * 1000:.0f} ms, stacked {stacked_s * 1000:.0f} ms, speedup {speedup:.2f}x "
+          f"(shared from {records[-1]['shared_block']})", flush=True)
+    return records
+
+
 def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Namespace) -> list[dict]:
     if name == "mlx":
         from sway_mlx.backend import MLXDifferentialBackend as Backend
@@ -106,9 +160,11 @@ def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Name
         kw = {"dtype": args.dtype, "device": args.device}
     records = []
     for batch in args.batches:
-        backend = Backend(model_dir, adapter, batch_size=batch, **kw)
+        backend = Backend(model_dir, adapter, batch_size=args.batch_size or batch, **kw)
         texts = texts_of_length(backend, batch, args.seq, seed=batch)
-        for view_name in ("base", "ft"):
+        if args.nulls:
+            records += bench_null_views(name, backend, texts, args)
+        for view_name in ("base", "ft") if not args.only_nulls else ():
             for op, unit in (("logprob_of_batch", "tokens"), ("next_token_dist_batch", "prompts")):
                 run_op(backend, view_name, op, texts)  # warm-up: compilation, allocator, first touch
                 times = []
@@ -140,10 +196,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto", help="HF backend device")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sway-bench"), help="where the model is built")
+    parser.add_argument("--model", type=Path, help="a real model dir instead of the random build")
+    parser.add_argument("--adapter", type=Path, help="its adapter dir (with --model)")
+    parser.add_argument("--nulls", type=int, default=8, help="K for the stacked-vs-loop timing (0: skip)")
+    parser.add_argument("--only-nulls", action="store_true", help="time only stacked vs loop")
+    parser.add_argument("--batch-size", type=int, help="backend rows per forward (default: B)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
 
-    model_dir, adapter = build_model(args.work)
+    if (args.model is None) != (args.adapter is None):
+        parser.error("--model and --adapter go together")
+    model_dir, adapter = (args.model, args.adapter) if args.model else build_model(args.work)
     records = []
     for name in args.backends.split(","):
         records += bench_backend(name.strip(), model_dir, adapter, args)

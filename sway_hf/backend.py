@@ -14,7 +14,7 @@ import json
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
-from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
+from sway_common.backend.limits import (
+    context_limit,
+    positions_per_step,
+    require_fast_tokenizer,
+    resolve_batch_size,
+)
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.stacking import StackedView
 from sway_common.models import ModelFormatError, check_model_dir, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_hf import lora
@@ -126,7 +132,8 @@ class HFDifferentialBackend(DifferentialBackendBase):
     alone (only its base view: a second model to compare against, such as a merged
     export). ``device_map`` (e.g.
     ``"auto"``) spreads a model too large for one GPU with accelerate; it needs
-    ``device="auto"``.
+    ``device="auto"``. ``batch_size="auto"``: 8 rows on the CPU, sized from the free
+    GPU memory on CUDA/MPS (``limits.resolve_batch_size``).
     """
 
     def __init__(
@@ -136,7 +143,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         *,
         dtype: str = "auto",
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         max_context: int | None = None,
         device_map: str | dict[str, Any] | None = None,
         allow_pickle: bool = False,
@@ -177,7 +184,14 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
         self._split_head = self._check_split_head()
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = resolve_batch_size(
+            batch_size,
+            self._free_memory(),
+            config.to_dict(),
+            context=self.max_context,
+            dtype_bytes=_DTYPES[self.dtype].itemsize,
+            vocab_size=self.vocab_size,
+        )
         self._model_name = str(model)
         self._loads = 0
         self.adapter = ""
@@ -270,7 +284,21 @@ class HFDifferentialBackend(DifferentialBackendBase):
     def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
         return lora.install_null(self.slots, factors)
 
+    def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
+        if not self.slots or any(s.dora for s in self.slots):
+            return None  # DoRA: one view at a time (lora.install_stacked says why)
+        return lora.install_stacked(self._causal_lm, self.slots, stack, tile_at)
+
     # ------------------------------------------------------------- scoring
+    def _free_memory(self) -> int | None:
+        """Accelerator memory (CUDA, MPS) not yet taken; None on the CPU."""
+        kind = self._input_device().type
+        if kind == "cuda":
+            return int(torch.cuda.mem_get_info(self._input_device())[0])
+        if kind == "mps":
+            return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        return None
+
     def _input_device(self) -> torch.device:
         return self._causal_lm.get_input_embeddings().weight.device
 

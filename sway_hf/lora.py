@@ -16,6 +16,10 @@ fine-tuned state:
 - null: ``lora_A`` / ``lora_B`` overwritten with the given factors; the real tensors
   are cloned first and copied back bit-for-bit on exit, also after an exception.
 
+- stacked views: each layer's adapter switched off and a forward hook adding every
+  view's ``scale·B·A x`` to its own rows; pre-hooks may repeat the rows per view from
+  the first adapted block on, so the blocks below it run once per prompt.
+
 Factors use PEFT's layout: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``, ΔW = scale·B·A.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.base import Restore
 from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.stacking import StackedView
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
 # adapter files and the MLX backend use ("model.layers.0.self_attn.q_proj").
@@ -271,6 +277,119 @@ def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) 
         _clear_dora_cache(slots)
 
     return _guarded(_snapshot(slots, None), change)
+
+
+# -------------------------------------------------------------- stacked views
+# Arguments of a transformers decoder block that hold one row per sequence: repeated
+# per view together with the hidden states. Anything else (cache_position, flags) has
+# no row dimension and passes through.
+_PER_ROW = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
+
+
+def install_stacked(
+    model: torch.nn.Module,
+    slots: Sequence[LoraSlot],
+    stack: Sequence[StackedView],
+    tile_at: str | None,
+) -> Restore:
+    """Every view of ``stack`` at once: row group ``v`` runs with ``stack[v]``.
+
+    Each layer's own adapter is switched off (the base path, as in :func:`install_base`)
+    and a forward hook adds ``scale_v · B_v (A_v x)`` to each view's rows, with PEFT's
+    arithmetic, so a stacked row matches its one-view row. With ``tile_at`` (a block
+    path under ``model``) the blocks below it run on each prompt once and the rows are
+    repeated per view from that block on. DoRA has no such form (its magnitude
+    renormalises whole weight rows per view): the backend keeps it on the one-view path.
+    """
+    if any(slot.dora for slot in slots):
+        raise ValueError("DoRA adapters have no stacked views; open the views one at a time")
+    factors = [_stacked_factors(slot, stack) for slot in slots]  # built before anything changes
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def restore() -> None:
+        for handle in handles:
+            handle.remove()
+        for slot in slots:
+            slot.layer.enable_adapters(True)
+
+    def change() -> None:
+        for slot, (a, b, scale) in zip(slots, factors, strict=True):
+            slot.layer.enable_adapters(False)
+            handles.append(slot.layer.register_forward_hook(_stacked_delta(a, b, scale)))
+        if tile_at is not None and len(stack) > 1:
+            handles.extend(_tile_rows(model, tile_at, len(stack)))
+
+    return _guarded(restore, change)
+
+
+def _stacked_factors(
+    slot: LoraSlot, stack: Sequence[StackedView]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (V, in, r), B (V, r, out), scale (V, 1, 1)) in the slot's dtype and device."""
+    like = {"dtype": slot.a.dtype, "device": slot.a.device}
+
+    def pick(trained: torch.Tensor, index: int, view: StackedView) -> torch.Tensor:
+        if view.factors is None:
+            return trained.detach()
+        return torch.from_numpy(np.ascontiguousarray(view.factors[slot.path][index])).to(**like)
+
+    a = torch.stack([pick(slot.a, 0, v) for v in stack]).transpose(1, 2).contiguous()
+    b = torch.stack([pick(slot.b, 1, v) for v in stack]).transpose(1, 2).contiguous()
+    scale = torch.tensor([slot.scale * v.scale for v in stack], **like).view(-1, 1, 1)
+    return a, b, scale
+
+
+def _stacked_delta(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        x = args[0]
+        grouped = x.reshape(a.shape[0], -1, x.shape[-1]).to(a.dtype)
+        delta = torch.bmm(torch.bmm(grouped, a), b) * scale
+        # PEFT adds in the adapter's dtype, then casts back to the layer's.
+        return (output + delta.reshape(output.shape)).to(output.dtype)
+
+    return hook
+
+
+def _tile_rows(
+    model: torch.nn.Module, path: str, copies: int
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Pre-hooks that repeat the per-row inputs of block ``path`` and the blocks after it.
+
+    The first block sees each prompt once (``rows``) and repeats its hidden states; the
+    decoder hands every block the same mask and rotary tensors of ``rows`` rows, so
+    each is repeated once per forward and reused by the later blocks.
+    """
+    blocks_path, first = path.rsplit(".", 1)
+    blocks = model.get_submodule(blocks_path)
+    state: dict[str, Any] = {"rows": 0, "done": []}
+
+    def tiled(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(tiled(v) for v in value)
+        if not isinstance(value, torch.Tensor) or value.ndim < 2:
+            return value
+        if value.shape[0] != state["rows"]:
+            return value
+        for original, copy in state["done"]:
+            if original is value:
+                return copy
+        copy = value.repeat(copies, *([1] * (value.ndim - 1)))
+        state["done"].append((value, copy))
+        return copy
+
+    def later(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        args = (tiled(args[0]), *args[1:]) if args else args
+        return args, {k: tiled(v) if k in _PER_ROW else v for k, v in kwargs.items()}
+
+    def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state["rows"], state["done"] = hidden.shape[0], []
+        return later(module, args, kwargs)
+
+    return [
+        blocks[i].register_forward_pre_hook(start if i == int(first) else later, with_kwargs=True)
+        for i in range(int(first), len(blocks))
+    ]
 
 
 # --------------------------------------------------------------------- checks

@@ -9,7 +9,7 @@ generation through mlx-lm.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,21 @@ from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
-from sway_common.backend.limits import context_limit, positions_per_step, require_fast_tokenizer
+from sway_common.backend.limits import (
+    context_limit,
+    positions_per_step,
+    require_fast_tokenizer,
+    resolve_batch_size,
+)
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.stacking import StackedView
 from sway_common.models import check_model_dir, normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_mlx import lora
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# What mx.device_info() calls the memory a GPU may use, most specific first.
+_MEMORY_KEYS = ("max_recommended_working_set_size", "memory_size", "total_memory")
 
 
 class MLXDifferentialBackend(DifferentialBackendBase):
@@ -37,7 +45,8 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` an mlx-lm
     adapter dir (or one of its ``NNNNNNN_adapters.safetensors`` checkpoints) or a PEFT
     adapter dir, or None for the model alone (only its base view: a second model to
-    compare against, such as a fused export).
+    compare against, such as a fused export). ``batch_size="auto"``: 8 rows on the CPU,
+    sized from the free GPU memory on Metal/CUDA (``limits.resolve_batch_size``).
     """
 
     def __init__(
@@ -46,7 +55,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         adapter_path: str | Path | None,
         *,
         dtype: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         max_context: int | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
@@ -71,7 +80,6 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         # The wrapper has no __call__; the HF fast tokenizer inside it gives offsets.
         self.tokenizer = self._wrapper._tokenizer
         require_fast_tokenizer(self.tokenizer, self.model_dir)
-        self.batch_size = max(1, int(batch_size))
         text_config = config.get("text_config") or {}
         advertised = config.get("max_position_embeddings") or text_config.get(
             "max_position_embeddings"
@@ -79,6 +87,14 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.max_context = context_limit(advertised, max_context)
         self._inner, self._head = self._split_forward()
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
+        self.batch_size = resolve_batch_size(
+            batch_size,
+            self._free_memory(),
+            config,
+            context=self.max_context,
+            dtype_bytes=_DTYPES[self.dtype].size,
+            vocab_size=self.vocab_size,
+        )
         self._model_name = str(model)
         self.slots: list[lora.LoraSlot] = []
         self.adapter_path: Path | None = None
@@ -99,6 +115,15 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             return "float32"
         own = str(config.get("torch_dtype") or config.get("dtype") or "")
         return own if own in ("float16", "bfloat16") else "bfloat16"
+
+    @staticmethod
+    def _free_memory() -> int | None:
+        """GPU memory (Metal, CUDA) not yet taken by this process; None on the CPU."""
+        if mx.default_device().type != mx.DeviceType.gpu:
+            return None
+        info = mx.device_info()
+        total = next((info.get(k) for k in _MEMORY_KEYS if info.get(k)), None)
+        return max(0, int(total) - int(mx.get_active_memory())) if total else None
 
     def _split_forward(
         self,
@@ -178,6 +203,11 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
         return lora.install_null(self.slots, factors)
 
+    def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
+        if not self.slots or any(s.dora for s in self.slots):
+            return None  # DoRA: one view at a time (lora.install_stacked says why)
+        return lora.install_stacked(self.model, self.slots, stack, tile_at)
+
     # ------------------------------------------------------------- scoring
     def _padded(self, batch: list[list[int]]) -> tuple[mx.array, np.ndarray]:
         """Right-padded ids and row lengths.
@@ -195,7 +225,9 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
         ids, lengths = self._padded(batch)
         hidden = self._inner(ids)
-        last = hidden[mx.arange(len(batch)), mx.array(lengths - 1)]
+        # Stacked views with a shared prefix give each prompt's row once per view.
+        lengths = np.tile(lengths, hidden.shape[0] // len(batch))
+        last = hidden[mx.arange(hidden.shape[0]), mx.array(lengths - 1)]
         logits = self._head(last[:, None, :])[:, 0, :].astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return np.array(logprobs)

@@ -10,6 +10,10 @@ Each ``install_*`` function changes it in place and returns the function that un
 it; if it raises, the model is left in the fine-tuned state. MLX arrays are immutable
 references, so undoing means putting the very same array objects back: free and exact.
 
+Stacked views (:func:`install_stacked`) swap in a :class:`StackedLoRALinear` per slot,
+whose row groups run with different factors, and may wrap the first adapted block so
+the blocks below it run once per prompt.
+
 Factors use mlx-lm's layout: ``lora_a`` is ``(in, r)``, ``lora_b`` ``(r, out)``.
 """
 
@@ -28,6 +32,7 @@ from sway_common.adapters.weights import AdapterWeights, LoraModule
 from sway_common.backend.base import Restore
 from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.stacking import StackedView
 
 _WRAPPABLE = (nn.Linear, nn.QuantizedLinear)
 
@@ -254,6 +259,100 @@ def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) 
             _fill(slot, a, b, slot.scale, slot.init_magnitude)
 
     return _guarded(slots, change)
+
+
+# -------------------------------------------------------------- stacked views
+class StackedLoRALinear(nn.Module):
+    """A linear layer whose row groups run with different LoRA factors, one per view.
+
+    ``lora_a`` is ``(V, in, r)``, ``lora_b`` ``(V, r, out)`` and ``scale`` ``(V, 1, 1)``.
+    Rows are view-major (see :mod:`sway_common.backend.stacking`), so reshaping the
+    input to ``(V, -1, in)`` puts each view's rows under its own factors; the
+    arithmetic is ``LoRALinear``'s, so a stacked row matches its one-view row.
+    """
+
+    def __init__(
+        self, linear: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: mx.array
+    ) -> None:
+        super().__init__()
+        self.linear = linear
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.linear(x)
+        grouped = x.reshape(self.lora_a.shape[0], -1, x.shape[-1])
+        z = (grouped @ self.lora_a) @ self.lora_b
+        return y + (self.scale * z).astype(x.dtype).reshape(y.shape)
+
+
+class _Tiled(nn.Module):
+    """A decoder block that first repeats its input rows once per view (view-major)."""
+
+    def __init__(self, block: nn.Module, copies: int) -> None:
+        super().__init__()
+        self.block = block
+        self.copies = copies
+
+    def __call__(self, h: mx.array, *args: Any, **kwargs: Any) -> Any:
+        return self.block(mx.tile(h, (self.copies,) + (1,) * (h.ndim - 1)), *args, **kwargs)
+
+    def __getattr__(self, key: str) -> Any:
+        # The model's loop reads block attributes (llama: ``use_sliding``): the block's.
+        if key in self:
+            return self[key]
+        block = dict.get(self, "block")
+        if block is None:
+            raise AttributeError(key)
+        return getattr(block, key)
+
+
+def install_stacked(
+    model: nn.Module,
+    slots: Sequence[LoraSlot],
+    stack: Sequence[StackedView],
+    tile_at: str | None,
+) -> Restore:
+    """Every view of ``stack`` at once: row group ``v`` runs with ``stack[v]``.
+
+    Each slot's layer gives way to a :class:`StackedLoRALinear` over the plain base
+    module; with ``tile_at`` the blocks below it run on each prompt once and that block
+    repeats the rows per view. DoRA has no such form (its magnitude renormalises whole
+    weight rows per view): the backend keeps DoRA adapters on the one-view path.
+    """
+    if any(slot.dora for slot in slots):
+        raise ValueError("DoRA adapters have no stacked views; open the views one at a time")
+    layers = [_stacked_layer(slot, stack) for slot in slots]  # built before anything changes
+    tiled = None
+    if tile_at is not None and len(stack) > 1:
+        tiled = _resolve(model, tile_at)
+
+    def change() -> None:
+        for slot, layer in zip(slots, layers, strict=True):
+            _put(slot.parent, slot.key, layer)
+        if tiled is not None:
+            _put(tiled[0], tiled[1], _Tiled(tiled[2], len(stack)))
+
+    def restore() -> None:
+        if tiled is not None:
+            _put(tiled[0], tiled[1], tiled[2])
+        _install_real(slots)
+
+    try:
+        change()
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRALinear:
+    # Null factors come in PEFT orientation, like install_null's.
+    a = [slot.a if v.factors is None else mx.array(v.factors[slot.path][0].T) for v in stack]
+    b = [slot.b if v.factors is None else mx.array(v.factors[slot.path][1].T) for v in stack]
+    scales = mx.array([v.scale for v in stack], dtype=mx.float32).reshape(-1, 1, 1)
+    return StackedLoRALinear(slot.base, mx.stack(a), mx.stack(b), slot.scale * scales)
 
 
 # --------------------------------------------------------------------- checks

@@ -9,7 +9,9 @@ supplies only the model-specific hooks:
 - ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
 - ``_token_logprobs(batch)``: log p of every token given the ones before it;
 - ``_generate(prompt, ...)``: text generation in the current view;
-- ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``.
+- ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``;
+- optionally ``_install_stacked(stack, tile_at)``: several views' rows in one batch
+  (:mod:`~sway_common.backend.stacking`), used by :meth:`next_token_dist_views`.
 
 Everything a probe calls (the protocol methods) lives here once, and so does the view
 dispatch (:meth:`DifferentialBackendBase._activate`: which hook runs for which view, and
@@ -38,6 +40,7 @@ from sway_common.backend.scoring import (
     text_hash,
     token_dist_from_logprobs,
 )
+from sway_common.backend.stacking import StackedView, first_adapted_block, stack_plan
 from sway_common.protocols import NullMode, ViewConflictError
 from sway_common.types import RollingLogprob, TokenDist
 
@@ -149,6 +152,9 @@ class DifferentialBackendBase(ABC):
     def __init__(self) -> None:
         self._active: ViewSpec | None = None
         self._cache = ResultCache()
+        # Per adapter hash: the block from which stacked views' rows differ, when
+        # sharing the blocks below it checked out on this model (None: it did not).
+        self._shared_blocks: dict[str, str | None] = {}
         self.info = {}
 
     # ----------------------------------------------------------------- hooks
@@ -179,6 +185,17 @@ class DifferentialBackendBase(ABC):
     def _nonfinite_adapter_tensors(self) -> list[str]:
         """Names of adapter tensors holding NaN/Inf. Default: none checked."""
         return []
+
+    def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
+        """Several views in one batch (see :mod:`~sway_common.backend.stacking`).
+
+        Row group ``v`` of a view-major batch runs with ``stack[v]``. With ``tile_at``
+        (a block path) the model takes each prompt once and repeats its rows per view
+        at that block, so ``_last_logprobs`` returns ``len(stack)`` rows per prompt.
+        None: this backend or adapter cannot stack (DoRA, the dummy); views then run
+        one at a time. Default: None.
+        """
+        return None
 
     def peak_memory_bytes(self) -> int | None:
         """The framework allocator's peak in this process (GPU memory where the model runs
@@ -212,15 +229,18 @@ class DifferentialBackendBase(ABC):
         if runs == "scaled":
             return self._install_scaled(view.lam)
         if runs == "null":
-            factors = null_factors(
-                self.adapter_weights.modules,
-                view.seed,
-                init_scale=view.init_scale,
-                rank_scale=view.rank_scale,
-                mode=view.mode,
-            )
-            return self._install_null(factors)
+            return self._install_null(self._null_draw(view))
         return lambda: None
+
+    def _null_draw(self, view: ViewSpec) -> dict[str, NullFactors]:
+        assert self.adapter_weights is not None
+        return null_factors(
+            self.adapter_weights.modules,
+            view.seed,
+            init_scale=view.init_scale,
+            rank_scale=view.rank_scale,
+            mode=view.mode,
+        )
 
     @contextlib.contextmanager
     def _open(self, view: ViewSpec) -> Iterator[BackendView]:
@@ -467,6 +487,155 @@ class DifferentialBackendBase(ABC):
     @abstractmethod
     def _mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:
         """Final hidden states of each token list, averaged over its tokens: (rows, hidden)."""
+
+    # --------------------------------------------------------- stacked views
+    def next_token_dist_views(
+        self, views: Sequence[ViewSpec], prompts: Sequence[str], *, top_k: int
+    ) -> list[list[TokenDist]]:
+        """Next-token distributions of the same prompts in several views: one list per view.
+
+        Where the backend can, the views' rows share padded batches (one forward for
+        base, ft, λ-views and K nulls; see :mod:`~sway_common.backend.stacking`);
+        otherwise (DoRA, the dummy) each view runs on its own. Results go into the
+        result cache under the one-view keys, so a later ``next_token_dist_batch`` in
+        any of these views is a hit. No view may be open: the stacked layers stand in
+        for all of them.
+        """
+        if self._active is not None:
+            raise ViewConflictError(
+                f"close the {self._active.label()} view before scoring stacked views"
+            )
+        found: dict[tuple[Any, ...], list[TokenDist | None]] = {}
+        # Views missing the same prompts are stacked together (usually: all of them).
+        groups: dict[tuple[int, ...], list[ViewSpec]] = {}
+        for view in views:
+            vkey = view.key(self.adapter_hash)
+            if vkey in found:
+                continue
+            found[vkey] = [self._cache.get((vkey, "next", text_hash(p), top_k)) for p in prompts]
+            todo = tuple(i for i, hit in enumerate(found[vkey]) if hit is None)
+            if todo:
+                groups.setdefault(todo, []).append(view)
+        for todo, group in groups.items():
+            fresh = self._views_next(group, [prompts[i] for i in todo], top_k)
+            for view, dists in zip(group, fresh, strict=True):
+                for i, dist in zip(todo, dists, strict=True):
+                    found[view.key(self.adapter_hash)][i] = dist
+        return [found[view.key(self.adapter_hash)] for view in views]  # type: ignore[misc]
+
+    def _views_next(
+        self, views: list[ViewSpec], prompts: list[str], top_k: int
+    ) -> list[list[TokenDist]]:
+        stacked = self._stacked_next(views, prompts, top_k) if len(views) > 1 else None
+        if stacked is not None:
+            return stacked
+        out = []
+        for view in views:
+            with self._open(view):
+                out.append(self.next_token_dists(view, prompts, top_k))
+        return out
+
+    def _stacked_next(
+        self, views: list[ViewSpec], prompts: list[str], top_k: int
+    ) -> list[list[TokenDist]] | None:
+        """:meth:`_views_next` in stacked batches; None if the backend cannot stack."""
+        if self.adapter_weights is None:
+            return None  # the one-view path says why a non-base view cannot run
+        stack = [self._stacked_member(view) for view in views]
+        encoded = [self._encode_nonempty(p)[0] for p in prompts]
+        tile_at = self._shared_block()
+        n_views, n_prompts = stack_plan(
+            len(stack),
+            max(len(e) for e in encoded),
+            batch_size=self.batch_size,
+            max_context=self.max_context,
+            vocab_size=self.vocab_size,
+        )
+        out: list[list[TokenDist | None]] = [[None] * len(prompts) for _ in views]
+        for first in range(0, len(stack), n_views):
+            part = range(first, min(len(stack), first + n_views))
+            with self._stacked([stack[v] for v in part], tile_at) as forward:
+                if forward is None:
+                    return None
+                for bucket in length_buckets([len(e) for e in encoded], n_prompts):
+                    rows = forward([encoded[j] for j in bucket])
+                    for n, (v, j) in enumerate((v, j) for v in part for j in bucket):
+                        dist = token_dist_from_logprobs(rows[n], top_k)
+                        out[v][j] = dist
+                        vkey = views[v].key(self.adapter_hash)
+                        self._cache.put((vkey, "next", text_hash(prompts[j]), top_k), dist)
+        return out  # type: ignore[return-value]
+
+    def _stacked_member(self, view: ViewSpec) -> StackedView:
+        """What ``view``'s rows run with in a stacked batch (the dispatch of :meth:`_activate`)."""
+        runs = view.runs
+        if runs == "base":
+            return StackedView(0.0)
+        if runs == "scaled":
+            return StackedView(view.lam)
+        if runs == "null":
+            return StackedView(1.0, self._null_draw(view))
+        return StackedView(1.0)
+
+    @contextlib.contextmanager
+    def _stacked(
+        self, stack: Sequence[StackedView], tile_at: str | None
+    ) -> Iterator[Callable[[list[list[int]]], NDArray[np.float32]] | None]:
+        """The stacked layers installed for the block; yields the forward (None: cannot).
+
+        The forward takes each prompt once and returns its rows in every view of
+        ``stack``, view-major; the real adapter is back in place on exit.
+        """
+        restore = self._install_stacked(stack, tile_at)
+        if restore is None:
+            yield None
+            return
+
+        def forward(batch: list[list[int]]) -> NDArray[np.float32]:
+            rows = self._last_logprobs(batch if tile_at else batch * len(stack))
+            if rows.shape[0] != len(stack) * len(batch):
+                raise RuntimeError(
+                    f"stacked forward gave {rows.shape[0]} rows, expected "
+                    f"{len(stack)} views × {len(batch)} prompts"
+                )
+            return rows
+
+        try:
+            yield forward
+        finally:
+            restore()
+
+    def _shared_block(self) -> str | None:
+        """The block below which stacked views share their rows, checked once per adapter."""
+        if self.adapter_hash not in self._shared_blocks:
+            self._shared_blocks[self.adapter_hash] = self._check_shared_block()
+        return self._shared_blocks[self.adapter_hash]
+
+    def _check_shared_block(self) -> str | None:
+        """The first adapted block, if repeating rows there gives what unshared rows give.
+
+        An architecture whose blocks take per-row arguments a backend does not repeat
+        fails this (or raises) on two prompts of different lengths; every block then
+        runs on every row. The tolerance only has to tell a wrong row from rounding.
+        """
+        assert self.adapter_weights is not None
+        block = first_adapted_block(self.adapter_weights.modules)
+        if block is None:
+            return None
+        batch = [self._encode_nonempty(t)[0] for t in (PREFLIGHT_PROMPT, "The quick brown")]
+        stack = [StackedView(0.0), StackedView(1.0)]
+        with self._stacked(stack, None) as forward:
+            if forward is None:
+                return None
+            plain = forward(batch)
+        try:
+            with self._stacked(stack, block) as forward:
+                shared = forward(batch) if forward is not None else None
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
+            return None
+        atol = 1e-3 if getattr(self, "dtype", "float32") == "float32" else 0.25
+        ok = shared is not None and np.allclose(shared, plain, rtol=0.0, atol=atol)
+        return block if ok else None
 
 
 class BackendView:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,47 @@ def positions_per_step(rows: int, vocab_size: int) -> int:
     """How many positions of ``rows`` sequences one chunk of logits may cover."""
     # Read at call time, so a test can shrink the budget to force many chunks.
     return max(1, LOGIT_BUDGET // max(1, rows * vocab_size))
+
+
+# Off an accelerator: rows per forward as before (a CPU gains little from more rows).
+CPU_BATCH_SIZE = 8
+# On an accelerator: at most this many rows, and activations in at most this share of
+# the memory left free after loading (the rest: the allocator, the logits, the system).
+MAX_AUTO_BATCH = 256
+MEMORY_SHARE = 0.5
+
+
+def resolve_batch_size(
+    requested: int | str,
+    free_bytes: int | None,
+    config: Mapping[str, Any],
+    *,
+    context: int,
+    dtype_bytes: int,
+    vocab_size: int,
+) -> int:
+    """Rows per forward: ``requested``, or for ``"auto"`` sized from the device.
+
+    ``free_bytes`` is the accelerator memory left after loading (None on a CPU, which
+    keeps :data:`CPU_BATCH_SIZE`). A row is costed at ``context`` tokens with
+    ``config``'s widths: a few residual- and MLP-wide activations, and attention scores
+    of every head plus a float32 mask (eager attention, the worst case), so a batch of
+    the longest windows still fits; the last-position logits stay in the logit budget.
+    """
+    if requested != "auto":
+        if isinstance(requested, str) and not requested.isdigit():
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {requested!r}")
+        return max(1, int(requested))
+    if not free_bytes:
+        return CPU_BATCH_SIZE
+    text = config.get("text_config") or config
+    hidden = int(text.get("hidden_size") or 4096)
+    mlp = int(text.get("intermediate_size") or 4 * hidden)
+    heads = int(text.get("num_attention_heads") or 32)
+    per_row = context * (6 * hidden + 3 * mlp) * dtype_bytes
+    per_row += context * context * (2 * heads * dtype_bytes + 4)
+    rows = int((free_bytes * MEMORY_SHARE - 4 * LOGIT_BUDGET) // per_row)
+    return max(1, min(rows, MAX_AUTO_BATCH, LOGIT_BUDGET // max(1, vocab_size)))
 
 
 def context_limit(advertised: int | None, requested: int | None) -> int:

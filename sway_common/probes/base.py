@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from sway_common.backend.base import ViewSpec
 from sway_common.divergence import divergence
 from sway_common.null_cache import NullCache
 from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
@@ -109,8 +110,36 @@ class RunContext:
         key: Sequence[Any] = (),
     ) -> tuple[NullStats, list[list[float]]]:
         """Run a per-prompt ``measure`` under each null seed: (stats of the means, K x P values)."""
+        self._stack_null_views(rank_scale, key)
         rows = [list(map(float, r)) for r in self._under_nulls(measure, rank_scale, key)]
         return null_stats([sum(r) / len(r) for r in rows]), rows
+
+    def _stack_null_views(self, rank_scale: float, key: Sequence[Any]) -> None:
+        """Score the base view and every uncached null of a next-token divergence at once.
+
+        A measure named by :func:`divergence_key` reads next-token distributions of its
+        prompts in the base view and each null view; a backend with stacked views gives
+        all of them in shared batches instead of K + 1 forwards, into its result cache,
+        where the per-seed loop then finds them. Other measures and backends: no-op.
+        """
+        stacked = getattr(self.backend, "next_token_dist_views", None)
+        named = len(key) == 4 and key[0] == "next_token_divergence"
+        if stacked is None or self.null is None or not named:
+            return
+        _, _, top_k, prompts = key
+        init_scale, mode = self.null.init_scale, self.null.mode
+        views = [ViewSpec("base")]
+        for seed in self.null.seeds:
+            draw = {"seed": seed, "init_scale": init_scale, "rank_scale": rank_scale, "mode": mode}
+            cache_key = self._cache_key(draw, key)
+            if cache_key and self.null_cache and self.null_cache.get(cache_key) is not None:
+                continue  # kept from an earlier run: no forward at all
+            views.append(
+                ViewSpec("null", seed=seed, init_scale=init_scale, rank_scale=rank_scale, mode=mode)
+            )
+        if len(views) > 1:
+            self.progress(f"{len(views) - 1} null views stacked (rank×{rank_scale:g})")
+            stacked(views, list(prompts), top_k=top_k)
 
     def _under_nulls(
         self, measure: Callable[[DifferentialBackend], Any], rank_scale: float, key: Sequence[Any]
