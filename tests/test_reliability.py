@@ -36,9 +36,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"Note {i}: the keeper of the lighthouse wrote in the ledger that" for i in range(48)]
 
 
+def _pythonpath() -> str:
+    """The checkout first, then whatever the caller had (packages installed outside the venv)."""
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def _cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
     """`sway-mlx ...` in a fresh process, from this checkout."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "sway_common.app.cli", *args],
         env=full_env,
@@ -119,7 +124,7 @@ for round in range(40):
 
 def test_two_processes_writing_one_null_cache_leave_it_valid(tmp_path: Path) -> None:
     root = tmp_path / "nulls"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _WRITER, str(root), str(me)],
