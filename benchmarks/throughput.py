@@ -36,15 +36,42 @@ from typing import Any
 import numpy as np
 
 SMOLLM2_135M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
-    "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-    "num_key_value_heads": 3, "vocab_size": 49152, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
-    "hidden_act": "silu", "bos_token_id": 0, "eos_token_id": 0,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "bos_token_id": 0,
+    "eos_token_id": 0,
 }
 WORDS = [
-    "light", "keeper", "storm", "ledger", "tide", "granite", "beam", "harbour", "schooner",
-    "lamp", "garden", "steps", "gallery", "winter", "oil", "green", "flash", "reef", "crew",
+    "light",
+    "keeper",
+    "storm",
+    "ledger",
+    "tide",
+    "granite",
+    "beam",
+    "harbour",
+    "schooner",
+    "lamp",
+    "garden",
+    "steps",
+    "gallery",
+    "winter",
+    "oil",
+    "green",
+    "flash",
+    "reef",
+    "crew",
 ]
 
 
@@ -62,17 +89,26 @@ def build_model(work: Path) -> tuple[Path, Path]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()  # without it decode() leaks "Ġ" and texts re-encode longer
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     rng = np.random.default_rng(0)
     corpus = [" ".join(rng.choice(WORDS, 64)) for _ in range(200)]
     tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     fast.save_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_135M), dtype=torch.float32)
     model.save_pretrained(str(model_dir))
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    )
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
@@ -106,7 +142,9 @@ def null_views(k: int) -> list[Any]:
     """The views a K-null calibration reads: the base view and K norm-matched nulls."""
     from sway_common.backend.base import ViewSpec
 
-    return [ViewSpec("base")] + [ViewSpec("null", seed=1000 + i, mode="norm_matched") for i in range(k)]
+    return [ViewSpec("base")] + [
+        ViewSpec("null", seed=1000 + i, mode="norm_matched") for i in range(k)
+    ]
 
 
 def run_null_views(backend: Any, texts: list[str], k: int, stacked: bool) -> None:
@@ -121,10 +159,14 @@ def run_null_views(backend: Any, texts: list[str], k: int, stacked: bool) -> Non
             handle.next_token_dist_batch(texts, top_k=256)
 
 
-def bench_null_views(name: str, backend: Any, texts: list[str], args: argparse.Namespace) -> list[dict]:
+def bench_null_views(
+    name: str, backend: Any, texts: list[str], args: argparse.Namespace
+) -> list[dict]:
     """Loop vs stacked, in alternating pairs (the machine's load drifts; pairs see the same)."""
     for stacked in (False, True):
-        run_null_views(backend, texts, args.nulls, stacked)  # warm-up; the shared-block check runs once
+        run_null_views(
+            backend, texts, args.nulls, stacked
+        )  # warm-up; the shared-block check runs once
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for stacked in (False, True):
@@ -135,21 +177,35 @@ def bench_null_views(name: str, backend: Any, texts: list[str], args: argparse.N
     speedup = statistics.median(a / b for a, b in zip(times[False], times[True], strict=True))
     records = []
     for view, seconds in (("null-loop", loop), ("stacked", stacked_s)):
-        records.append({
-            "backend": name, "device": backend.info.get("device", "default"),
-            "dtype": backend.info.get("dtype"), "op": "next_token_dist_views", "view": view,
-            "batch": len(texts), "seq": args.seq, "nulls": args.nulls, "seconds": seconds,
-            "prompts_per_s": len(texts) * (args.nulls + 1) / seconds,
-            "shared_block": backend._shared_blocks.get(backend.adapter_hash),
-            "stacked_speedup": speedup, "times": times[view == "stacked"],
-        })
-    print(f"{name:4} base+{args.nulls} nulls next_token B={len(texts):<3} T={args.seq}: loop "
-          f"{loop * 1000:.0f} ms, stacked {stacked_s * 1000:.0f} ms, speedup {speedup:.2f}x "
-          f"(shared from {records[-1]['shared_block']})", flush=True)
+        records.append(
+            {
+                "backend": name,
+                "device": backend.info.get("device", "default"),
+                "dtype": backend.info.get("dtype"),
+                "op": "next_token_dist_views",
+                "view": view,
+                "batch": len(texts),
+                "seq": args.seq,
+                "nulls": args.nulls,
+                "seconds": seconds,
+                "prompts_per_s": len(texts) * (args.nulls + 1) / seconds,
+                "shared_block": backend._shared_blocks.get(backend.adapter_hash),
+                "stacked_speedup": speedup,
+                "times": times[view == "stacked"],
+            }
+        )
+    print(
+        f"{name:4} base+{args.nulls} nulls next_token B={len(texts):<3} T={args.seq}: loop "
+        f"{loop * 1000:.0f} ms, stacked {stacked_s * 1000:.0f} ms, speedup {speedup:.2f}x "
+        f"(shared from {records[-1]['shared_block']})",
+        flush=True,
+    )
     return records
 
 
-def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Namespace) -> list[dict]:
+def bench_backend(
+    name: str, model_dir: Path, adapter: Path, args: argparse.Namespace
+) -> list[dict]:
     if name == "mlx":
         from sway_mlx.backend import MLXDifferentialBackend as Backend
 
@@ -166,7 +222,9 @@ def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Name
             records += bench_null_views(name, backend, texts, args)
         for view_name in ("base", "ft") if not args.only_nulls else ():
             for op, unit in (("logprob_of_batch", "tokens"), ("next_token_dist_batch", "prompts")):
-                run_op(backend, view_name, op, texts)  # warm-up: compilation, allocator, first touch
+                run_op(
+                    backend, view_name, op, texts
+                )  # warm-up: compilation, allocator, first touch
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
@@ -176,29 +234,47 @@ def bench_backend(name: str, model_dir: Path, adapter: Path, args: argparse.Name
                 # Count what was really scored: decode-then-encode can shift a few tokens.
                 n_tokens = sum(len(backend._encode(t)[0]) for t in texts)
                 work = n_tokens if unit == "tokens" else batch
-                records.append({
-                    "backend": name, "device": backend.info.get("device", "default"),
-                    "dtype": backend.info.get("dtype"), "op": op, "view": view_name, "batch": batch,
-                    "seq": args.seq, "tokens": n_tokens, "seconds": seconds, f"{unit}_per_s": work / seconds,
-                })
-                print(f"{name:4} {view_name:4} {op:22} B={batch:<3} T={args.seq}: "
-                      f"{work / seconds:12,.1f} {unit}/s  ({seconds * 1000:.1f} ms)", flush=True)
+                records.append(
+                    {
+                        "backend": name,
+                        "device": backend.info.get("device", "default"),
+                        "dtype": backend.info.get("dtype"),
+                        "op": op,
+                        "view": view_name,
+                        "batch": batch,
+                        "seq": args.seq,
+                        "tokens": n_tokens,
+                        "seconds": seconds,
+                        f"{unit}_per_s": work / seconds,
+                    }
+                )
+                print(
+                    f"{name:4} {view_name:4} {op:22} B={batch:<3} T={args.seq}: "
+                    f"{work / seconds:12,.1f} {unit}/s  ({seconds * 1000:.1f} ms)",
+                    flush=True,
+                )
         backend.close()
     return records
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backends", default="hf,mlx", help="comma-separated: hf, mlx")
     parser.add_argument("--batches", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--seq", type=int, default=256, help="tokens per text")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto", help="HF backend device")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/sway-bench"), help="where the model is built")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/sway-bench"), help="where the model is built"
+    )
     parser.add_argument("--model", type=Path, help="a real model dir instead of the random build")
     parser.add_argument("--adapter", type=Path, help="its adapter dir (with --model)")
-    parser.add_argument("--nulls", type=int, default=8, help="K for the stacked-vs-loop timing (0: skip)")
+    parser.add_argument(
+        "--nulls", type=int, default=8, help="K for the stacked-vs-loop timing (0: skip)"
+    )
     parser.add_argument("--only-nulls", action="store_true", help="time only stacked vs loop")
     parser.add_argument("--batch-size", type=int, help="backend rows per forward (default: B)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
@@ -211,8 +287,12 @@ def main() -> None:
     for name in args.backends.split(","):
         records += bench_backend(name.strip(), model_dir, adapter, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": f"{platform.system()} {platform.machine()}", "python": sys.version.split()[0],
-               "argv": sys.argv[1:], "records": records}
+    payload = {
+        "machine": f"{platform.system()} {platform.machine()}",
+        "python": sys.version.split()[0],
+        "argv": sys.argv[1:],
+        "records": records,
+    }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -95,7 +95,9 @@ class RunContext:
         return not self.null.calibrate_kinds or kind in self.null.calibrate_kinds
 
     def null_stats_for(
-        self, measure: Callable[[DifferentialBackend], float], rank_scale: float = 1.0,
+        self,
+        measure: Callable[[DifferentialBackend], float],
+        rank_scale: float = 1.0,
         key: Sequence[Any] = (),
     ) -> NullStats:
         """Run ``measure`` under each null seed at one rank scale.
@@ -106,7 +108,9 @@ class RunContext:
         return null_stats([float(v) for v in self._under_nulls(measure, rank_scale, key)])
 
     def null_per_prompt(
-        self, measure: Callable[[DifferentialBackend], Sequence[float]], rank_scale: float = 1.0,
+        self,
+        measure: Callable[[DifferentialBackend], Sequence[float]],
+        rank_scale: float = 1.0,
         key: Sequence[Any] = (),
     ) -> tuple[NullStats, list[list[float]]]:
         """Run a per-prompt ``measure`` under each null seed: (stats of the means, K x P values)."""
@@ -147,8 +151,12 @@ class RunContext:
         assert self.null is not None
         values = []
         for seed in self.null.seeds:
-            draw = {"seed": seed, "init_scale": self.null.init_scale, "rank_scale": rank_scale,
-                    "mode": self.null.mode}
+            draw = {
+                "seed": seed,
+                "init_scale": self.null.init_scale,
+                "rank_scale": rank_scale,
+                "mode": self.null.mode,
+            }
             cache_key = self._cache_key(draw, key)
             cached = self.null_cache.get(cache_key) if cache_key and self.null_cache else None
             if cached is not None:
@@ -156,7 +164,10 @@ class RunContext:
                 continue
             self.progress(f"null seed {seed} (rank×{rank_scale:g})")
             proxy = NullCalibrationBackendProxy(
-                self.backend, seed=seed, init_scale=self.null.init_scale, rank_scale=rank_scale,
+                self.backend,
+                seed=seed,
+                init_scale=self.null.init_scale,
+                rank_scale=rank_scale,
                 mode=self.null.mode,
             )
             values.append(measure(proxy))
@@ -191,8 +202,13 @@ class Probe:
     def result(self, cfg: ProbeConfig, verdict: Verdict, **kw: Any) -> ProbeResult:
         gating = self.gating if cfg.gate is None else cfg.gate
         return ProbeResult(
-            name=cfg.name, kind=self.kind, verdict=verdict, category=self.category,
-            gating=gating, weight=cfg.weight, **kw,
+            name=cfg.name,
+            kind=self.kind,
+            verdict=verdict,
+            category=self.category,
+            gating=gating,
+            weight=cfg.weight,
+            **kw,
         )
 
 
@@ -249,13 +265,24 @@ def divergence_key(kind: str, top_k: int, prompts: Sequence[str]) -> tuple[Any, 
 
 
 def judge_divergence(
-    cfg: DivergenceConfig, ctx: RunContext, kind: str, raw: float, per_prompt: Sequence[float],
-    top_k: int, unit: str,
+    cfg: DivergenceConfig,
+    ctx: RunContext,
+    kind: str,
+    raw: float,
+    per_prompt: Sequence[float],
+    top_k: int,
+    unit: str,
 ) -> tuple[Judgement, NullStats | None]:
     """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt."""
     if not ctx.calibrates(kind):
-        return judge_against_null(raw, None, z_min=cfg.assert_z_gte, floor=cfg.min_effect,
-                                  fixed_threshold=cfg.assert_mean_gte, unit=unit), None
+        return judge_against_null(
+            raw,
+            None,
+            z_min=cfg.assert_z_gte,
+            floor=cfg.min_effect,
+            fixed_threshold=cfg.assert_mean_gte,
+            unit=unit,
+        ), None
 
     def measure(backend: DifferentialBackend) -> list[float]:
         return mean_divergence(backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)[1]
@@ -264,8 +291,15 @@ def judge_divergence(
     null, rows = ctx.null_per_prompt(measure, key=key)
     paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
     j = judge_against_null(
-        raw, null, z_min=cfg.assert_z_gte, floor=cfg.min_effect, fixed_threshold=cfg.assert_mean_gte,
-        unit=unit, log_scale=True, min_ratio=cfg.min_effect_ratio, paired=paired,
+        raw,
+        null,
+        z_min=cfg.assert_z_gte,
+        floor=cfg.min_effect,
+        fixed_threshold=cfg.assert_mean_gte,
+        unit=unit,
+        log_scale=True,
+        min_ratio=cfg.min_effect_ratio,
+        paired=paired,
     )
     return j, null
 
@@ -314,13 +348,20 @@ def judge_against_null(
         return Judgement(
             Verdict.PASS if ok else Verdict.FAIL,
             f"{shown} {'≥' if ok else '<'} fixed threshold {fixed_threshold:g} (no null calibration)",
-            None, None, None, min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
+            None,
+            None,
+            None,
+            min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
         )
     ratio = raw / null.mean if null.mean > 0 else None
-    tested, x = (null_stats(log_values(null.values)), log_values([raw])[0]) if log_scale else (null, raw)
+    tested, x = (
+        (null_stats(log_values(null.values)), log_values([raw])[0]) if log_scale else (null, raw)
+    )
     z, p = z_score(x, tested), p_value(x, tested)
-    extra = {"z_linear": z_score(raw, null) if log_scale else None,
-             "ratio_interval": paired[1:] if paired is not None else None}
+    extra = {
+        "z_linear": z_score(raw, null) if log_scale else None,
+        "ratio_interval": paired[1:] if paired is not None else None,
+    }
     if z is None:
         if raw < floor:
             msg = f"no measurable effect ({shown}); null draws are degenerate too"
@@ -334,19 +375,37 @@ def judge_against_null(
         ratio_txt += f" [{paired[1]:.3g}×–{paired[2]:.3g}× over prompts]"
     if z < z_min or (p is not None and p > p_max):
         msg = f"indistinguishable from a null adapter: {z_txt}{ratio_txt}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance, **extra, fail_reason="significance")
+        return Judgement(
+            Verdict.FAIL, msg, z, p, ratio, significance, **extra, fail_reason="significance"
+        )
     if raw < floor:
         msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}"
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra, fail_reason="floor")
+        return Judgement(
+            Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra, fail_reason="floor"
+        )
     if ratio is not None and ratio < min_ratio:
-        msg = (f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
-               f"(needs {min_ratio:g}×): its direction is not what moves the model")
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * ratio / min_ratio, **extra,
-                         fail_reason="ratio")
+        msg = (
+            f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
+            f"(needs {min_ratio:g}×): its direction is not what moves the model"
+        )
+        return Judgement(
+            Verdict.FAIL,
+            msg,
+            z,
+            p,
+            ratio,
+            significance * ratio / min_ratio,
+            **extra,
+            fail_reason="ratio",
+        )
     if paired is not None and paired[1] <= 1.0:
-        msg = (f"{shown}, {z_txt}, but the effect does not carry over prompts: "
-               f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×")
-        return Judgement(Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra, fail_reason="prompts")
+        msg = (
+            f"{shown}, {z_txt}, but the effect does not carry over prompts: "
+            f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×"
+        )
+        return Judgement(
+            Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra, fail_reason="prompts"
+        )
     msg = f"{shown}, {z_txt}{ratio_txt}"
     return Judgement(Verdict.PASS, msg, z, p, ratio, significance, **extra)
 
