@@ -32,9 +32,12 @@ from sway_hf.backend import HFDifferentialBackend  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.hf]
 
 DATA = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data"
+# A mild recipe: at lr 6e-3 these 10 steps lost > 1 nat on 54% of the built-in general-
+# knowledge items and raised held-out perplexity by 42% (measured), which the quick eval's
+# regression checks now rightly FAIL; the "trained" adapter here stands for a healthy one.
 TRAIN = {
     "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "num_layers": 8, "steps": 10,
-    "lr": 6e-3, "seed": 0,
+    "lr": 2e-3, "seed": 0,
 }
 TIMINGS: dict[str, float] = {}
 
@@ -97,7 +100,7 @@ def trained_adapter(smollm2_dir: Path) -> Path:
         _train(smollm2_dir, dst)
         TIMINGS["train_s"] = time.perf_counter() - started
     losses = json.loads((dst / "losses.json").read_text(encoding="utf-8"))
-    assert losses[-1] < 0.7 * losses[0], f"training did not bite: {losses}"
+    assert losses[-1] < 0.9 * losses[0], f"training did not bite: {losses}"
     return dst
 
 
