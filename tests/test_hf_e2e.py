@@ -36,8 +36,13 @@ DATA = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data"
 # knowledge items and raised held-out perplexity by 42% (measured), which the quick eval's
 # regression checks now rightly FAIL; the "trained" adapter here stands for a healthy one.
 TRAIN = {
-    "r": 8, "alpha": 16, "targets": ["q_proj", "v_proj"], "num_layers": 8, "steps": 10,
-    "lr": 2e-3, "seed": 0,
+    "r": 8,
+    "alpha": 16,
+    "targets": ["q_proj", "v_proj"],
+    "num_layers": 8,
+    "steps": 10,
+    "lr": 2e-3,
+    "seed": 0,
 }
 TIMINGS: dict[str, float] = {}
 
@@ -58,8 +63,13 @@ def _lora_model(model_dir: Path):
 
     torch.manual_seed(TRAIN["seed"])
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    cfg = LoraConfig(r=TRAIN["r"], lora_alpha=TRAIN["alpha"], target_modules=TRAIN["targets"],
-                     lora_dropout=0.0, task_type="CAUSAL_LM")
+    cfg = LoraConfig(
+        r=TRAIN["r"],
+        lora_alpha=TRAIN["alpha"],
+        target_modules=TRAIN["targets"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():  # PEFT trips a transformers v5 deprecation notice
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, cfg)
@@ -70,9 +80,16 @@ def _train(model_dir: Path, dst: Path) -> list[float]:
 
     losses: list[float] = []
     train_lora(
-        model_dir, _paragraphs(), dst, steps=TRAIN["steps"], rank=TRAIN["r"],
-        alpha=TRAIN["alpha"], learning_rate=TRAIN["lr"], targets=TRAIN["targets"],
-        num_layers=TRAIN["num_layers"], seed=TRAIN["seed"],
+        model_dir,
+        _paragraphs(),
+        dst,
+        steps=TRAIN["steps"],
+        rank=TRAIN["r"],
+        alpha=TRAIN["alpha"],
+        learning_rate=TRAIN["lr"],
+        targets=TRAIN["targets"],
+        num_layers=TRAIN["num_layers"],
+        seed=TRAIN["seed"],
         on_step=lambda _step, loss: losses.append(loss),
     )
     # Written last: its presence marks a finished adapter in the cache.
@@ -92,7 +109,7 @@ def trained_adapter(smollm2_dir: Path) -> Path:
         json.dumps(TRAIN, sort_keys=True),
         (DATA / "demo_document.md").read_text(encoding="utf-8"),
         (smollm2_dir / "config.json").read_text(encoding="utf-8"),
-        (DATA.parents[1] / "sway_hf" / "train.py").read_text(encoding="utf-8"),
+        (DATA.parents[2] / "sway_hf" / "train.py").read_text(encoding="utf-8"),
     )
     dst = Path(tempfile.gettempdir()) / "sway-hf-e2e" / key
     if not (dst / "losses.json").is_file():
@@ -162,8 +179,12 @@ def test_nan_adapter_is_a_single_error(backend, trained_adapter: Path, tmp_path:
     ],
 )
 def test_quick_eval_ends_in_one_actionable_line(
-    which: str, exit_code: int, expected: str, smollm2_dir: Path,
-    trained_adapter: Path, untrained_adapter: Path,
+    which: str,
+    exit_code: int,
+    expected: str,
+    smollm2_dir: Path,
+    trained_adapter: Path,
+    untrained_adapter: Path,
 ) -> None:
     from click.testing import CliRunner
 
@@ -172,10 +193,20 @@ def test_quick_eval_ends_in_one_actionable_line(
 
     adapter = trained_adapter if which == "trained" else untrained_adapter
     prompts = Path(sway_common.app.data.__file__).parent / "demo_prompts.txt"
-    result = CliRunner().invoke(app, [
-        "eval", "--model", str(smollm2_dir), "--adapter-path", str(adapter),
-        "--prompts", str(prompts), "--backend", "hf",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(smollm2_dir),
+            "--adapter-path",
+            str(adapter),
+            "--prompts",
+            str(prompts),
+            "--backend",
+            "hf",
+        ],
+    )
     assert result.exit_code == exit_code, result.output
     # The headline is the last thing printed; rich may wrap it, so compare words.
     tail = " ".join(result.output.split()[-40:])
