@@ -261,7 +261,8 @@ def test_null_per_prompt_stacked_equals_the_seed_loop(backend) -> None:
     stacked, one_view_forwards = null_rows(backend, stacked=True)
     looped, loop_forwards = null_rows(backend, stacked=False)
     assert one_view_forwards == 0 and loop_forwards > 0
-    np.testing.assert_allclose(stacked, looped, rtol=1e-4, atol=1e-7)
+    # fp32 on a GPU sums in another order: 1.3e-4 relative measured on an H100 (MLX-CUDA).
+    np.testing.assert_allclose(stacked, looped, rtol=5e-4, atol=1e-7)
 
 
 def test_null_per_prompt_on_a_backend_that_cannot_stack() -> None:
