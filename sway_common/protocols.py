@@ -37,6 +37,27 @@ class Model(Protocol):
         """Continue ``prompt``. ``temperature == 0`` is greedy; otherwise ``seed`` fixes the draw."""
         ...
 
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        chat: bool = False,
+    ) -> list[str]:
+        """One continuation per prompt, in order; stops at EOS or ``max_new_tokens``.
+
+        ``chat=True`` wraps each prompt as a user turn of the tokenizer's chat template when
+        it has one (plain text otherwise). Greedy output equals :meth:`generate`'s per prompt
+        (within the numerics of batched padding); seeded sampling is fixed by
+        ``(seed, prompts)``. This default loops.
+        """
+        return [
+            self.generate(p, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            for p in prompts
+        ]
+
     def close(self) -> None:
         """Release whatever the model holds. Safe to call twice."""
         ...

@@ -8,7 +8,8 @@ supplies only the model-specific hooks:
   (the real backends forward each to the same-named function of their ``lora.py``);
 - ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
 - ``_token_logprobs(batch)``: log p of every token given the ones before it;
-- ``_generate(prompt, ...)``: text generation in the current view;
+- ``_generate(prompt, ...)``, optionally ``_generate_batch(prompts, ...)``: text generation
+  in the current view;
 - ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``;
 - optionally ``_install_stacked(stack, tile_at)``: several views' rows in one batch
   (:mod:`~sway_common.backend.stacking`), used by :meth:`next_token_dist_views`.
@@ -178,6 +179,14 @@ class DifferentialBackendBase(ABC):
 
     @abstractmethod
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str: ...
+
+    def _generate_batch(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
+    ) -> list[str]:
+        """Continuations of ``prompts`` in the current view. Default: one at a time."""
+        if chat:
+            raise NotImplementedError(f"{type(self).__name__} has no chat-template generation")
+        return [self._generate(p, max_new_tokens, temperature, seed) for p in prompts]
 
     def _release(self) -> None:  # noqa: B027  (optional hook, empty on purpose)
         """Drop model references. Default: nothing to do."""
@@ -431,6 +440,22 @@ class DifferentialBackendBase(ABC):
             raise ValueError("max_new_tokens must be >= 0")
         return self._generate(prompt, max_new_tokens, temperature, seed)
 
+    def generate_batch_in(
+        self,
+        view: ViewSpec,
+        prompts: Sequence[str],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        chat: bool,
+    ) -> list[str]:
+        self._check_active(view)
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if not prompts:
+            return []
+        return self._generate_batch(list(prompts), max_new_tokens, temperature, seed, chat)
+
     # --------------------------------------------------------------- closing
     def close(self) -> None:
         self._cache.clear()
@@ -668,6 +693,19 @@ class BackendView:
         self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0
     ) -> str:
         return self.backend.generate_in(self.spec, prompt, max_new_tokens, temperature, seed)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        chat: bool = False,
+    ) -> list[str]:
+        return self.backend.generate_batch_in(
+            self.spec, prompts, max_new_tokens, temperature, seed, chat
+        )
 
     def close(self) -> None:
         """A view does not own the model; closing the backend releases it."""
