@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
+from sway_common.backend.generation import Draws, generate_texts, stop_ids
 from sway_common.backend.limits import (
     context_limit,
     positions_per_step,
@@ -36,7 +37,7 @@ from sway_common.backend.nulls import NullFactors
 from sway_common.backend.stacking import StackedView
 from sway_common.models import ModelFormatError, check_model_dir, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
-from sway_hf import lora
+from sway_hf import generate, lora
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -396,45 +397,35 @@ class HFDifferentialBackend(DifferentialBackendBase):
         return out
 
     # ---------------------------------------------------------- generation
-    @torch.inference_mode()
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        if max_new_tokens == 0:
-            return ""
+        # One row of the batched path, so generate and generate_batch agree exactly.
+        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
+
+    def _generate_batch(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
+    ) -> list[str]:
         assert self._causal_lm is not None, "the backend was closed"
-        ids, _ = self._encode(prompt)
-        device = self._input_device()
         # Without an adapter there is no PeftModel: the plain model generates.
         model = self.model if self.model is not None else self._causal_lm
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        pad = self.tokenizer.pad_token_id
-        pad = self.tokenizer.eos_token_id if pad is None else pad
-        sampling: dict[str, Any] = {
-            "do_sample": False,
-            "temperature": None,
-            "top_p": None,
-            "top_k": None,
-        }
-        if temperature > 0:
-            # Plain temperature sampling: the model's own top-k/top-p defaults would make
-            # the same seed mean different things on different models.
-            sampling = {
-                "do_sample": True,
-                "temperature": float(temperature),
-                "top_p": 1.0,
-                "top_k": 0,
-            }
-        # A forked RNG: the draw depends on ``seed`` only and leaves the caller's state alone.
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=int(max_new_tokens),
-                pad_token_id=pad,
-                **sampling,
+        # The same EOS set mlx-lm stops at: the tokenizer's and the model config's.
+        stops = stop_ids(self.tokenizer, self._causal_lm.generation_config.eos_token_id)
+
+        def loop(
+            batch: list[list[int]], n: int, temp: float, draws: Draws | None
+        ) -> list[list[int]]:
+            return generate.generate_tokens(
+                model, batch, max_new_tokens=n, temperature=temp, draws=draws, stop_ids=stops
             )
-        return self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+        return generate_texts(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            loop=loop,
+        )
 
     # -------------------------------------------------------------- checks
     def _nonfinite_adapter_tensors(self) -> list[str]:

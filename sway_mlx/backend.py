@@ -16,12 +16,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
+from sway_common.backend.generation import Draws, generate_texts
 from sway_common.backend.limits import (
     context_limit,
     positions_per_step,
@@ -32,7 +31,7 @@ from sway_common.backend.nulls import NullFactors
 from sway_common.backend.stacking import StackedView
 from sway_common.models import check_model_dir, normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
-from sway_mlx import lora
+from sway_mlx import generate, lora
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # What mx.device_info() calls the memory a GPU may use, most specific first.
@@ -254,19 +253,31 @@ class MLXDifferentialBackend(DifferentialBackendBase):
 
     # ---------------------------------------------------------- generation
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        if max_new_tokens == 0:
-            return ""
-        if temperature > 0:
-            mx.random.seed(int(seed) % (1 << 32))
-        ids, _ = self._encode(prompt)
-        sampler = make_sampler(temp=max(0.0, float(temperature)))
-        pieces = [
-            response.text
-            for response in stream_generate(
-                self.model, self._wrapper, ids, max_tokens=max_new_tokens, sampler=sampler
+        # One row of the batched path, so generate and generate_batch agree exactly.
+        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
+
+    def _generate_batch(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
+    ) -> list[str]:
+        # The wrapper's EOS set: the tokenizer's EOS and the model config's EOS id(s).
+        stops = sorted(self._wrapper.eos_token_ids)
+
+        def loop(
+            batch: list[list[int]], n: int, temp: float, draws: Draws | None
+        ) -> list[list[int]]:
+            return generate.generate_tokens(
+                self.model, batch, max_new_tokens=n, temperature=temp, draws=draws, stop_ids=stops
             )
-        ]
-        return "".join(pieces)
+
+        return generate_texts(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            loop=loop,
+        )
 
     # -------------------------------------------------------------- checks
     def _nonfinite_adapter_tensors(self) -> list[str]:

@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
 from sway_common.backend.base import DifferentialBackendBase, Encoding, Restore
+from sway_common.backend.generation import Draws, generate_texts, inverse_cdf_np
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import text_hash
 
@@ -123,18 +124,39 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         return out
 
     def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        ids, _ = self._encode(prompt)
-        rng = np.random.default_rng(seed)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            row = self._last_logprobs([ids + new])[0]
-            if temperature <= 0:
-                nxt = int(np.argmax(row))
-            else:
-                p = np.exp(row / temperature)
-                nxt = int(rng.choice(self.vocab_size, p=p / p.sum()))
-            new.append(nxt)
-        return "".join(chr(i + _FIRST_CHAR) for i in new)
+        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
+
+    def _generate_batch(
+        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
+    ) -> list[str]:
+        # Through the shared generation path, like the real backends. No tokenizer, so
+        # no chat template: chat=True generates from the plain text.
+        return generate_texts(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            loop=self._generate_tokens,
+            decode=lambda ids: "".join(chr(i + _FIRST_CHAR) for i in ids),
+        )
+
+    def _generate_tokens(
+        self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
+    ) -> list[list[int]]:
+        """Row by row; the dummy has no EOS, so every row runs to ``max_new_tokens``."""
+        out = []
+        for r, ids in enumerate(batch):
+            new: list[int] = []
+            for step in range(max_new_tokens):
+                row = self._last_logprobs([ids + new])[0]
+                if draws is None:
+                    new.append(int(np.argmax(row)))
+                else:
+                    new.append(inverse_cdf_np(row, temperature, float(draws[r][step])))
+            out.append(new)
+        return out
 
     # -------------------------------------------------------------- views
     def _swap(self, factors: Factors | None, lam: float) -> Restore:
