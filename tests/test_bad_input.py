@@ -557,12 +557,12 @@ def test_debug_shows_the_traceback_of_a_bad_input(env: Env, tmp_path: Path) -> N
 
 
 def test_an_unexpected_error_is_one_line_and_debug_raises_it(tmp_path: Path, monkeypatch) -> None:
-    import sway_common.app.cli as cli
+    import sway_common.app.run as run
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("something nobody foresaw\nwith a second line")
 
-    monkeypatch.setattr(cli, "run_suite", broken)
+    monkeypatch.setattr(run, "run_suite", broken)
     spec = tmp_path / "dummy.yaml"
     spec.write_text(
         yaml.safe_dump(
@@ -625,7 +625,7 @@ def test_allow_pickle_reads_a_pickled_model_and_adapter(env: Env, tmp_path: Path
 
 
 def test_trust_remote_code_and_allow_pickle_reach_the_backend(env: Env, monkeypatch) -> None:
-    import sway_common.app.cli as cli
+    import sway_common.app.run as run
 
     seen: dict[str, object] = {}
 
@@ -633,7 +633,7 @@ def test_trust_remote_code_and_allow_pickle_reach_the_backend(env: Env, monkeypa
         seen.update(kw)
         raise OSError("stop here")
 
-    monkeypatch.setattr(cli, "build_backend", capture)
+    monkeypatch.setattr(run, "build_backend", capture)
     args = [*quick()(env), "--trust-remote-code", "--allow-pickle"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "stop here" in result.output

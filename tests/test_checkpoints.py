@@ -305,6 +305,8 @@ def test_cli_checkpoints_end_to_end(
         ([], "missing the training run directory"),
         (["{tmp}/run", "--adapter-path", "{tmp}/empty", "--model", "m"], "not both"),
         (["{tmp}/bare"], "no --model given"),
+        (["{tmp}/run", "--model", "{tmp}/empty"], "has no config.json"),
+        (["{tmp}/run", "--model", "m", "--plot", "{tmp}/blank.txt/p"], "cannot write --plot"),
     ],
     ids=[
         "missing-dir",
@@ -314,6 +316,8 @@ def test_cli_checkpoints_end_to_end(
         "no-dir",
         "two-dirs",
         "no-model",
+        "model-without-config",
+        "plot-into-a-file",
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -336,6 +340,15 @@ def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
+def test_an_unwritable_json_is_refused_before_any_work(tmp_path: Path) -> None:
+    run = write_mlx_run(tmp_path / "run", [1])
+    (tmp_path / "a-file").write_text("x")
+    args = [str(run), "--model", "m", "--no-plot", "--json", str(tmp_path / "a-file" / "o.json")]
+    result = CliRunner().invoke(checkpoints_cmd, args)
+    assert result.exit_code == 2 and "cannot write --json" in result.output, result.output
+    assert "checkpoints in" not in result.output
+
+
 def test_model_defaults_to_the_one_the_adapter_config_records(tmp_path: Path, monkeypatch) -> None:
     run = write_mlx_run(tmp_path / "run", [1])
     cfg = json.loads((run / "adapter_config.json").read_text())
@@ -349,6 +362,30 @@ def test_model_defaults_to_the_one_the_adapter_config_records(tmp_path: Path, mo
     assert result.exit_code == 2
     assert "some/base-model (from the adapter config)" in result.output
     assert "cannot load some/base-model" in result.output
+
+
+@pytest.mark.parametrize("command", ["checkpoints", "watch"])
+def test_safety_flags_reach_the_model_load(tmp_path: Path, monkeypatch, command: str) -> None:
+    from sway_common.app.loop_cli import watch_cmd
+
+    run = write_mlx_run(tmp_path / "run", [1])
+    seen: list[dict] = []
+
+    def capture(spec, backend="auto", **kw):
+        seen.append(kw)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(platform, "build_backend", capture)
+    cmd = checkpoints_cmd if command == "checkpoints" else watch_cmd
+    args = [str(run), "--model", "some/base", "--no-plot", "--poll", "0.05"]
+    args = args if command == "watch" else args[:-2]
+    for flags, expected in [
+        (["--allow-pickle", "--trust-remote-code"], True),
+        ([], False),
+    ]:
+        result = CliRunner().invoke(cmd, [*args, *flags])
+        assert result.exit_code == 2 and "stop here" in result.output, result.output
+        assert seen[-1] == {"allow_pickle": expected, "trust_remote_code": expected}
 
 
 def test_light_imports() -> None:

@@ -132,16 +132,16 @@ def test_eval_of_several_adapters_loads_the_base_once(
     tmp_path: Path,
     monkeypatch,
 ) -> None:
-    import sway_common.app.cli as cli
+    import sway_common.app.run as run
 
     builds = []
-    real_build = cli.build_backend
+    real_build = run.build_backend
 
     def counting(*a, **k):
         builds.append(a)
         return real_build(*a, **k)
 
-    monkeypatch.setattr(cli, "build_backend", counting)
+    monkeypatch.setattr(run, "build_backend", counting)
     out = tmp_path / "r.json"
     args = [
         "eval",

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import fixtures_build
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -256,12 +257,12 @@ def _bad_copy(src: Path, dst: Path, **config: object) -> Path:
 def test_bad_input_is_one_line_and_exit_two_before_any_model_loads(
     tiny_model_dir: Path, tiny_peft_adapter: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import sway_common.app.export_check as export_check
+    import sway_common.app.run as run
 
     def forbidden(*a, **k):
         raise AssertionError("a model was loaded for bad input")
 
-    monkeypatch.setattr(export_check, "build_backend", forbidden)
+    monkeypatch.setattr(run, "build_backend", forbidden)
     empty = tmp_path / "empty"
     empty.mkdir()
     not_gguf = tmp_path / "model.bin"
@@ -284,3 +285,33 @@ def test_bad_input_is_one_line_and_exit_two_before_any_model_loads(
     assert result.exit_code == 2 and "--backend mlx" in result.output
     result = _invoke(tiny_model_dir, tiny_peft_adapter, tiny_model_dir, "--backend", "dummy")
     assert result.exit_code == 2 and "real models" in result.output
+    pickled = _bad_copy(tiny_model_dir, tmp_path / "pickled")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # the name is checked
+    result = _invoke(tiny_model_dir, tiny_peft_adapter, pickled, "--backend", "hf")
+    assert result.exit_code == 2 and "--allow-pickle" in result.output, result.output
+    nan = fixtures_build.nan_copy(tiny_peft_adapter, tmp_path / "nan")
+    result = _invoke(tiny_model_dir, nan, tiny_model_dir, "--backend", "hf")
+    assert result.exit_code == 2 and "NaN/Inf" in result.output, result.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "r.json"
+    result = _invoke(tiny_model_dir, tiny_peft_adapter, tiny_model_dir, "--json", str(out))
+    assert result.exit_code == 2 and "--json" in result.output, result.output
+
+
+def test_safety_flags_reach_both_model_loads(
+    tiny_model_dir: Path, tiny_peft_adapter: Path, monkeypatch
+) -> None:
+    import sway_common.app.run as run
+
+    seen: list[dict] = []
+
+    def capture(model: object, backend: str, **kw: object) -> None:
+        seen.append({k: kw.get(k) for k in ("allow_pickle", "trust_remote_code")})
+        raise OSError("stop here")
+
+    monkeypatch.setattr(run, "build_backend", capture)
+    flags = ("--backend", "hf", "--allow-pickle", "--trust-remote-code")
+    result = _invoke(tiny_model_dir, tiny_peft_adapter, tiny_model_dir, *flags)
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen == [{"allow_pickle": True, "trust_remote_code": True}]

@@ -50,8 +50,11 @@ class CheckpointEvaluator:
         prompts: Sequence[str],
         runs: int = 8,
         seed: int = 0,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
         self.model, self.backend_kind = model, backend
+        self.load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
         self.spec = SuiteSpec(
             probes=[
                 NullAdapterConfig(
@@ -71,13 +74,13 @@ class CheckpointEvaluator:
         start = time.perf_counter()
         try:
             # numpy only: a corrupt file never costs a model load or disturbs the backend.
-            read_adapter(ckpt.path)
+            read_adapter(ckpt.path, allow_pickle=self.load_options["allow_pickle"])
         except (OSError, ValueError) as e:
             return error_row(ckpt, f"cannot read the adapter: {_short(e)}")
         if self.backend is None:
             spec = ModelSpec(base=self.model, adapter=str(ckpt.path), kind=self.backend_kind)
             try:
-                self.backend = platform.build_backend(spec, self.backend_kind)
+                self.backend = platform.build_backend(spec, self.backend_kind, **self.load_options)
             except Exception as e:
                 raise BackendBuildError(
                     f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}"
@@ -120,6 +123,8 @@ def evaluate_checkpoints(
     on_row: Callable[[CheckpointRow], None] | None = None,
     on_status: Callable[[Checkpoint, str], None] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> list[CheckpointRow]:
     """One :class:`CheckpointRow` per checkpoint in ``run_dir``, in step order.
 
@@ -128,7 +133,13 @@ def evaluate_checkpoints(
     """
     ckpts = list(checkpoints) if checkpoints is not None else discover_checkpoints(run_dir)
     evaluator = CheckpointEvaluator(
-        model=model, backend=backend, prompts=prompts, runs=runs, seed=seed
+        model=model,
+        backend=backend,
+        prompts=prompts,
+        runs=runs,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
     )
     rows: list[CheckpointRow] = []
     try:

@@ -10,181 +10,35 @@ import dataclasses
 import json
 import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from sway_common import __version__
 from sway_common.adapters import convert_adapter
 from sway_common.app.demo import run_demo
 from sway_common.app.export_check import export_check_cmd
-from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
 from sway_common.app.options import (
     DEBUG_KEY,
-    EXIT_ERROR,
-    EXIT_FAIL,
     EXIT_INTERRUPTED,
-    EXIT_PASS,
     backend_option,
     err_console,
     fail,
     first_line,
-    null_cache,
     plot_option,
     read_prompts,
     report_options,
     require_plotting,
     safety_options,
 )
-from sway_common.app.platform import MODEL_BACKEND_KINDS, build_backend, doctor_report, pick_backend
+from sway_common.app.platform import MODEL_BACKEND_KINDS, doctor_report
+from sway_common.app.run import RunOptions, execute, load_spec_or_fail
 from sway_common.blas import preloaded_openblas, without_openblas_preload
 from sway_common.probes import REGISTRY
-from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
-from sway_common.report.plots import write_plots
-from sway_common.report.progress import suite_progress
-from sway_common.suite.inputs import context_problem
-from sway_common.suite.runner import run_suite
-from sway_common.suite.spec import ModelSpec, SpecError, load_spec, quick_suite
-from sway_common.types import Verdict
-
-
-def _load_spec_or_fail(spec_path: str) -> Any:
-    try:
-        return load_spec(spec_path)
-    except SpecError as e:
-        if len(e.problems) == 1:
-            fail(f"{e.source}: {e.problems[0]}")
-        err_console.print(
-            f"[bold red]error:[/] {escape(e.source)}: {len(e.problems)} problem(s) in the spec:",
-            soft_wrap=True,
-        )
-        for p in e.problems:
-            err_console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(EXIT_ERROR)
-
-
-def _build_or_fail(model: Any, backend: str, **kw: Any) -> Any:
-    try:
-        return build_backend(model, backend, **kw)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        fail(first_line(e))
-
-
-def _check_inputs(spec: Any, opts: RunOptions, adapters: list[str]) -> None:
-    """Everything that can be checked without loading a model, in the order a user fixes it."""
-    check_outputs(opts.reports, opts.plot_dir)
-    if opts.plot_dir:
-        require_plotting()
-    if pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind) == "dummy":
-        return
-    check_model(spec.model.base, allow_pickle=opts.allow_pickle)
-    check_adapters(adapters, allow_pickle=opts.allow_pickle)
-
-
-EXIT_BY_VERDICT = {Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}
-
-
-def _report_path(path: str, label: str | None) -> str:
-    """``out/r.json`` for one adapter; ``out/r-<label>.json`` for each of several."""
-    if label is None:
-        return path
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}-{label}{p.suffix}"))
-
-
-def _emit(
-    result: Any,
-    reports: dict[str, str | None],
-    plot_dir: str | None,
-    quiet: bool,
-    label: str | None = None,
-) -> None:
-    writers = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
-    for kind, path in reports.items():
-        if path:
-            writers[kind](result, _report_path(path, label))
-    if plot_dir:
-        write_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
-    if quiet:
-        score = result.score if result.score is None else round(result.score, 3)
-        click.echo(f"{result.verdict.value} score={score} threshold={result.threshold}")
-        return
-    console = Console()
-    if label is not None:
-        console.rule(f"adapter: {label}")
-    render_terminal(result, console)
-    console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
-
-
-@dataclass
-class RunOptions:
-    """What `eval` and `gate` were asked for, besides the suite itself."""
-
-    backend: str
-    seed: int | None
-    threshold: float | None
-    reports: dict[str, str | None]
-    plot_dir: str | None
-    no_cache: bool
-    quiet: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-
-def _execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -> NoReturn:
-    """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
-    if opts.seed is not None:
-        spec.defaults.seed = opts.seed
-    adapters = [spec.model.adapter, *more_adapters]
-    _check_inputs(spec, opts, adapters)
-    labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
-    started = time.perf_counter()
-    backend = _build_or_fail(
-        spec.model,
-        opts.backend,
-        allow_pickle=opts.allow_pickle,
-        trust_remote_code=opts.trust_remote_code,
-    )
-    loaded = time.perf_counter()
-    if problem := context_problem(spec, backend):
-        backend.close()
-        fail(problem)
-    codes = []
-    try:
-        for adapter, label in zip(adapters, labels, strict=False):
-            if adapter != adapters[0]:
-                backend.set_adapter(adapter)
-            result = run_suite(
-                spec,
-                backend=backend,
-                threshold=opts.threshold,
-                progress=suite_progress if sys.stderr.isatty() else None,
-                null_cache=null_cache(opts.no_cache),
-            )
-            _emit(result, opts.reports, opts.plot_dir, opts.quiet, label)
-            if result.meta.get("interrupted"):
-                err_console.print("interrupted: reports hold the probes that finished")
-                sys.exit(EXIT_INTERRUPTED)
-            codes.append(EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR))
-    finally:
-        close = getattr(backend, "close", None)
-        if callable(close):
-            close()
-    if more_adapters:
-        each = (time.perf_counter() - loaded) / len(adapters)
-        err_console.print(
-            f"base model loaded once in {loaded - started:.1f} s; "
-            f"{len(adapters)} adapters at {each:.1f} s each",
-            highlight=False,
-        )
-    sys.exit(max(codes))
-
+from sway_common.suite.spec import ModelSpec, quick_suite
 
 # Ctrl-C outside a running suite (which reports what finished itself): while loading, say.
 INTERRUPTED_EARLY = "interrupted: no verdict (a report is written whole or not at all)"
@@ -320,7 +174,7 @@ def eval_cmd(
     if spec_path is not None:
         if model or adapter_paths or prompts_file:
             fail("give either SPEC or --model/--adapter-path/--prompts, not both")
-        spec = _load_spec_or_fail(spec_path)
+        spec = load_spec_or_fail(spec_path)
     else:
         if not model or not adapter_paths:
             fail("give a SPEC file, or both --model and --adapter-path for a quick eval")
@@ -344,7 +198,7 @@ def eval_cmd(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
-    _execute(spec, opts, adapter_paths[1:])
+    execute(spec, opts, adapter_paths[1:])
 
 
 @app.command("gate")
@@ -371,9 +225,9 @@ def gate_cmd(
     threshold: float | None,
 ) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
-    spec = _load_spec_or_fail(spec_path)
+    spec = load_spec_or_fail(spec_path)
     reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    _execute(
+    execute(
         spec,
         RunOptions(
             backend,

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.options import (
+    EXIT_BY_VERDICT,
     EXIT_ERROR,
-    EXIT_FAIL,
     EXIT_INTERRUPTED,
-    EXIT_PASS,
     err_console,
     fail,
     first_line,
@@ -33,18 +34,17 @@ from sway_common.app.options import (
     read_prompts,
     report_options,
     require_plotting,
+    safety_options,
 )
-from sway_common.app.platform import build_backend, pick_backend
+from sway_common.app.platform import pick_backend
+from sway_common.app.run import build_or_fail, write_reports
 from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
-from sway_common.report import render_terminal, write_json, write_junit, write_markdown
+from sway_common.report import render_terminal
 from sway_common.report.export_plot import EXPORT_PNG, plot_export
-from sway_common.report.plots import write_plots
 from sway_common.suite.export import check_export, config_mismatch
 from sway_common.suite.export_math import ExportCriteria
 from sway_common.suite.spec import ModelSpec
-from sway_common.types import SuiteResult, Verdict
-
-EXIT_BY_VERDICT = {Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}
+from sway_common.types import SuiteResult
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
@@ -141,14 +141,9 @@ def _human_bytes(n: int | None) -> str:
 def _emit(
     result: SuiteResult, reports: dict[str, str | None], plot_dir: str | None, quiet: bool
 ) -> None:
-    writers = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
-    for kind, path in reports.items():
-        if path:
-            writers[kind](result, path)
-    if plot_dir:
-        write_plots(result, plot_dir)
-        if any(p.evidence.get("per_prompt_retention") for p in result.probes):
-            plot_export(result, Path(plot_dir) / EXPORT_PNG)
+    write_reports(result, reports, plot_dir)
+    if plot_dir and any(p.evidence.get("per_prompt_retention") for p in result.probes):
+        plot_export(result, Path(plot_dir) / EXPORT_PNG)
     line = f"{result.verdict.value}: {result.meta.get('headline', '')}"
     if quiet:
         click.echo(line)
@@ -173,42 +168,48 @@ def _close(*backends: Any) -> None:
             close()
 
 
-def _build(spec: ModelSpec, backend: str, plain: bool, what: str) -> Any:
-    try:
-        return build_backend(spec, backend, plain=plain)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        fail(f"cannot load {what}: {first_line(e)}")
+@dataclass
+class ExportJob:
+    """What `export-check` was asked to compare, and how."""
+
+    model: str
+    adapter: str
+    export: str
+    prompts: list[str]
+    backend: str
+    criteria: ExportCriteria
+    runs: int
+    seed: int
+    no_cache: bool
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
 
 
-def _run(
-    model: str,
-    adapter: str,
-    export: str,
-    prompts: list[str],
-    backend: str,
-    criteria: ExportCriteria,
-    runs: int,
-    seed: int,
-    no_cache: bool,
-    note: Callable[[str], None],
-) -> SuiteResult:
-    export_dir = _export_dir(export, note)
-    base_dir = _check_pair(model, export_dir, backend)
+def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
+    export_dir = _export_dir(job.export, note)
+    base_dir = _check_pair(job.model, export_dir, job.backend)
+    check_model(str(base_dir), allow_pickle=job.allow_pickle)
+    check_model(str(export_dir), allow_pickle=job.allow_pickle)
+    safety = {"allow_pickle": job.allow_pickle, "trust_remote_code": job.trust_remote_code}
     note("loading the base model and the adapter")
-    main = _build(ModelSpec(base=str(base_dir), adapter=adapter), backend, False, "the adapter")
+    main = build_or_fail(
+        ModelSpec(base=str(base_dir), adapter=job.adapter), job.backend, "the adapter", **safety
+    )
     exported = None
     try:
         note("loading the export (a second model in memory)")
-        exported = _build(ModelSpec(base=str(export_dir)), backend, True, "the export")
-        meta = {"export": str(export), "export_info": dict(getattr(exported, "info", {}) or {})}
+        exported = build_or_fail(
+            ModelSpec(base=str(export_dir)), job.backend, "the export", plain=True, **safety
+        )
+        meta = {"export": job.export, "export_info": dict(getattr(exported, "info", {}) or {})}
         return check_export(
             main,
             exported,
-            prompts,
-            criteria=criteria,
-            runs=runs,
-            seed=seed,
-            null_cache=null_cache(no_cache),
+            job.prompts,
+            criteria=job.criteria,
+            runs=job.runs,
+            seed=job.seed,
+            null_cache=null_cache(job.no_cache),
             progress=note,
             meta=meta,
         )
@@ -264,6 +265,7 @@ def _run(
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @report_options
+@safety_options
 def export_check_cmd(
     model: str,
     adapter: str,
@@ -280,6 +282,8 @@ def export_check_cmd(
     backend: str,
     seed: int | None,
     no_cache: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
 ) -> None:
     """Does the exported model still carry the fine-tune? Exit 0 yes, 1 no, 2 bad input.
 
@@ -304,28 +308,31 @@ def export_check_cmd(
     """
     if backend == "dummy":
         fail("export-check needs real models: use --backend auto, mlx or hf")
+    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
+    check_outputs(reports, plot_dir)
     if plot_dir:
         require_plotting()
     prompts = read_prompts(prompts_file)
+    check_adapters([adapter], allow_pickle=allow_pickle)
     _no_loader_bars()
-    criteria = ExportCriteria(min_retention=min_retention, max_residual=max_residual)
+    job = ExportJob(
+        model,
+        adapter,
+        export,
+        prompts,
+        backend,
+        ExportCriteria(min_retention=min_retention, max_residual=max_residual),
+        runs,
+        0 if seed is None else seed,
+        no_cache,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
     try:
         with _progress(quiet) as note:
-            result = _run(
-                model,
-                adapter,
-                export,
-                prompts,
-                backend,
-                criteria,
-                runs,
-                0 if seed is None else seed,
-                no_cache,
-                note,
-            )
+            result = _run(job, note)
     except KeyboardInterrupt:
         err_console.print("interrupted: no verdict on the export")
         sys.exit(EXIT_INTERRUPTED)
-    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
     _emit(result, reports, plot_dir, quiet)
     sys.exit(EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR))

@@ -22,10 +22,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
-from rich.text import Text
 
 from sway_common.app.checkpoints import BackendBuildError, evaluate_checkpoints
+from sway_common.app.inputs import check_model, check_output
 from sway_common.app.options import (
     EXIT_INTERRUPTED,
     backend_option,
@@ -33,24 +32,25 @@ from sway_common.app.options import (
     plot_option,
     read_prompts,
     require_plotting,
+    safety_options,
     seed_option,
 )
 from sway_common.app.platform import MODEL_BACKEND_KINDS
 from sway_common.app.watch import read_history, watch
-from sway_common.report.files import atomic_write_text, format_effect, format_metric, to_jsonable
-from sway_common.report.plots import plot_trajectory
-from sway_common.report.terminal import VERDICT_STYLES
-from sway_common.stats import format_z
+from sway_common.report.trajectory import (
+    plot_or_note,
+    print_summary,
+    row_line,
+    rows_table,
+    write_trajectory_json,
+)
 from sway_common.suite.spec import Defaults
 from sway_common.suite.trajectory import (
     CheckpointError,
     CheckpointRow,
-    TrajectorySummary,
     discover_checkpoints,
-    effect_trend,
     summarize,
 )
-from sway_common.types import Verdict
 
 TRAJECTORY_PNG = "sway-trajectory.png"
 HISTORY_JSONL = "sway-history.jsonl"
@@ -78,7 +78,11 @@ def recorded_base_model(run_dir: Path) -> str | None:
 
 
 def _resolve_inputs(
-    run_dir: str | None, adapter_path: str | None, model: str | None, no_plot: bool
+    run_dir: str | None,
+    adapter_path: str | None,
+    model: str | None,
+    plot: Path | None,
+    allow_pickle: bool,
 ) -> tuple[Path, str]:
     if run_dir and adapter_path and Path(run_dir) != Path(adapter_path):
         fail("give the run directory once: as DIR or as --adapter-path, not both")
@@ -93,9 +97,18 @@ def _resolve_inputs(
         if model is None:
             fail(f"no --model given and no adapter_config.json in {path} names the base model")
         Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
-    if not no_plot:
+    check_model(model, allow_pickle=allow_pickle)
+    if plot is not None:
+        check_output(str(plot), "--plot")
         require_plotting("or pass --no-plot")
     return path, model
+
+
+def _plot_path(plot_dir: str | None, given: str | None, no_plot: bool) -> Path | None:
+    """Where the trajectory PNG goes: --plot DIR, else the run directory."""
+    if no_plot or not (plot_dir or given):
+        return None
+    return Path(plot_dir or given).expanduser() / TRAJECTORY_PNG  # type: ignore[arg-type]
 
 
 def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,81 +140,11 @@ def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
         seed_option,
         plot_option(f"{TRAJECTORY_PNG}: z and divergence against step", default="DIR"),
         click.option("--no-plot", is_flag=True, help="Write no PNG."),
+        safety_options,
     ]
     for option in reversed(options):
         f = option(f)
     return f
-
-
-# ------------------------------------------------------------------ rendering
-def rows_table(rows: list[CheckpointRow]) -> Table:
-    table = Table(title="Adapter vs null adapters, per checkpoint", title_justify="left")
-    table.add_column("Step", justify="right")
-    table.add_column("Checkpoint")
-    table.add_column("JS (nats)", justify="right")
-    table.add_column("Null mean ± sd", justify="right")
-    table.add_column("z", justify="right")
-    table.add_column("Effect", justify="right")
-    table.add_column("Verdict")
-    for r in rows:
-        null = (
-            "—"
-            if r.null_mean is None
-            else f"{format_metric(r.null_mean)} ± {format_metric(r.null_std)}"
-        )
-        table.add_row(
-            str(r.step),
-            Text(r.label),
-            format_metric(r.divergence),
-            null,
-            format_z(r.z, r.null_n),
-            format_effect(r.effect_ratio),
-            Text(r.verdict.value, style=VERDICT_STYLES[r.verdict]),
-        )
-    return table
-
-
-def print_summary(console: Console, rows: list[CheckpointRow], summary: TrajectorySummary) -> None:
-    for r in rows:
-        if r.verdict is Verdict.ERROR:
-            console.print(Text(f"{r.label}: {r.message}", style="red"))
-    first = summary.first_pass
-    if first is None:
-        console.print(
-            Text(
-                "No checkpoint rose above noise: every one is within what a random "
-                "adapter of the same shape does.",
-                style="yellow",
-            )
-        )
-    else:
-        console.print(
-            Text(
-                f"First above noise: {first.label} (z={format_z(first.z, first.null_n)}, "
-                f"{format_metric(first.divergence)} nats).",
-                style="green",
-            )
-        )
-    if summary.best is not None and summary.best is not first:
-        console.print(
-            f"Best: {summary.best.label} (z={format_z(summary.best.z, summary.best.null_n)}).",
-            highlight=False,
-        )
-    if trend := effect_trend(rows):
-        console.print(f"Effect: {trend}.", highlight=False)
-    for r in summary.below_noise:
-        console.print(Text(f"Not above noise at {r.label}: {r.message}", style="yellow"))
-    for g in summary.regressions:
-        console.print(Text(f"Regression at {g.label}: {g.reason}", style="red"))
-
-
-def _plot(rows: list[CheckpointRow], path: Path | None, console: Console) -> None:
-    if path is None or not rows:
-        return
-    try:
-        plot_trajectory(rows, path)
-    except (OSError, ValueError) as e:  # a plot is a convenience; the numbers are printed
-        console.print(f"[yellow]could not write the plot {path}: {e}[/]", highlight=False)
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -223,6 +166,8 @@ def checkpoints_cmd(
     seed: int | None,
     plot_dir: str | None,
     no_plot: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
     json_path: str | None,
 ) -> None:
     """Test every checkpoint of a training run against random adapters of its shape.
@@ -245,13 +190,14 @@ def checkpoints_cmd(
     one: norm-matched nulls grow with the adapter. Plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
     it does not, 2 on bad input.
     """
-    path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
+    plot = _plot_path(plot_dir, run_dir or adapter_path, no_plot)
+    path, model = _resolve_inputs(run_dir, adapter_path, model, plot, allow_pickle)
+    check_output(json_path, "--json")
     try:
         ckpts = discover_checkpoints(path)
     except (CheckpointError, OSError) as e:
         fail(str(e))
     prompts = read_prompts(prompts_file)
-    plot = None if no_plot else Path(plot_dir or path) / TRAJECTORY_PNG
     seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
     err.print(
@@ -288,6 +234,8 @@ def checkpoints_cmd(
                 runs=runs,
                 seed=seed,
                 checkpoints=ckpts,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
                 on_row=on_row,
                 on_status=lambda c, what: progress.update(task, description=c.label, what=what),
             )
@@ -298,46 +246,23 @@ def checkpoints_cmd(
     summary = summarize(rows)
     console.print(rows_table(rows))
     print_summary(console, rows, summary)
-    _plot(rows, plot, err)
+    plot_or_note(rows, plot, err)
     if plot is not None and plot.exists():
         console.print(f"Plot: {plot}", highlight=False)
     if json_path:
-        _write_json(Path(json_path), path, model, backend, prompts, runs, seed, rows, summary)
+        run = {
+            "run_dir": str(path),
+            "model": model,
+            "backend": backend,
+            "prompts": prompts,
+            "runs": runs,
+            "seed": seed,
+        }
+        write_trajectory_json(Path(json_path), run, rows, summary)
         console.print(f"JSON: {json_path}", highlight=False)
     if len(rows) < len(ckpts):
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(0 if summary.last_passes else 1)
-
-
-def _write_json(
-    target: Path,
-    run_dir: Path,
-    model: str,
-    backend: str,
-    prompts: list[str],
-    runs: int,
-    seed: int,
-    rows: list[CheckpointRow],
-    summary: TrajectorySummary,
-) -> None:
-    payload = {
-        "schema_version": 1,
-        "run_dir": str(run_dir),
-        "model": model,
-        "backend": backend,
-        "prompts": prompts,
-        "runs": runs,
-        "seed": seed,
-        "rows": [r.to_dict() for r in rows],
-        "summary": {
-            "line": summary.line,
-            "last_passes": summary.last_passes,
-            "first_pass_step": summary.first_pass.step if summary.first_pass else None,
-            "best_step": summary.best.step if summary.best else None,
-            "regressions": [vars(g) for g in summary.regressions],
-        },
-    }
-    atomic_write_text(target, json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------ watch
@@ -380,6 +305,8 @@ def watch_cmd(
     seed: int | None,
     plot_dir: str | None,
     no_plot: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
     history_path: str | None,
     poll_s: float,
     settle_s: float | None,
@@ -402,10 +329,11 @@ def watch_cmd(
     Exit 0 when stopped (Ctrl-C or --max-checkpoints), 2 on bad input or if the base
     model cannot load.
     """
-    path, model = _resolve_inputs(run_dir, adapter_path, model, no_plot)
+    plot = _plot_path(plot_dir, run_dir or adapter_path, no_plot)
+    path, model = _resolve_inputs(run_dir, adapter_path, model, plot, allow_pickle)
     prompts = read_prompts(prompts_file)
     history = Path(history_path) if history_path else path / HISTORY_JSONL
-    plot = None if no_plot else Path(plot_dir or path) / TRAJECTORY_PNG
+    check_output(str(history), "--history")
     seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
     try:
@@ -419,14 +347,8 @@ def watch_cmd(
     )
 
     def on_row(r: CheckpointRow) -> None:
-        line = Text(
-            f"{r.label:>18}  JS {format_metric(r.divergence):>9}  z {format_z(r.z, r.null_n):>8}  "
-        )
-        line.append(r.verdict.value, style=VERDICT_STYLES[r.verdict])
-        if r.verdict is not Verdict.PASS:
-            line.append(f"  {r.message}", style="dim")
-        console.print(line)
-        _plot(read_history(history), plot, err)
+        console.print(row_line(r))
+        plot_or_note(read_history(history), plot, err)
 
     status = err.status("waiting for checkpoints", spinner="dots")
     try:
@@ -442,6 +364,8 @@ def watch_cmd(
                 max_checkpoints=max_checkpoints,
                 runs=runs,
                 seed=seed,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
                 on_row=on_row,
                 on_status=lambda msg: status.update(msg),
             )

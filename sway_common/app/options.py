@@ -17,8 +17,11 @@ from sway_common.app.platform import BACKEND_KINDS, installed
 from sway_common.models import cache_root
 from sway_common.null_cache import NullCache
 from sway_common.probes.base import DEFAULT_PROMPTS
+from sway_common.types import Verdict
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+# WARN is not a failure: it names something to look at, the adapter still did its job.
+EXIT_BY_VERDICT = {Verdict.PASS: EXIT_PASS, Verdict.WARN: EXIT_PASS, Verdict.FAIL: EXIT_FAIL}
 
 err_console = Console(stderr=True)
 # Where the group's --debug flag is kept (click's ctx.meta is shared by every subcommand).

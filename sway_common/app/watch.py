@@ -183,6 +183,8 @@ def watch(
     evaluate: Evaluate | None = None,
     on_row: Callable[[CheckpointRow], None] | None = None,
     on_status: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> list[CheckpointRow]:
     """Test each new checkpoint in ``run_dir`` as training writes it; return this session's rows.
 
@@ -201,7 +203,13 @@ def watch(
     evaluator = None
     if evaluate is None:
         evaluator = CheckpointEvaluator(
-            model=model, backend=backend, prompts=prompts, runs=runs, seed=seed
+            model=model,
+            backend=backend,
+            prompts=prompts,
+            runs=runs,
+            seed=seed,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
         )
         evaluate = evaluator
     seen: dict[str, _Seen] = {}

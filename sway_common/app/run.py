@@ -1,0 +1,181 @@
+"""Running a suite from the command line: check every input, load once, report, exit.
+
+Shared by `eval` and `gate` (and the report writing by `export-check`). Inputs are
+checked in the order a user fixes them, before any model loads; a report is written
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from sway_common.app.inputs import check_adapters, check_model, check_outputs
+from sway_common.app.options import (
+    EXIT_BY_VERDICT,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    err_console,
+    fail,
+    first_line,
+    null_cache,
+    require_plotting,
+)
+from sway_common.app.platform import build_backend, pick_backend
+from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
+from sway_common.report.plots import write_plots
+from sway_common.report.progress import suite_progress
+from sway_common.suite.inputs import context_problem
+from sway_common.suite.runner import run_suite
+from sway_common.suite.spec import SpecError, load_spec
+from sway_common.types import SuiteResult
+
+REPORT_WRITERS = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
+
+
+@dataclass
+class RunOptions:
+    """What `eval` and `gate` were asked for, besides the suite itself."""
+
+    backend: str
+    seed: int | None
+    threshold: float | None
+    reports: dict[str, str | None]
+    plot_dir: str | None
+    no_cache: bool
+    quiet: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def load_spec_or_fail(spec_path: str) -> Any:
+    try:
+        return load_spec(spec_path)
+    except SpecError as e:
+        if len(e.problems) == 1:
+            fail(f"{e.source}: {e.problems[0]}")
+        err_console.print(
+            f"[bold red]error:[/] {escape(e.source)}: {len(e.problems)} problem(s) in the spec:",
+            soft_wrap=True,
+        )
+        for p in e.problems:
+            err_console.print(f"  - {p}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+
+
+def build_or_fail(model: Any, backend: str, what: str | None = None, **kw: Any) -> Any:
+    """The backend for ``model``, or one line naming why it cannot load (exit 2)."""
+    try:
+        return build_backend(model, backend, **kw)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        fail(f"cannot load {what}: {first_line(e)}" if what else first_line(e))
+
+
+def _check_inputs(spec: Any, opts: RunOptions, adapters: list[str]) -> None:
+    """Everything that can be checked without loading a model, in the order a user fixes it."""
+    check_outputs(opts.reports, opts.plot_dir)
+    if opts.plot_dir:
+        require_plotting()
+    if pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind) == "dummy":
+        return
+    check_model(spec.model.base, allow_pickle=opts.allow_pickle)
+    check_adapters(adapters, allow_pickle=opts.allow_pickle)
+
+
+def _report_path(path: str, label: str | None) -> str:
+    """``out/r.json`` for one adapter; ``out/r-<label>.json`` for each of several."""
+    if label is None:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{label}{p.suffix}"))
+
+
+def write_reports(
+    result: SuiteResult,
+    reports: dict[str, str | None],
+    plot_dir: str | None,
+    label: str | None = None,
+) -> None:
+    """The report files asked for (``reports``: kind → path) and the plots."""
+    for kind, path in reports.items():
+        if path:
+            REPORT_WRITERS[kind](result, _report_path(path, label))
+    if plot_dir:
+        write_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
+
+
+def _emit(result: SuiteResult, opts: RunOptions, label: str | None) -> None:
+    write_reports(result, opts.reports, opts.plot_dir, label)
+    if opts.quiet:
+        score = result.score if result.score is None else round(result.score, 3)
+        click.echo(f"{result.verdict.value} score={score} threshold={result.threshold}")
+        return
+    console = Console()
+    if label is not None:
+        console.rule(f"adapter: {label}")
+    render_terminal(result, console)
+    console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
+
+
+def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -> NoReturn:
+    """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
+    if opts.seed is not None:
+        spec.defaults.seed = opts.seed
+    adapters = [spec.model.adapter, *more_adapters]
+    _check_inputs(spec, opts, adapters)
+    labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
+    started = time.perf_counter()
+    backend = build_or_fail(
+        spec.model,
+        opts.backend,
+        allow_pickle=opts.allow_pickle,
+        trust_remote_code=opts.trust_remote_code,
+    )
+    loaded = time.perf_counter()
+    if problem := context_problem(spec, backend):
+        backend.close()
+        fail(problem)
+    try:
+        codes = [
+            _run_one(spec, backend, adapter, label, opts, first=adapter == adapters[0])
+            for adapter, label in zip(adapters, labels, strict=False)
+        ]
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+    if more_adapters:
+        each = (time.perf_counter() - loaded) / len(adapters)
+        err_console.print(
+            f"base model loaded once in {loaded - started:.1f} s; "
+            f"{len(adapters)} adapters at {each:.1f} s each",
+            highlight=False,
+        )
+    sys.exit(max(codes))
+
+
+def _run_one(
+    spec: Any, backend: Any, adapter: str, label: str | None, opts: RunOptions, *, first: bool
+) -> int:
+    """One adapter's suite, reported; its exit code (Ctrl-C exits here with 130)."""
+    if not first:
+        backend.set_adapter(adapter)
+    result = run_suite(
+        spec,
+        backend=backend,
+        threshold=opts.threshold,
+        progress=suite_progress if sys.stderr.isatty() else None,
+        null_cache=null_cache(opts.no_cache),
+    )
+    _emit(result, opts, label)
+    if result.meta.get("interrupted"):
+        err_console.print("interrupted: reports hold the probes that finished")
+        sys.exit(EXIT_INTERRUPTED)
+    return EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR)
