@@ -20,7 +20,7 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import compare, logprob_delta, null_values, regression_verdict
+from .likelihood import Regression, judge_regression, logprob_delta
 from .packs import BUILTIN, Item, is_named_file, load_items, spread
 
 WORST_SHOWN = 5
@@ -86,37 +86,19 @@ class CalibrationDriftProbe(Probe):
             )
         if mean_delta < cfg.assert_mean_delta_gte:
             problems.append(f"mean change {mean_delta:+.3g} nats < {cfg.assert_mean_delta_gte:g}")
-        inert = float(np.abs(delta).mean()) < cfg.min_effect
 
         def measure(backend: DifferentialBackend) -> float:
             return float(logprob_delta(backend, prompts, golds)[1].mean())
 
-        # Nulls answer "better kept than noise?", a question only a kept, moving adapter raises.
-        null = None if problems or inert else null_values(ctx, self.kind, measure, prompts, golds)
-        cmp = compare(mean_delta, null, " nats")
         kept = (
             f"general knowledge kept: {fraction:.0%} of {len(items)} items lost > "
             f"{cfg.regression_nats:g} nats, mean change {mean_delta:+.3g} nats"
         )
-        inert_txt = (
-            f"the adapter leaves these items unchanged (mean |Δ| < {cfg.min_effect:g})"
-            if inert
-            else None
+        reg = Regression(
+            mean_delta, problems, kept, float(np.abs(delta).mean()), "these items", " nats"
         )
-        verdict, message, score = regression_verdict(
-            problems, kept, inert_txt, cmp, cfg.assert_z_gte
-        )
-        return self.result(
-            cfg,
-            verdict,
-            score=score,
-            raw=mean_delta,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
-            message=message,
-            evidence=self._evidence(items, delta, fraction),
-        )
+        evidence = self._evidence(items, delta, fraction)
+        return judge_regression(self, cfg, ctx, reg, measure, (prompts, golds), evidence)
 
     @staticmethod
     def _evidence(items: list[Item], delta: np.ndarray, fraction: float) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import compare, null_values, per_token, regression_verdict, rolling_gain
+from .likelihood import Regression, judge_regression, per_token, rolling_gain
 from .packs import BUILTIN, chunks, is_named_file, load_corpus, spread
 
 
@@ -78,39 +78,20 @@ class ExternalPerplexityProbe(Probe):
                 f"held-out prose lost {-raw:.3g} nats/token (perplexity {ppl_change:+.1%}; "
                 f"limit {cfg.assert_mean_delta_gte:g})"
             )
-        inert = float(abs(per_chunk).mean()) < cfg.min_effect
-        null = (
-            None
-            if problems or inert
-            else null_values(ctx, self.kind, lambda b: mean_gain(b, texts), texts)
-        )
-        cmp = compare(raw, null, " nats/token")
         kept = (
             f"held-out prose kept: {raw:+.3g} nats/token over {len(texts)} chunks "
             f"(perplexity {ppl_change:+.1%})"
         )
-        inert_txt = (
-            f"the adapter leaves this prose unchanged (mean |Δ| < {cfg.min_effect:g})"
-            if inert
-            else None
+        reg = Regression(
+            raw, problems, kept, float(abs(per_chunk).mean()), "this prose", " nats/token"
         )
-        verdict, message, score = regression_verdict(
-            problems, kept, inert_txt, cmp, cfg.assert_z_gte
-        )
-        return self.result(
-            cfg,
-            verdict,
-            score=score,
-            raw=raw,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
-            message=message,
-            evidence={
-                "chunks": len(texts),
-                "tokens": int(counts.sum()),
-                "corpus": cfg.corpus,
-                "perplexity_change": ppl_change,
-                "per_chunk": [float(g) for g in per_chunk],
-            },
+        evidence = {
+            "chunks": len(texts),
+            "tokens": int(counts.sum()),
+            "corpus": cfg.corpus,
+            "perplexity_change": ppl_change,
+            "per_chunk": [float(g) for g in per_chunk],
+        }
+        return judge_regression(
+            self, cfg, ctx, reg, lambda b: mean_gain(b, texts), (texts,), evidence
         )

@@ -18,9 +18,9 @@ from numpy.typing import NDArray
 
 from sway_common.protocols import DifferentialBackend
 from sway_common.stats import format_z, p_value, z_score
-from sway_common.types import NullStats, RollingLogprob, Verdict
+from sway_common.types import NullStats, ProbeResult, RollingLogprob, Verdict
 
-from .base import RunContext
+from .base import Probe, ProbeConfig, RunContext
 
 P_MAX = 0.05
 
@@ -155,4 +155,52 @@ def regression_verdict(
         Verdict.WARN,
         f"{kept}, but no better than a random adapter of its size would: {cmp.text}",
         0.5,
+    )
+
+
+@dataclass
+class Regression:
+    """A regression probe's measurement, before the nulls: a signed change (larger = better
+    kept), the limits it broke, and how it reads when nothing regressed."""
+
+    raw: float
+    problems: list[str]
+    kept: str
+    mean_abs_change: float
+    unchanged: str
+    """What the adapter leaves unchanged when it moves nothing ("these items")."""
+    unit: str
+
+
+def judge_regression(
+    probe: Probe,
+    cfg: ProbeConfig,
+    ctx: RunContext,
+    reg: Regression,
+    measure: Callable[[DifferentialBackend], float],
+    key: Sequence[Any],
+    evidence: dict[str, Any],
+) -> ProbeResult:
+    """The result of a regression probe: nulls drawn only for a kept, moving adapter."""
+    inert = (
+        f"the adapter leaves {reg.unchanged} unchanged (mean |Δ| < {cfg.min_effect:g})"
+        if reg.mean_abs_change < cfg.min_effect
+        else None
+    )
+    # Nulls answer "better kept than noise?", a question only a kept, moving adapter raises.
+    null = None if reg.problems or inert else null_values(ctx, probe.kind, measure, *key)
+    cmp = compare(reg.raw, null, reg.unit)
+    verdict, message, score = regression_verdict(
+        reg.problems, reg.kept, inert, cmp, cfg.assert_z_gte
+    )
+    return probe.result(
+        cfg,
+        verdict,
+        score=score,
+        raw=reg.raw,
+        z=cmp.z,
+        p_value=cmp.p,
+        null=null,
+        message=message,
+        evidence=evidence,
     )
