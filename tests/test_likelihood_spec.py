@@ -44,9 +44,12 @@ suite:
      assert_half_life_tokens: 512}
   - {name: ck, kind: cluster_kl, num_clusters: 5, min_prompts: 20, assert_specificity_gte: 0.6,
      embedding_model: sentence-transformers/all-MiniLM-L6-v2}
-  - {name: sf, kind: style_fingerprint, prompts: ["x"], max_new_tokens: 128}
+  - {name: sf, kind: style_fingerprint, prompts: ["The keeper"], max_new_tokens: 16,
+     doc_reference: "Wind north. Sea rough.", assert_shift_gte: 0.25}
   - {name: lk, kind: leakage, prefix_chars: 128}
-  - {name: ar, kind: adapter_revert, max_new_tokens: 64}
+  - {name: ar, kind: adapter_revert, max_new_tokens: 8, base_gold_similarity_cap: 0.75,
+     assert_revert_rate_lt: 0.25, embedding_model: sentence-transformers/all-MiniLM-L6-v2,
+     cases: [{prompt: "The lamp was lit by", gold: " the keeper", paraphrases: ["Who lit it?"]}]}
 """
 
 
@@ -70,12 +73,16 @@ def test_every_dlm_sway_kind_loads_and_runs(spec_dir: Path) -> None:
     verdicts = {p.kind: p for p in result.probes}
     assert len(verdicts) == 13
     assert not [p.message for p in result.probes if p.verdict is Verdict.ERROR]
-    for kind in ("style_fingerprint", "leakage", "adapter_revert"):
+    for kind in FOREIGN_KINDS:
         assert isinstance(next(c for c in spec.probes if c.kind == kind), ForeignProbeConfig)
         assert (
             verdicts[kind].verdict is Verdict.SKIP and "not implemented" in verdicts[kind].message
         )
-    assert set(FOREIGN_KINDS) == {"style_fingerprint", "leakage", "adapter_revert"}
+    assert not {"style_fingerprint", "adapter_revert"} & set(FOREIGN_KINDS)
+    # The generation kinds run here; the dummy writes one repeated letter, which is no
+    # style and no answer: WARN, never PASS.
+    for kind in ("style_fingerprint", "adapter_revert"):
+        assert verdicts[kind].verdict in (Verdict.WARN, Verdict.FAIL), verdicts[kind].message
     # A hub embedding model is not fetched: the base model's own states stand in.
     assert (
         "base model's mean-pooled hidden states"

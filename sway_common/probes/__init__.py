@@ -2,6 +2,7 @@
 
 from . import (  # noqa: F401  (registration)
     adapter_ablation,
+    adapter_revert,
     calibration_drift,
     cluster_kl,
     delta_kl,
@@ -11,6 +12,7 @@ from . import (  # noqa: F401  (registration)
     preference_flip,
     prompt_collapse,
     section_internalization,
+    style_fingerprint,
 )
 from .base import REGISTRY, NullCalibration, Probe, ProbeConfig, RunContext
 from .null_proxy import NullCalibrationBackendProxy
