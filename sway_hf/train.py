@@ -29,6 +29,7 @@ def train_lora(
     max_tokens: int = 128,
     batch_size: int | None = None,
     save_every: int | None = None,
+    dora: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
     import torch
@@ -52,6 +53,7 @@ def train_lora(
         bias="none",
         task_type="CAUSAL_LM",
         layers_to_transform=list(range(max(0, depth - num_layers), depth)),
+        use_dora=dora,
     )
     model = get_peft_model(model, config)
     encoded = tokenizer(

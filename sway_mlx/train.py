@@ -50,8 +50,10 @@ def train_lora(
     max_tokens: int = 128,
     batch_size: int | None = None,
     save_every: int | None = None,
+    dora: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
+    """Train with ``python -m mlx_lm lora``; ``dora`` trains mlx-lm's DoRA layers instead."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=out.parent))
@@ -104,6 +106,8 @@ def train_lora(
             str(save_every or steps + 1),
             "--adapter-path",
             str(adapter),
+            "--fine-tune-type",
+            "dora" if dora else "lora",
             "-c",
             str(tmp / "lora.yaml"),
         ]
