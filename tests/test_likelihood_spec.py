@@ -78,11 +78,13 @@ def test_every_dlm_sway_kind_loads_and_runs(spec_dir: Path) -> None:
         assert (
             verdicts[kind].verdict is Verdict.SKIP and "not implemented" in verdicts[kind].message
         )
-    assert not {"style_fingerprint", "adapter_revert"} & set(FOREIGN_KINDS)
+    assert not {"style_fingerprint", "adapter_revert", "leakage"} & set(FOREIGN_KINDS)
     # The generation kinds run here; the dummy writes one repeated letter, which is no
     # style and no answer: WARN, never PASS.
     for kind in ("style_fingerprint", "adapter_revert"):
         assert verdicts[kind].verdict in (Verdict.WARN, Verdict.FAIL), verdicts[kind].message
+    # leakage runs here: without a `doc:` it has no training text to test, and says so.
+    assert verdicts["leakage"].verdict is Verdict.SKIP and "no doc" in verdicts["leakage"].message
     # A hub embedding model is not fetched: the base model's own states stand in.
     assert (
         "base model's mean-pooled hidden states"

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (registration)
     cluster_kl,
     delta_kl,
     external_perplexity,
+    leakage,
     null_adapter,
     paraphrase_invariance,
     preference_flip,

@@ -30,7 +30,7 @@ BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
 # Probe kinds of dlm-sway that sway-mlx does not implement yet (they generate text): such
 # entries run as SKIP so an existing suite still loads, while a kind nobody knows is a typo
 # and an error.
-FOREIGN_KINDS: tuple[str, ...] = ("leakage",)
+FOREIGN_KINDS: tuple[str, ...] = ()
 # Probe fields that name local files: relative to the spec file, like the model paths.
 PATH_FIELDS = ("doc", "corpus", "pack", "embedding_model")
 # Values of those fields that name built-in data, not files.
