@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import sway_common.backend.base as backend_base
+import sway_common.backend.multiview as backend_multiview
 from sway_common.backend import limits
 from sway_common.backend.base import DifferentialBackendBase, ViewSpec
 from sway_common.backend.dummy import DummyDifferentialBackend
@@ -208,7 +208,7 @@ def test_shared_prefix_runs_lower_blocks_once_per_prompt(upper) -> None:
 
 def test_a_wrong_shared_block_is_caught_and_not_used(backend, monkeypatch) -> None:
     # Layer 0 is adapted too: sharing it would give every view the same rows there.
-    monkeypatch.setattr(backend_base, "first_adapted_block", lambda paths: "model.layers.1")
+    monkeypatch.setattr(backend_multiview, "first_adapted_block", lambda paths: "model.layers.1")
     backend._shared_blocks.clear()
     assert backend._shared_block() is None
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
