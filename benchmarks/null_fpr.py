@@ -15,6 +15,9 @@ of forwards gives the whole table. A random adapter is exchangeable with norm-ma
 nulls (and with fixed-mode nulls at its own init scale), so each PASS is a false positive.
 
     python benchmarks/null_fpr.py --backend hf --random 24 --out benchmarks/results/null_fpr-cpu-hf.json
+
+On MLX the controls are written in mlx-lm's own format, as the trained adapters are; a
+small grid (``--ks 3,8 --prompts 4,8``) keeps a CPU run to minutes.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from sway_common.adapters import read_adapter, write_peft_adapter
+from sway_common.adapters import read_adapter, write_mlx_adapter, write_peft_adapter
 from sway_common.adapters.controls import random_like, shrink_b
+from sway_common.adapters.weights import AdapterWeights
 from sway_common.app.demo import (
     TRAIN_SETTINGS,
     DemoAdapter,
@@ -51,6 +55,7 @@ from sway_common.types import Verdict
 
 KS = (3, 8, 16)
 PS = (4, 8, 32)
+ABLATION_PROMPTS = 4
 LAMBDAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
 TOP_K = 256
 NULL_SEED_BASE = 1000
@@ -58,7 +63,7 @@ FIXED_SCALES = (0.01, 0.02, 0.05)
 TRAINED = (DemoAdapter("healthy", 16), DemoAdapter("mild", 4), DemoAdapter("one step", 1))
 
 
-def prompt_pool() -> list[str]:
+def prompt_pool(n: int) -> list[str]:
     """The demo prompts first (what the adapters were trained toward), document openings, generic ones."""
     pool = demo_prompts()
     for sentence in re.split(r"(?<=[.!?])\s+", demo_document()):
@@ -68,24 +73,26 @@ def prompt_pool() -> list[str]:
         if len(words) >= 14:  # a longer opening of the same sentence is another prompt
             pool.append(" ".join(words[:11]))
     pool += list(DEFAULT_PROMPTS)
-    if len(pool) < max(PS):
-        raise SystemExit(f"only {len(pool)} prompts in the pool; need {max(PS)}")
-    return pool[: max(PS)]
+    if len(pool) < n:
+        raise SystemExit(f"only {len(pool)} prompts in the pool; need {n}")
+    return pool[:n]
 
 
-def measure(backend: Any, prompts: list[str], modes: list[tuple[str, float]]) -> dict[str, Any]:
-    """Per-prompt divergences of the adapter and of 16 nulls per mode, and the λ curve."""
+def measure(
+    backend: Any, prompts: list[str], modes: list[tuple[str, float]], n_nulls: int
+) -> dict[str, Any]:
+    """Per-prompt divergences of the adapter and of ``n_nulls`` nulls per mode, and the λ curve."""
     d = mean_divergence(backend, prompts, top_k=TOP_K, kind="js")[1]
     nulls = {}
     for mode, init_scale in modes:
         rows = []
-        for k in range(max(KS)):
+        for k in range(n_nulls):
             proxy = NullCalibrationBackendProxy(
                 backend, seed=NULL_SEED_BASE + k, init_scale=init_scale, mode=mode
             )
             rows.append(mean_divergence(proxy, prompts, top_k=TOP_K, kind="js")[1])
         nulls[f"{mode}@{init_scale:g}"] = rows
-    ablation_prompts = prompts[:4]
+    ablation_prompts = prompts[:ABLATION_PROMPTS]
     with backend.as_base() as base:
         p = base.next_token_dist_batch(ablation_prompts, top_k=TOP_K)
     curve = []
@@ -118,7 +125,8 @@ def verdicts(m: dict[str, Any], null_key: str, k: int, n_prompts: int) -> dict[s
     z, p = z_score(raw, null), p_value(raw, null)
     old = z is not None and z >= 3.0 and p is not None and p <= 0.05 and raw >= cfg.min_effect
     # adapter_ablation on its 4 prompts, judged at λ=1 like delta_kl, then by shape.
-    d4, rows4 = m["adapter"][:4], [r[:4] for r in m["nulls"][null_key][:k]]
+    d4 = m["adapter"][:ABLATION_PROMPTS]
+    rows4 = [r[:ABLATION_PROMPTS] for r in m["nulls"][null_key][:k]]
     sig = judge_against_null(
         float(np.mean(d4)),
         null_stats([float(np.mean(r)) for r in rows4]),
@@ -141,6 +149,16 @@ def verdicts(m: dict[str, Any], null_key: str, k: int, n_prompts: int) -> dict[s
     }
 
 
+def write_like(w: AdapterWeights, fmt: str, dst: Path) -> Path:
+    """Write a control in the trained adapter's format: what a user of that backend feeds in.
+
+    mlx-lm adapters share one scale, so folding it into ``lora_b`` is exact here.
+    """
+    if fmt == "mlx":
+        return write_mlx_adapter(w, dst, allow_rescale=True)
+    return write_peft_adapter(w, dst)
+
+
 def build_panel(
     backend_kind: str, model_dir: Path, work: Path, n_random: int
 ) -> list[dict[str, Any]]:
@@ -152,12 +170,12 @@ def build_panel(
         path = ensure_adapter(backend_kind, adapter, model_dir, cache_root(), console)
         panel.append({"name": adapter.label, "group": "trained", "path": path})
     healthy = read_adapter(panel[0]["path"])
-    bzero = write_peft_adapter(shrink_b(healthy), work / "b-near-zero")
+    bzero = write_like(shrink_b(healthy), healthy.fmt, work / "b-near-zero")
     panel.append({"name": "B≈0", "group": "b_zero", "path": bzero})
     for i in range(n_random):
         scale = None if i % 2 == 0 else FIXED_SCALES[(i // 2) % len(FIXED_SCALES)]
         w = random_like(healthy, i, init_scale=scale)
-        path = write_peft_adapter(w, work / f"random-{i}")
+        path = write_like(w, healthy.fmt, work / f"random-{i}")
         panel.append({"name": f"random {i}", "group": "random", "path": path, "init_scale": scale})
     return panel
 
@@ -175,6 +193,57 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return table
 
 
+def parse_sizes(text: str, least: int, what: str) -> tuple[int, ...]:
+    """ "3,8,16" -> (3, 8, 16); every size at least ``least``."""
+    sizes = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    if not sizes or sizes[0] < least:
+        raise SystemExit(f"--{what}: give sizes ≥ {least}, comma-separated (got {text!r})")
+    return sizes
+
+
+def judge_panel(
+    backend: Any,
+    panel: list[dict[str, Any]],
+    prompts: list[str],
+    ks: tuple[int, ...],
+    ps: tuple[int, ...],
+) -> list[dict[str, Any]]:
+    """Measure each adapter once, then judge every (null mode, K, prompts) cell of the grid."""
+    head_k = 8 if 8 in ks else ks[-1]
+    head_p = 8 if 8 in ps else ps[-1]
+    records = []
+    for entry in panel:
+        backend.set_adapter(entry["path"])
+        modes = [("norm_matched", 0.02)]
+        if entry.get("init_scale") is not None:  # exchangeable with fixed nulls at its scale
+            modes.append(("fixed", entry["init_scale"]))
+        t0 = time.perf_counter()
+        m = measure(backend, prompts, modes, max(ks))
+        table = {
+            f"{mode}|{k}|{n}": verdicts(m, mode, k, n)
+            for mode in m["nulls"]
+            for k in ks
+            for n in ps
+        }
+        records.append(
+            {
+                "name": entry["name"],
+                "group": entry["group"],
+                "verdicts": table,
+                "measure_s": round(time.perf_counter() - t0, 2),
+                "curve": m["curve"],
+            }
+        )
+        head = table[f"norm_matched@0.02|{head_k}|{head_p}"]
+        print(
+            f"{entry['name']:>12}  delta_kl {head['delta_kl']:>4} (old {head['delta_kl_old_rule']})  "
+            f"ablation {head['adapter_ablation']:>4}  ratio {head['ratio']:.3g}  "
+            f"exponent {head['exponent']}  {records[-1]['measure_s']} s",
+            flush=True,
+        )
+    return records
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="auto", choices=["auto", "mlx", "hf"])
@@ -182,57 +251,36 @@ def main() -> None:
     ap.add_argument(
         "--dtype", default="auto", help="auto: float32 on CPU, the model's half precision on a GPU"
     )
+    ap.add_argument("--ks", default=",".join(map(str, KS)), help="null counts K, e.g. 3,8")
+    ap.add_argument(
+        "--prompts",
+        default=",".join(map(str, PS)),
+        help=f"prompt counts, each ≥ {ABLATION_PROMPTS}",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    ks = parse_sizes(args.ks, 2, "ks")  # K < 2 gives no spread, hence no z
+    ps = parse_sizes(args.prompts, ABLATION_PROMPTS, "prompts")
     kind = pick_backend(args.backend)
     model_dir = prepare_smollm2()
-    prompts = prompt_pool()
+    prompts = prompt_pool(max(ps))
     started = time.perf_counter()
-    records = []
     with tempfile.TemporaryDirectory() as tmp:
         panel = build_panel(kind, model_dir, Path(tmp), args.random)
         spec = ModelSpec(base=str(model_dir), adapter=str(panel[0]["path"]), dtype=args.dtype)
         backend = build_backend(spec, kind)
         try:
-            for entry in panel:
-                backend.set_adapter(entry["path"])
-                modes = [("norm_matched", 0.02)]
-                if (
-                    entry.get("init_scale") is not None
-                ):  # exchangeable with fixed nulls at its scale
-                    modes.append(("fixed", entry["init_scale"]))
-                t0 = time.perf_counter()
-                m = measure(backend, prompts, modes)
-                table = {
-                    f"{mode}|{k}|{n}": verdicts(m, mode, k, n)
-                    for mode in m["nulls"]
-                    for k in KS
-                    for n in PS
-                }
-                records.append(
-                    {
-                        "name": entry["name"],
-                        "group": entry["group"],
-                        "verdicts": table,
-                        "measure_s": round(time.perf_counter() - t0, 2),
-                        "curve": m["curve"],
-                    }
-                )
-                head = table["norm_matched@0.02|8|8"]
-                print(
-                    f"{entry['name']:>12}  delta_kl {head['delta_kl']:>4} (old {head['delta_kl_old_rule']})  "
-                    f"ablation {head['adapter_ablation']:>4}  ratio {head['ratio']:.3g}  "
-                    f"exponent {head['exponent']}  {records[-1]['measure_s']} s",
-                    flush=True,
-                )
+            device = backend.info.get("device")
+            records = judge_panel(backend, panel, prompts, ks, ps)
         finally:
             backend.close()
     out = {
         "backend": kind,
+        "device": device,
         "dtype": args.dtype,
         "machine": f"{platform.system()} {platform.machine()}",
-        "ks": KS,
-        "prompts": PS,
+        "ks": ks,
+        "prompts": ps,
         "wall_s": round(time.perf_counter() - started, 1),
         "summary": summarise(records),
         "records": records,
