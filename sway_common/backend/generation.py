@@ -11,9 +11,10 @@ call uses the stream ``(seed, i)``, and at each step takes the first token whose
 cumulative probability under ``softmax(logprobs / temperature)`` exceeds the next
 uniform. A row's sample thus depends on its seed, its place in the call and its own
 logits only: not on the batch size, on the other prompts, or on which framework's RNG
-runs (the same seed gives the same text on MLX and on torch, up to float32 noise at a
-CDF boundary). Plain temperature sampling, no top-k/top-p, so a seed means the same
-thing on every model.
+runs. The same seed mostly gives the same text on MLX and on torch; a row parts where
+the backends' float32 logits (~1e-4 nats apart) move a CDF boundary past its draw, and
+from there on it differs. Plain temperature sampling, no top-k/top-p, so a seed means
+the same thing on every model.
 """
 
 from __future__ import annotations
