@@ -24,6 +24,7 @@ from sway_common.backend import limits
 from sway_common.backend.base import DifferentialBackendBase, ViewSpec
 from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.backend.stacking import first_adapted_block, stack_plan
+from sway_common.probes.adapter_ablation import AdapterAblationConfig, AdapterAblationProbe
 from sway_common.probes.base import NullCalibration, RunContext, divergence_key, mean_divergence
 from sway_common.protocols import ViewConflictError
 
@@ -270,6 +271,65 @@ def test_null_per_prompt_on_a_backend_that_cannot_stack() -> None:
     stacked, _ = null_rows(dummy, stacked=True)
     looped, _ = null_rows(dummy, stacked=False)
     np.testing.assert_array_equal(stacked, looped)
+
+
+# ---------------------------------------------------------- probes, stacked
+class Unstacked:
+    """The backend without ``next_token_dist_views``: probes then open one view at a time."""
+
+    def __init__(self, inner: DifferentialBackendBase) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "next_token_dist_views":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@contextlib.contextmanager
+def view_forwards(backend: DifferentialBackendBase) -> Iterator[list[int]]:
+    """Records the batch size of each forward run inside an open (one-view) view."""
+    seen: list[int] = []
+    plain = backend._last_logprobs
+
+    def counting(batch):
+        if backend.active_view is not None:
+            seen.append(len(batch))
+        return plain(batch)
+
+    backend._last_logprobs = counting  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del backend._last_logprobs
+
+
+def test_mean_divergence_is_stacked_and_equals_one_view(backend) -> None:
+    backend._cache.clear()
+    with view_forwards(backend) as forwards:
+        stacked = mean_divergence(backend, PROMPTS, top_k=TOP_K, kind="js")[1]
+    backend._cache.clear()
+    looped = mean_divergence(Unstacked(backend), PROMPTS, top_k=TOP_K, kind="js")[1]
+    backend._cache.clear()
+    assert forwards == []
+    np.testing.assert_allclose(stacked, looped, rtol=5e-4, atol=1e-7)
+
+
+def test_adapter_ablation_is_stacked_and_equals_one_view(backend) -> None:
+    cfg = AdapterAblationConfig(name="a", kind="adapter_ablation", prompts=PROMPTS, top_k=TOP_K)
+    backend._cache.clear()
+    with view_forwards(backend) as forwards:
+        stacked = AdapterAblationProbe().run(cfg, RunContext(backend))
+    backend._cache.clear()
+    looped = AdapterAblationProbe().run(cfg, RunContext(Unstacked(backend)))
+    backend._cache.clear()
+    assert forwards == []  # base and every λ came from stacked batches
+    assert stacked.evidence["lambdas"] == looped.evidence["lambdas"]
+    assert stacked.evidence["curve"][0] == 0.0  # λ=0 is the base view's own entry
+    np.testing.assert_allclose(
+        stacked.evidence["curve"], looped.evidence["curve"], rtol=5e-4, atol=1e-7
+    )
+    assert stacked.verdict is looped.verdict
 
 
 # ----------------------------------------------------------------- the plans

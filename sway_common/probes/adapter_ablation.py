@@ -16,12 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sway_common.backend.views import ViewSpec
 from sway_common.divergence import divergence
 from sway_common.protocols import ScalableDifferentialBackend
 from sway_common.stats import linear_fit
 from sway_common.types import ProbeResult, Verdict
 
 from .base import DivergenceConfig, Probe, RunContext, judge_divergence, register
+from .views import next_token_dists_in_views
 
 # A fall this small between neighbouring λ is numerical noise, not a non-monotone curve.
 MONOTONE_SLACK = 0.02
@@ -132,16 +134,15 @@ class AdapterAblationProbe(Probe):
             return self.result(cfg, Verdict.SKIP, message="backend cannot scale the adapter")
         lams = sorted(set(cfg.lambdas) | {0.0, 1.0})
         top_k = cfg.top_k or ctx.top_k
-        with ctx.backend.as_base() as base:
-            p = base.next_token_dist_batch(cfg.prompts, top_k=top_k)
-        per_lambda = []
-        for lam in lams:
-            ctx.progress(f"λ={lam:g}")
-            with ctx.backend.as_scaled_adapter(lam) as view:
-                q = view.next_token_dist_batch(cfg.prompts, top_k=top_k)
-            per_lambda.append(
-                [divergence(a, b, kind=cfg.divergence) for a, b in zip(p, q, strict=True)]
-            )
+        # Base and every λ in one call: stacked into shared batches where the backend
+        # can (λ=0 and λ=1 are the base and ft views, computed once).
+        ctx.progress(f"{len(lams)} λ views")
+        views = [ViewSpec("base")] + [ViewSpec("scaled", lam=lam) for lam in lams]
+        p, *per_view = next_token_dists_in_views(ctx.backend, views, cfg.prompts, top_k=top_k)
+        per_lambda = [
+            [divergence(a, b, kind=cfg.divergence) for a, b in zip(p, q, strict=True)]
+            for q in per_view
+        ]
         curve = [sum(d) / len(d) for d in per_lambda]
         at_one, per_prompt = curve[lams.index(1.0)], per_lambda[lams.index(1.0)]
         sig, null = judge_divergence(

@@ -19,6 +19,7 @@ from sway_common.stats import format_z, log_values, null_stats, p_value, paired_
 from sway_common.types import NullStats, ProbeResult, Verdict
 
 from .null_proxy import NullCalibrationBackendProxy
+from .views import next_token_dists_in_views
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The most important thing to remember is",
@@ -248,10 +249,9 @@ def mean_divergence(
     backend: DifferentialBackend, prompts: Sequence[str], *, top_k: int, kind: str
 ) -> tuple[float, list[float]]:
     """Mean next-token divergence between the base and fine-tuned views over prompts."""
-    with backend.as_base() as base:
-        p = base.next_token_dist_batch(prompts, top_k=top_k)
-    with backend.as_finetuned() as ft:
-        q = ft.next_token_dist_batch(prompts, top_k=top_k)
+    p, q = next_token_dists_in_views(
+        backend, [ViewSpec("base"), ViewSpec("ft")], prompts, top_k=top_k
+    )
     per_prompt = [divergence(a, b, kind=kind) for a, b in zip(p, q, strict=True)]  # type: ignore[arg-type]
     return sum(per_prompt) / len(per_prompt), per_prompt
 
