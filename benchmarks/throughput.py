@@ -20,7 +20,9 @@ below the first adapted one run once for all views), and the allocator's peak me
 (``peak_memory_bytes()``; None where the framework does not say, e.g. torch on CPU).
 Results go to a JSON file (merge several with ``compare.py``) and a printed table.
 
-    python benchmarks/throughput.py --shape tiny --batches 2 --seq 32 --repeats 1  # CPU smoke
+    # a CPU smoke test; on a CPU shared with other work, one OpenMP thread keeps torch's
+    # spinning threads from dominating (timings there are still not comparable)
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py --shape tiny --batches 2 --seq 32 --repeats 1
     python benchmarks/throughput.py --backends hf,mlx --batches 8,32 --seq 512 --dtype bf16
     python benchmarks/throughput.py --shape llama-1b --batches 8,32 --seq 512 --dtype bf16
     # a real model and adapter instead of a random build:
