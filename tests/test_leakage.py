@@ -180,6 +180,7 @@ def test_no_recital_passes_and_draws_no_nulls(doc: Path) -> None:
     r = _run(backend, _cfg(doc))
     assert r.verdict is Verdict.PASS and "does not recite" in r.message, r.message
     assert r.raw == 0.0 and backend.null_calls == 0
+    assert "no null adapters drawn" in r.message
 
 
 def test_exact_prefix_recital_that_breaks_under_perturbation_passes_as_fragile(

@@ -221,6 +221,8 @@ class LeakageProbe(Probe):
         if ctx.calibrates(self.kind) and (robust or cfg.null_draws == "always"):
             null = null_lifts(ctx, cfg, found, gens.base_recall)
         cmp = compare(gens.recall - gens.base_recall, null, " recall")
+        if null is None and ctx.calibrates(self.kind):
+            cmp.text = "no null adapters drawn: no robust recital to attribute"
         verdict, message = judge(cfg, gens, frag, cmp)
         score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
         return self.result(
