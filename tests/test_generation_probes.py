@@ -177,6 +177,12 @@ def test_style_fails_when_random_adapters_move_it_as_far() -> None:
     assert r.verdict is Verdict.FAIL and "move the style as far" in r.message
 
 
+def test_style_moved_on_half_the_prompts_warns_instead_of_passing() -> None:
+    r = _style(ScriptedBackend(lambda p: PLAIN, lambda p: TERSE if p in "ab" else PLAIN, _varied))
+    assert r.raw >= 0.25 and r.z > 3
+    assert r.verdict is Verdict.WARN and "beyond its nulls on 2 of 4" in r.message
+
+
 @pytest.mark.parametrize("ft", ["", "   ", "Lamp.", "lamp " * 30])
 def test_style_warns_on_empty_or_degenerate_output_never_passes(ft: str) -> None:
     # dlm-sway once read all-empty output as a +0.82 shift toward the document.

@@ -9,11 +9,12 @@ fine-tuned continuation's move from the base's, projected on the base→document
 
 Verdict: WARN when the continuations are empty or degenerate (most of either view's; any of
 the fine-tuned view's would otherwise PASS) or when the document's style is no different
-from the base's (nothing to move toward). FAIL when the shift is below ``assert_shift_gte``,
-when it is not above the shifts of null adapters (z ≥ ``assert_z_gte``, p ≤ 0.05: the same
+from the base's (nothing to move toward). FAIL when the shift is below ``assert_shift_gte``
+or not above the shifts of null adapters (z ≥ ``assert_z_gte``, p ≤ 0.05): the same
 generation under K random adapters of the adapter's size, "would noise of this size move
-the style as far?"), or when, paired prompt by prompt with the nulls, its 95% bootstrap
-interval reaches 0. Otherwise PASS.
+the style as far?". A shift that passes both but, paired prompt by prompt with the nulls,
+has a 95% bootstrap interval reaching 0 is real on average yet not on every prompt: WARN.
+Otherwise PASS.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class StyleFingerprintProbe(Probe):
 
     def run(self, cfg: StyleFingerprintConfig, ctx: RunContext) -> ProbeResult:
         doc = read_text(cfg.doc) if cfg.doc else cfg.doc_reference
-        chunks = [c for c in st.document_chunks(doc, cfg.max_new_tokens * 3 // 4)]
+        chunks = st.document_chunks(doc, cfg.max_new_tokens * 3 // 4)
         doc_rows = [st.features(c) for c in chunks if st.degenerate(c) is None]
         if not doc_rows:
             return self.result(
@@ -136,16 +137,17 @@ class StyleFingerprintProbe(Probe):
         doc: str,
         evidence: dict[str, Any],
     ) -> ProbeResult:
-        valid = [i for i, s in enumerate(per_prompt) if s is not None]
-        shift = float(np.mean([per_prompt[i] for i in valid]))
+        valid = {i: s for i, s in enumerate(per_prompt) if s is not None}
+        shift = float(np.mean(list(valid.values())))
         null, rows = self._nulls(cfg, ctx, fr, base_rows, doc)
         cmp = compare(shift, null, "")
+        # Paired with the nulls on the same prompt: what the prompt itself invites cancels.
+        diffs = [s - float(np.mean([r[i] for r in rows])) for i, s in valid.items()] if rows else []
         interval = None
-        if rows:
-            diffs = [per_prompt[i] - float(np.mean([r[i] for r in rows])) for i in valid]  # type: ignore[operator]
+        if diffs:
             interval = bootstrap_ci(diffs, seed=ctx.seed) if len(diffs) > 1 else (diffs[0],) * 2
         bad = len(per_prompt) - len(valid)
-        verdict, msg = self._verdict(cfg, shift, cmp, interval, bad, len(per_prompt))
+        verdict, msg = self._verdict(cfg, shift, cmp, diffs, interval, bad, len(per_prompt))
         evidence |= {
             "shift": shift,
             "per_prompt_shift": per_prompt,
@@ -217,6 +219,7 @@ class StyleFingerprintProbe(Probe):
         cfg: StyleFingerprintConfig,
         shift: float,
         cmp: Comparison,
+        diffs: list[float],
         interval: tuple[float, float] | None,
         bad: int,
         n: int,
@@ -235,10 +238,11 @@ class StyleFingerprintProbe(Probe):
                 f"{head}, but random adapters of its size move the style as far: {cmp.text}",
             )
         if interval is not None and interval[0] <= 0:
+            beyond = sum(d > 0 for d in diffs)
             return (
-                Verdict.FAIL,
-                f"{head}, but not beyond the nulls prompt by prompt "
-                f"(paired interval {interval[0]:+.2f}…{interval[1]:+.2f}); {cmp.text}",
+                Verdict.WARN,
+                f"{head}, {cmp.text}; but not on every prompt: beyond its nulls on {beyond} of "
+                f"{len(diffs)} (paired interval {interval[0]:+.2f}…{interval[1]:+.2f})",
             )
         if bad:
             return (
