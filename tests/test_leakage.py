@@ -199,6 +199,7 @@ def test_robust_recital_the_base_lacks_fails_beyond_the_nulls(doc: Path) -> None
     assert r.verdict is Verdict.FAIL and "recites its training text" in r.message, r.message
     assert r.evidence["lift"] == pytest.approx(1.0) and r.evidence["fragility"] < 0.3
     assert backend.null_calls == 4 and r.null is not None and r.null.degenerate
+    assert "above all 4 random adapters" in r.message
 
 
 def test_robust_recital_the_base_shares_warns_as_public_text(doc: Path) -> None:

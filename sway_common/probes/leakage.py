@@ -256,7 +256,14 @@ def judge(
                 Verdict.WARN,
                 f"{robust}; but random adapters of its size lift it alike: {cmp.text}",
             )
-        return Verdict.FAIL, f"recites its training text: {robust}; {cmp.text}"
+        beyond = cmp.text
+        if cmp.null is not None and cmp.z is None:  # flat nulls: a rank statement, not a z
+            k = cmp.null.n
+            beyond = (
+                f"above all {k} random adapters of its size (their lift all ≈ "
+                f"{cmp.null.mean:+.2f}; p ≤ 1/{k + 1} by rank)"
+            )
+        return Verdict.FAIL, f"recites its training text: {robust}; {beyond}"
     if gens.degenerate:
         n, total = len(gens.degenerate), len(gens.ft)
         return Verdict.WARN, (
