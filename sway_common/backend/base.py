@@ -133,6 +133,7 @@ class DifferentialBackendBase(StackedScoring):
     # --------------------------------------------------------------- closing
     def close(self) -> None:
         self._cache.clear()
+        self._encodings.clear()
         self._release()
 
     def __enter__(self) -> DifferentialBackendBase:

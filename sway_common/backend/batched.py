@@ -25,13 +25,29 @@ from sway_common.backend.scoring import (
 from sway_common.backend.views import Encoding, ViewSpec
 from sway_common.types import RollingLogprob, TokenDist
 
+# Texts whose token ids are kept: enough for any suite's prompts, bounded for a long watch.
+ENCODINGS_KEPT = 4096
+
 
 class BatchedScoring(ViewDispatch):
     """The cached, batched scoring ops of one view at a time."""
 
+    def _encoded(self, text: str) -> Encoding:
+        """``_encode(text)``, tokenized once per backend: base, ft, λ and every null view
+        score the same texts, and on a GPU tokenizing a batch again per view took longer
+        than the small model's forward."""
+        hit = self._encodings.get(text)
+        if hit is None:
+            hit = self._encodings[text] = self._encode(text)
+            if len(self._encodings) > ENCODINGS_KEPT:
+                self._encodings.popitem(last=False)
+        else:
+            self._encodings.move_to_end(text)
+        return hit
+
     def token_count(self, text: str) -> int:
         """How many tokens ``text`` is, counted as every scoring call counts them."""
-        return len(self._encode(text)[0])
+        return len(self._encoded(text)[0])
 
     @property
     def prompt_limit(self) -> int | None:
@@ -39,7 +55,7 @@ class BatchedScoring(ViewDispatch):
         return self.max_context
 
     def _encode_nonempty(self, text: str) -> Encoding:
-        ids, offsets = self._encode(text)
+        ids, offsets = self._encoded(text)
         if not ids:
             raise ValueError(f"text {text[:40]!r} encodes to no tokens; give a non-empty prompt")
         return ids, offsets
@@ -78,7 +94,7 @@ class BatchedScoring(ViewDispatch):
             out.append(hit)
             if hit is not None:
                 continue
-            ids, offsets = self._encode(prompt + completion)
+            ids, offsets = self._encoded(prompt + completion)
             # The first token has no context to be scored against.
             start = max(1, completion_start(offsets, len(prompt)))
             if start >= len(ids):
@@ -104,7 +120,7 @@ class BatchedScoring(ViewDispatch):
         self._check_active(view)
         vkey = view.key(self.adapter_hash)
         out = [self._cache.get((vkey, "rolling", text_hash(t), 0)) for t in texts]
-        ids = {i: self._encode(texts[i])[0] for i, hit in enumerate(out) if hit is None}
+        ids = {i: self._encoded(texts[i])[0] for i, hit in enumerate(out) if hit is None}
         jobs = [
             (i, w) for i, row in ids.items() for w in rolling_windows(len(row), self.max_context)
         ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,6 +58,7 @@ class ViewDispatch(ABC):
         # Per adapter hash: the block from which stacked views' rows differ, when
         # sharing the blocks below it checked out on this model (None: it did not).
         self._shared_blocks: dict[str, str | None] = {}
+        self._encodings: OrderedDict[str, Encoding] = OrderedDict()
         self.info = {}
 
     # ----------------------------------------------------------------- hooks
