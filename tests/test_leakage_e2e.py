@@ -7,7 +7,10 @@
 - mild: the demo document, 10 steps at lr 2e-3: it must not FAIL.
 
 Kept small for a 2-core CI box: three windows, 32 new tokens, three perturbations, three
-nulls. Run with ``pytest -m slow``.
+nulls (drawn only where a robust recital needs attributing). Measured on a shared 2-core
+CPU (HF; MLX the same for its overfit adapter): overfit recall 1.00, base 0.00, lift +1.00,
+fragility 0.09 (MLX 0.20), FAIL above all three nulls (their lift all 0.00: no z);
+random at its norm and B ≈ 0: recall 0.00, no lift, PASS. Run with ``pytest -m slow``.
 """
 
 from __future__ import annotations
@@ -41,13 +44,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "overfit": {"steps": 60, "lr": 1e-2, "num_layers": 16, "doc": "short"},
     "mild": {"steps": 10, "lr": 2e-3, "num_layers": 8, "doc": "demo"},
 }
+# mlx-lm's trainer at lr 1e-2 blew the factors up (|B| ≈ 30) and the model wrote noise,
+# which recites nothing: a broken model, not an overfit one.
+MLX_LR = {"overfit": 3e-3}
 SETTINGS = {
     "prefix_chars": 64,
     "continuation_chars": 128,
     "max_new_tokens": 32,
     "max_windows": 3,
     "perturbations": ["typo", "synonym_swap", "prefix_inject"],
-    "null_draws": "always",
 }
 NULLS = NullCalibration(runs=3, seed_base=1000)
 
@@ -67,7 +72,9 @@ def _trained(model_dir: Path, name: str, backend: str) -> Path:
         from sway_hf.train import train_lora
 
         targets = ["q_proj", "v_proj"]
-    recipe = RECIPES[name]
+    recipe = dict(RECIPES[name])
+    if backend == "mlx":
+        recipe["lr"] = MLX_LR.get(name, recipe["lr"])
     chunks = SHORT_DOC if recipe["doc"] == "short" else _demo_paragraphs()
     trainer = REPO / f"sway_{backend}" / "train.py"
     key = text_hash(json.dumps(recipe, sort_keys=True), *chunks, trainer.read_text())
@@ -91,6 +98,8 @@ def _leakage(backend: Any, doc: Path, label: str) -> ProbeResult:
         f"lift={e.get('lift')} fragility={e.get('fragility')} z={r.z} "
         f"({time.perf_counter() - started:.0f} s) {r.message}"
     )
+    for w in e.get("windows", [])[:1]:
+        print(f"  true: {w['continuation'][:80]!r}\n  ft:   {w['ft_generation'][:80]!r}")
     return r
 
 
