@@ -44,6 +44,15 @@ from sway_common.suite.spec import ModelSpec, quick_suite
 INTERRUPTED_EARLY = "interrupted: no verdict (a report is written whole or not at all)"
 
 
+# Passed by `main` as the context object: the process is this command's alone (a test
+# invoking `app` in its own process passes nothing).
+OWN_PROCESS = "own-process"
+
+
+def owns_process() -> bool:
+    return click.get_current_context().find_root().obj == OWN_PROCESS
+
+
 class _App(click.Group):
     """The command group: a usage error or an unexpected error is one line (with --debug,
     the traceback), and Ctrl-C outside a running suite is exit 130, not click's "Aborted!"."""
@@ -197,6 +206,7 @@ def eval_cmd(
         no_cache,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        own_process=owns_process(),
     )
     execute(spec, opts, adapter_paths[1:])
 
@@ -239,6 +249,7 @@ def gate_cmd(
             quiet=True,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
+            own_process=owns_process(),
         ),
     )
 
@@ -349,7 +360,7 @@ def main() -> None:
             [sys.executable, "-m", "sway_common.app.cli", *sys.argv[1:]],
             without_openblas_preload(dict(os.environ)),
         )
-    app()
+    app(obj=OWN_PROCESS)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,21 @@ def pick_backend(requested: str = "auto") -> str:
     return "mlx"
 
 
+def keep_torch_out() -> bool:
+    """Make ``import torch`` fail in this process, before mlx-lm is imported; True if done.
+
+    mlx-lm imports transformers for its tokenizers, and transformers imports torch when it
+    is installed (it is: the HF backend needs it): 1-3 s of start-up and a few hundred MB
+    the MLX path never uses. Once hidden, transformers sees no torch for the rest of the
+    process, so only a caller that owns the process and will not need torch (no GGUF to
+    convert, no pickled adapter, no local embedding model) may ask for this.
+    """
+    if "torch" in sys.modules or "transformers" in sys.modules:
+        return False
+    sys.modules["torch"] = None  # type: ignore[assignment]  # import system: "not installed"
+    return True
+
+
 class BackendUnavailableError(RuntimeError):
     pass
 

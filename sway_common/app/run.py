@@ -28,7 +28,7 @@ from sway_common.app.options import (
     null_cache,
     require_plotting,
 )
-from sway_common.app.platform import build_backend, pick_backend
+from sway_common.app.platform import build_backend, keep_torch_out, pick_backend
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
@@ -53,6 +53,8 @@ class RunOptions:
     quiet: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    own_process: bool = False
+    """Started from the command line: nothing else will import torch in this process."""
 
 
 def load_spec_or_fail(spec_path: str) -> Any:
@@ -78,15 +80,27 @@ def build_or_fail(model: Any, backend: str, what: str | None = None, **kw: Any) 
         fail(f"cannot load {what}: {first_line(e)}" if what else first_line(e))
 
 
+def _backend_choice(spec: Any, opts: RunOptions) -> str:
+    return pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind)
+
+
 def _check_inputs(spec: Any, opts: RunOptions, adapters: list[str]) -> None:
     """Everything that can be checked without loading a model, in the order a user fixes it."""
     check_outputs(opts.reports, opts.plot_dir)
     if opts.plot_dir:
         require_plotting()
-    if pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind) == "dummy":
+    if _backend_choice(spec, opts) == "dummy":
         return
     check_model(spec.model.base, allow_pickle=opts.allow_pickle)
     check_adapters(adapters, allow_pickle=opts.allow_pickle)
+
+
+def _needs_torch(spec: Any, opts: RunOptions) -> bool:
+    """Whether an MLX run of ``spec`` would still import torch: to read a GGUF file or a
+    pickled adapter, or to run a local embedding model."""
+    base = str(spec.model.base or "")
+    embeds = any(getattr(p, "embedding_model", None) for p in spec.probes)
+    return opts.allow_pickle or base.endswith(".gguf") or embeds
 
 
 def _report_path(path: str, label: str | None) -> str:
@@ -130,6 +144,8 @@ def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) ->
         spec.defaults.seed = opts.seed
     adapters = [spec.model.adapter, *more_adapters]
     _check_inputs(spec, opts, adapters)
+    if opts.own_process and _backend_choice(spec, opts) == "mlx" and not _needs_torch(spec, opts):
+        keep_torch_out()
     labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
     started = time.perf_counter()
     backend = build_or_fail(
