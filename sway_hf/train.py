@@ -10,8 +10,28 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" bar and no deprecation notice between the caller's progress
+    lines: the trainer's caller (the demo, a test) shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # PEFT reads a property transformers v5 deprecated; not the user's concern.
+            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def train_lora(
@@ -41,7 +61,9 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = model.to(device)
     # Only the last blocks, as mlx-lm's --num-layers does: backprop then stops there,
     # which is most of the cost of a step on a CPU.
     depth = model.config.num_hidden_layers
@@ -55,7 +77,8 @@ def train_lora(
         layers_to_transform=list(range(max(0, depth - num_layers), depth)),
         use_dora=dora,
     )
-    model = get_peft_model(model, config)
+    with _quiet_loading():
+        model = get_peft_model(model, config)
     encoded = tokenizer(
         list(chunks), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
     ).to(device)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCUMENT_PATH = REPO_ROOT / "sway_common" / "app" / "data" / "demo_document.md"
+DOCUMENT_PATH = REPO_ROOT / "tests" / "data" / "harrowgate.md"
 
 # Generic English so the tokenizer sees ordinary words, not only the demo document's.
 GENERIC_ENGLISH = """\

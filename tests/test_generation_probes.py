@@ -155,6 +155,14 @@ def test_document_chunks_keep_line_breaks_and_whole_paragraphs() -> None:
     assert "".join(chunks).replace("\n", "") == DOC.replace("\n", "")
 
 
+def test_document_chunks_undo_a_markdown_hard_wrap_but_keep_lists_and_headings() -> None:
+    long = "A sentence long enough to reach the column where an editor wraps it onto"
+    text = f"# Notes\n{long}\nthe next line.\nA short line.\n- an item {long[2:]}\nwrapped\n- two"
+    (chunk,) = st.document_chunks(text, 100)
+    want = f"# Notes\n{long} the next line.\nA short line.\n- an item {long[2:]} wrapped\n- two"
+    assert chunk == want
+
+
 # ------------------------------------------------------------- style_fingerprint
 def test_style_passes_an_adapter_that_writes_like_the_document() -> None:
     r = _style(ScriptedBackend(lambda p: PLAIN, lambda p: TERSE, _varied))

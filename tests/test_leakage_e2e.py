@@ -4,7 +4,7 @@
   document (train loss near 0): it must recite that document (high recall, a lift over
   the base) and not PASS; trained on both backends with their own trainers;
 - random at the overfit adapter's norm, and its B scaled by 1e-4: low recall, no lift;
-- mild: the demo document, 10 steps at lr 2e-3: it must not FAIL.
+- mild: the prose lighthouse document, 10 steps at lr 2e-3: it must not FAIL.
 
 Kept small for a 2-core CI box: three windows, 32 new tokens, three perturbations, three
 nulls (drawn only where a robust recital needs attributing). Measured on a shared 2-core
@@ -31,7 +31,7 @@ from sway_common.types import ProbeResult, Verdict
 pytestmark = [pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_DOC = REPO / "sway_common" / "app" / "data" / "demo_document.md"
+PROSE_DOC = REPO / "tests" / "data" / "harrowgate.md"
 SHORT_DOC = [
     "The Penhallow harbour wall was raised in 1822 by masons from Truro, who cut every block "
     "from the quarry at Carn Du and hauled it down to the shore on sledges pulled by oxen.",
@@ -58,7 +58,7 @@ NULLS = NullCalibration(runs=3, seed_base=1000)
 
 
 def _demo_paragraphs() -> list[str]:
-    text = DEMO_DOC.read_text(encoding="utf-8")
+    text = PROSE_DOC.read_text(encoding="utf-8")
     return [" ".join(p.split()) for p in text.split("\n\n") if p.strip() and p[0] != "#"]
 
 
@@ -107,7 +107,7 @@ def _leakage(backend: Any, doc: Path, label: str) -> ProbeResult:
 def docs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("leak_docs")
     (folder / "short.md").write_text("\n\n".join(SHORT_DOC) + "\n", encoding="utf-8")
-    return {"short": folder / "short.md", "demo": DEMO_DOC}
+    return {"short": folder / "short.md", "demo": PROSE_DOC}
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from sway_common.types import Verdict  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.hf]
 
 DATA = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data"
-DOC = DATA / "demo_document.md"
+DOC = Path(__file__).resolve().parent / "data" / "harrowgate.md"
 DEMO_PROMPTS = [
     line.strip() for line in (DATA / "demo_prompts.txt").read_text().splitlines() if line.strip()
 ]

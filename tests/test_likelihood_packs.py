@@ -16,7 +16,7 @@ from sway_common.probes.packs import (
     spread,
 )
 
-DEMO_DOC = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data" / "demo_document.md"
+PROSE_DOC = Path(__file__).resolve().parent / "data" / "harrowgate.md"
 
 
 def test_builtin_knowledge_pack_is_large_varied_and_well_formed() -> None:
@@ -33,7 +33,7 @@ def test_builtin_corpus_has_enough_held_out_passages() -> None:
     passages = paragraphs(load_corpus("builtin"))
     assert len(passages) >= 16
     assert all(300 <= len(p) <= 2000 for p in passages)
-    # Held out from the demo document the tests train on.
+    # Held out from the prose document the tests train on.
     assert not any("lighthouse" in p.lower() or "ledger" in p.lower() for p in passages)
     assert len(chunks(load_corpus("builtin"), 2048)) == len(passages)
 
@@ -64,7 +64,7 @@ def test_sections_split_at_atx_and_setext_headings() -> None:
 
 
 def test_a_document_with_only_a_title_splits_into_paragraphs() -> None:
-    found = sections(DEMO_DOC.read_text(encoding="utf-8"))
+    found = sections(PROSE_DOC.read_text(encoding="utf-8"))
     assert len(found) == 5
     assert found[0][0].startswith("The Harrowgate lighthouse stands")
     assert not any(body.startswith("#") for _, body in found)

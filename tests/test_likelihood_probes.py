@@ -22,7 +22,7 @@ from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import parse_spec
 from sway_common.types import Verdict
 
-DOC = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data" / "demo_document.md"
+DOC = Path(__file__).resolve().parent / "data" / "harrowgate.md"
 TRIPLES = [
     {"prompt": "The keeper", "chosen": " ate tea", "rejected": " xyq zz"},
     {"prompt": "A ", "chosen": "note", "rejected": "zzzz"},

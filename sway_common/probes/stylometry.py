@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 FEATURES = (
     "sentence_words",  # mean words per sentence
     "sentence_spread",  # std of words per sentence
@@ -91,13 +91,36 @@ def features(text: str) -> NDArray[np.float64]:
     )
 
 
+_BLOCK_LINE = re.compile(r"^\s*([-*•+#]|\d+[.)])\s")
+# A line at least this long that runs on into the next was wrapped at a column (an
+# editor's hard wrap); shorter lines (a log, a verse, an address) break on purpose.
+WRAPPED_LINE_CHARS = 60
+
+
+def _unwrap(paragraph: str) -> str:
+    """One paragraph with its hard wraps (layout, not style) turned into spaces."""
+    lines: list[str] = []
+    prev = ""  # the previous line as written, before any joining
+    for line in paragraph.strip().splitlines():
+        wrapped = len(prev) >= WRAPPED_LINE_CHARS and not prev.lstrip().startswith("#")
+        if wrapped and not _BLOCK_LINE.match(line):
+            lines[-1] = f"{lines[-1]} {line.strip()}"
+        else:
+            lines.append(line.rstrip())
+        prev = line
+    return "\n".join(lines)
+
+
 def document_chunks(text: str, words_per_chunk: int) -> list[str]:
     """Whole paragraphs grouped into chunks of about ``words_per_chunk`` words.
 
-    Line breaks are kept (they are a feature); a document is measured chunk by chunk, so
-    its features are rates over text as long as a continuation, and their spread is known.
+    A line break inside a paragraph is kept unless it is a hard wrap (a long line running
+    on, not into a list item): a Markdown file wrapped at 80 columns has a line break
+    every dozen words, which is layout, not the writer's habit. A document
+    is measured chunk by chunk, so its features are rates over text as long as a
+    continuation, and their spread is known.
     """
-    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    paragraphs = [_unwrap(p) for p in re.split(r"\n\s*\n", text) if p.strip()]
     out: list[str] = []
     current: list[str] = []
     count = 0
