@@ -34,9 +34,11 @@ from sway_common.backend.limits import (
     resolve_batch_size,
 )
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
 from sway_common.models import ModelFormatError, check_model_dir, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
+from sway_common.types import TokenDist
 from sway_hf import generate, lora
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -365,12 +367,23 @@ class HFDifferentialBackend(DifferentialBackendBase):
             torch.allclose(split, reference, rtol=1e-3, atol=1e-3)
         )
 
-    @torch.inference_mode()
-    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+    def _device_last_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
         # Left padding puts every prompt's last token in the last column.
         hidden, _, _ = self._hidden(batch, left=True)
-        logits = self._logits(hidden[:, -1, :])
-        return torch.log_softmax(logits, dim=-1).cpu().numpy()
+        return torch.log_softmax(self._logits(hidden[:, -1, :]), dim=-1)
+
+    @torch.inference_mode()
+    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+        return self._device_last_logprobs(batch).cpu().numpy()
+
+    @torch.inference_mode()
+    def _last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
+        logprobs = self._device_last_logprobs(batch)
+        top, ids = logprobs.topk(max(1, min(top_k, logprobs.shape[-1])), dim=-1)
+        tail = logprobs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        return token_dists_from_top(
+            ids.cpu().numpy(), top.cpu().numpy(), tail.cpu().numpy(), self.vocab_size
+        )
 
     @torch.inference_mode()
     def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:

@@ -28,9 +28,11 @@ from sway_common.backend.limits import (
     resolve_batch_size,
 )
 from sway_common.backend.nulls import NullFactors
+from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
 from sway_common.models import check_model_dir, normalize_config, parse_dtype, resolve_model_dir
 from sway_common.protocols import ViewConflictError
+from sway_common.types import TokenDist
 from sway_mlx import generate, lora
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -221,15 +223,30 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             ids[i, : len(row)] = row
         return mx.array(ids), lengths
 
-    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+    def _device_last_logprobs(self, batch: list[list[int]]) -> mx.array:
         ids, lengths = self._padded(batch)
         hidden = self._inner(ids)
         # Stacked views with a shared prefix give each prompt's row once per view.
         lengths = np.tile(lengths, hidden.shape[0] // len(batch))
         last = hidden[mx.arange(hidden.shape[0]), mx.array(lengths - 1)]
         logits = self._head(last[:, None, :])[:, 0, :].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return np.array(logprobs)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+        return np.array(self._device_last_logprobs(batch))
+
+    def _last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
+        logprobs = self._device_last_logprobs(batch)
+        k = max(1, min(top_k, logprobs.shape[-1]))
+        part = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+        values = mx.take_along_axis(logprobs, part, axis=-1)
+        order = mx.argsort(-values, axis=-1)
+        ids = mx.take_along_axis(part, order, axis=-1)
+        rest = mx.put_along_axis(logprobs, ids, mx.array(-mx.inf, mx.float32), axis=-1)
+        tail = mx.logsumexp(rest, axis=-1)
+        top = mx.take_along_axis(values, order, axis=-1)
+        mx.eval(ids, top, tail)
+        return token_dists_from_top(np.array(ids), np.array(top), np.array(tail), self.vocab_size)
 
     def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         ids, lengths = self._padded(batch)

@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from sway_common.adapters import read_adapter
 from sway_common.backend import limits
 from sway_common.backend.base import DifferentialBackendBase
-from sway_common.backend.scoring import completion_start, rolling_windows
+from sway_common.backend.scoring import completion_start, rolling_windows, token_dist_from_logprobs
 from sway_common.protocols import ViewConflictError
 
 KINDS = [pytest.param("mlx", marks=pytest.mark.mlx), pytest.param("hf", marks=pytest.mark.hf)]
@@ -284,6 +284,26 @@ def test_batched_equals_per_prompt(backend) -> None:
         single_lp = [view.logprob_of(p, c) for p, c in zip(PROMPTS, completions, strict=True)]
     np.testing.assert_allclose(full, single_full, atol=atol, rtol=0)
     np.testing.assert_allclose(batched_lp, single_lp, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [1, 16, 10_000])
+def test_top_k_on_the_device_equals_slicing_full_rows_on_the_host(backend, top_k: int) -> None:
+    encoded = [backend._encode(p)[0] for p in PROMPTS]
+    with backend.as_finetuned():
+        on_device = backend._last_dists(encoded, top_k)
+        rows = backend._last_logprobs(encoded)
+    assert len(on_device) == len(rows)
+    for dist, row in zip(on_device, rows, strict=True):
+        host = token_dist_from_logprobs(row, top_k)
+        assert dist.vocab_size == host.vocab_size
+        assert len(dist.token_ids) == len(host.token_ids) == min(top_k, backend.vocab_size)
+        # Ties may order differently; the values in rank order and the id sets may not.
+        np.testing.assert_allclose(dist.logprobs, host.logprobs, atol=1e-6)
+        np.testing.assert_array_equal(np.sort(dist.token_ids[:-1]), np.sort(host.token_ids[:-1]))
+        if host.tail_logprob is None:
+            assert dist.tail_logprob is None
+        else:
+            assert dist.tail_logprob == pytest.approx(host.tail_logprob, abs=1e-4)
 
 
 def test_token_logprobs_chunked_like_unchunked(backend, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,10 +154,10 @@ def test_stacked_results_are_the_one_view_cache_entries(backend, monkeypatch) ->
     backend._cache.clear()
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
 
-    def no_forward(batch):
+    def no_forward(batch, top_k):
         raise AssertionError("a stacked result was computed again")
 
-    monkeypatch.setattr(backend, "_last_logprobs", no_forward)
+    monkeypatch.setattr(backend, "_last_dists", no_forward)
     for view, dists in zip(VIEWS, stacked, strict=True):
         with backend._open(view):
             again = backend.next_token_dists(view, PROMPTS, TOP_K)
@@ -239,14 +239,14 @@ def null_rows(backend: Any, stacked: bool) -> tuple[list[list[float]], int]:
     if not stacked:
         ctx._stack_null_views = lambda *_: None  # type: ignore[method-assign]
     forwards = 0
-    plain = backend._last_logprobs
+    plain = backend._last_dists
 
-    def counting(batch):
+    def counting(batch, top_k):
         nonlocal forwards
         forwards += backend.active_view is not None
-        return plain(batch)
+        return plain(batch, top_k)
 
-    backend._last_logprobs = counting
+    backend._last_dists = counting
     try:
 
         def measure(b: Any) -> list[float]:
@@ -254,7 +254,7 @@ def null_rows(backend: Any, stacked: bool) -> tuple[list[list[float]], int]:
 
         _, rows = ctx.null_per_prompt(measure, key=divergence_key("js", TOP_K, PROMPTS))
     finally:
-        del backend._last_logprobs
+        del backend._last_dists
     return rows, forwards
 
 
@@ -290,18 +290,18 @@ class Unstacked:
 def view_forwards(backend: DifferentialBackendBase) -> Iterator[list[int]]:
     """Records the batch size of each forward run inside an open (one-view) view."""
     seen: list[int] = []
-    plain = backend._last_logprobs
+    plain = backend._last_dists
 
-    def counting(batch):
+    def counting(batch, top_k):
         if backend.active_view is not None:
             seen.append(len(batch))
-        return plain(batch)
+        return plain(batch, top_k)
 
-    backend._last_logprobs = counting  # type: ignore[method-assign]
+    backend._last_dists = counting  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        del backend._last_logprobs
+        del backend._last_dists
 
 
 def test_mean_divergence_is_stacked_and_equals_one_view(backend) -> None:

@@ -20,7 +20,6 @@ from sway_common.backend.scoring import (
     length_buckets,
     rolling_windows,
     text_hash,
-    token_dist_from_logprobs,
 )
 from sway_common.backend.views import Encoding, ViewSpec
 from sway_common.types import RollingLogprob, TokenDist
@@ -74,9 +73,8 @@ class BatchedScoring(ViewDispatch):
                 todo.append(i)
         encoded = [self._encode_nonempty(prompts[i])[0] for i in todo]
         for bucket in length_buckets([len(e) for e in encoded], self.batch_size):
-            rows = self._last_logprobs([encoded[j] for j in bucket])
-            for j, row in zip(bucket, rows, strict=True):
-                dist = token_dist_from_logprobs(row, top_k)
+            dists = self._last_dists([encoded[j] for j in bucket], top_k)
+            for j, dist in zip(bucket, dists, strict=True):
                 i = todo[j]
                 out[i] = dist
                 self._cache.put((vkey, "next", text_hash(prompts[i]), top_k), dist)

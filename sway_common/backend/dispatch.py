@@ -33,10 +33,11 @@ from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.nulls import NullFactors, check_null_args, null_factors
-from sway_common.backend.scoring import ResultCache
+from sway_common.backend.scoring import ResultCache, token_dist_from_logprobs
 from sway_common.backend.stacking import StackedView
 from sway_common.backend.views import BackendView, Encoding, Restore, ViewSpec
 from sway_common.protocols import NullMode, ViewConflictError
+from sway_common.types import TokenDist
 
 
 class ViewDispatch(ABC):
@@ -76,6 +77,15 @@ class ViewDispatch(ABC):
 
     @abstractmethod
     def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]: ...
+
+    def _last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
+        """The top-``top_k`` slices of :meth:`_last_logprobs`'s rows, with their tail mass.
+
+        Default: full rows to the host, sliced there. A backend whose logits live on a
+        GPU slices them there, so a vocabulary-wide row per prompt and view never crosses
+        to the host (nor is partitioned by numpy).
+        """
+        return [token_dist_from_logprobs(row, top_k) for row in self._last_logprobs(batch)]
 
     @abstractmethod
     def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]: ...

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.backend.batched import BatchedScoring
-from sway_common.backend.scoring import length_buckets, text_hash, token_dist_from_logprobs
+from sway_common.backend.scoring import length_buckets, text_hash
 from sway_common.backend.stacking import StackedView, first_adapted_block, stack_plan
 from sway_common.backend.views import PREFLIGHT_PROMPT, ViewSpec
 from sway_common.protocols import ViewConflictError
@@ -95,9 +95,9 @@ class StackedScoring(BatchedScoring):
                 if forward is None:
                     return None
                 for bucket in length_buckets([len(e) for e in encoded], n_prompts):
-                    rows = forward([encoded[j] for j in bucket])
+                    dists = forward([encoded[j] for j in bucket], top_k)
                     for n, (v, j) in enumerate((v, j) for v in part for j in bucket):
-                        dist = token_dist_from_logprobs(rows[n], top_k)
+                        dist = dists[n]
                         out[v][j] = dist
                         vkey = views[v].key(self.adapter_hash)
                         self._cache.put((vkey, "next", text_hash(prompts[j]), top_k), dist)
@@ -117,25 +117,26 @@ class StackedScoring(BatchedScoring):
     @contextlib.contextmanager
     def _stacked(
         self, stack: Sequence[StackedView], tile_at: str | None
-    ) -> Iterator[Callable[[list[list[int]]], NDArray[np.float32]] | None]:
+    ) -> Iterator[Callable[[list[list[int]], int], list[TokenDist]] | None]:
         """The stacked layers installed for the block; yields the forward (None: cannot).
 
-        The forward takes each prompt once and returns its rows in every view of
-        ``stack``, view-major; the real adapter is back in place on exit.
+        The forward takes each prompt once and a top-k, and returns the prompt's
+        next-token dists in every view of ``stack``, view-major; the real adapter is
+        back in place on exit.
         """
         restore = self._install_stacked(stack, tile_at)
         if restore is None:
             yield None
             return
 
-        def forward(batch: list[list[int]]) -> NDArray[np.float32]:
-            rows = self._last_logprobs(batch if tile_at else batch * len(stack))
-            if rows.shape[0] != len(stack) * len(batch):
+        def forward(batch: list[list[int]], top_k: int) -> list[TokenDist]:
+            dists = self._last_dists(batch if tile_at else batch * len(stack), top_k)
+            if len(dists) != len(stack) * len(batch):
                 raise RuntimeError(
-                    f"stacked forward gave {rows.shape[0]} rows, expected "
+                    f"stacked forward gave {len(dists)} rows, expected "
                     f"{len(stack)} views × {len(batch)} prompts"
                 )
-            return rows
+            return dists
 
         try:
             yield forward
@@ -164,12 +165,20 @@ class StackedScoring(BatchedScoring):
         with self._stacked(stack, None) as forward:
             if forward is None:
                 return None
-            plain = forward(batch)
+            plain = _dense(forward(batch, self.vocab_size))
         try:
             with self._stacked(stack, block) as forward:
-                shared = forward(batch) if forward is not None else None
+                shared = _dense(forward(batch, self.vocab_size)) if forward is not None else None
         except (RuntimeError, ValueError, TypeError, AttributeError, IndexError):
             return None
         atol = 1e-3 if getattr(self, "dtype", "float32") == "float32" else 0.25
         ok = shared is not None and np.allclose(shared, plain, rtol=0.0, atol=atol)
         return block if ok else None
+
+
+def _dense(dists: list[TokenDist]) -> NDArray[np.float32]:
+    """Whole-vocabulary dists as rows indexed by token id."""
+    rows = np.empty((len(dists), dists[0].vocab_size), dtype=np.float32)
+    for row, dist in zip(rows, dists, strict=True):
+        row[dist.token_ids] = dist.logprobs
+    return rows

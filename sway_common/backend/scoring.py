@@ -7,6 +7,7 @@ are written once.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -49,13 +50,34 @@ def token_dist_from_logprobs(row: NDArray[np.floating], top_k: int) -> TokenDist
     tail_values = row[rest].astype(np.float64)
     top = float(tail_values.max())
     mass = float(np.exp(top) * np.sum(np.exp(tail_values - top))) if np.isfinite(top) else 0.0
+    return TokenDist(ids.astype(np.int64), row[ids], vocab, _tail_state(mass))
+
+
+def token_dists_from_top(
+    ids: NDArray[np.integer],
+    logprobs: NDArray[np.floating],
+    tail_logmass: NDArray[np.floating],
+    vocab: int,
+) -> list[TokenDist]:
+    """Token dists from a top-k taken where the logits are (on the GPU): ``ids`` and
+    ``logprobs`` are ``(rows, k)``, most probable first; ``tail_logmass`` is the log of
+    each row's mass outside its slice (-inf when none). Same states as
+    :func:`token_dist_from_logprobs`, without the full rows ever leaving the device."""
+    out = []
+    for row_ids, row_lp, tail in zip(ids, logprobs, tail_logmass, strict=True):
+        state = None if len(row_ids) == vocab else _tail_state(math.exp(float(tail)))
+        out.append(TokenDist(row_ids.astype(np.int64), row_lp.astype(np.float32), vocab, state))
+    return out
+
+
+def _tail_state(mass: float) -> float | None:
+    """``TokenDist.tail_logprob`` for a leftover ``mass``: 0.0 (exactly none), None (too
+    small to report) or its log."""
     if mass == 0.0:
-        tail: float | None = 0.0
-    elif mass < TAIL_FLOOR:
-        tail = None
-    else:
-        tail = float(np.log(mass))
-    return TokenDist(ids.astype(np.int64), row[ids], vocab, tail)
+        return 0.0
+    if mass < TAIL_FLOOR:
+        return None
+    return float(math.log(mass))
 
 
 def completion_start(offsets: Sequence[tuple[int, int]], prompt_chars: int) -> int:
