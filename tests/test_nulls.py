@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from sway_common.adapters import LoraModule
+from sway_common.backend import dispatch
+from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.backend.nulls import check_null_args, module_seed, null_factors
 
 RNG = np.random.default_rng(0)
@@ -109,3 +111,25 @@ def test_meaningless_nulls_are_refused(kw: dict, word: str) -> None:
     args = {"init_scale": 0.02, "rank_scale": 1.0, "mode": "fixed", **kw}
     with pytest.raises(ValueError, match=word):
         check_null_args(**args)
+
+
+def test_a_null_is_drawn_once_per_backend_and_the_draws_kept_are_bounded(monkeypatch) -> None:
+    backend = DummyDifferentialBackend()
+    draws: list[int] = []
+    real = dispatch.null_factors
+
+    def counting(modules, seed, **kw):
+        draws.append(seed)
+        return real(modules, seed, **kw)
+
+    monkeypatch.setattr(dispatch, "null_factors", counting)
+    for _ in range(3):
+        for seed in (1, 2):
+            with backend.as_null_adapter(seed, mode="norm_matched"):
+                pass
+    assert draws == [1, 2]
+    one = dispatch._nbytes(backend._null_draws[next(iter(backend._null_draws))])
+    monkeypatch.setattr(dispatch, "NULL_DRAWS_KEPT_BYTES", one)
+    with backend.as_null_adapter(3, mode="norm_matched"):
+        pass
+    assert len(backend._null_draws) == 1 and draws == [1, 2, 3]

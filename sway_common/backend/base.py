@@ -134,6 +134,7 @@ class DifferentialBackendBase(StackedScoring):
     def close(self) -> None:
         self._cache.clear()
         self._encodings.clear()
+        self._null_draws.clear()
         self._release()
 
     def __enter__(self) -> DifferentialBackendBase:
