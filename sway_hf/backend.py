@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
-from sway_common.backend.generation import Draws, generate_texts, stop_ids
+from sway_common.backend.generation import Draws, stop_ids
 from sway_common.backend.limits import (
     context_limit,
     positions_per_step,
@@ -410,34 +410,21 @@ class HFDifferentialBackend(DifferentialBackendBase):
         return out
 
     # ---------------------------------------------------------- generation
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        # One row of the batched path, so generate and generate_batch agree exactly.
-        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
-
-    def _generate_batch(
-        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
-    ) -> list[str]:
+    def _generate_tokens(
+        self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
+    ) -> list[list[int]]:
         assert self._causal_lm is not None, "the backend was closed"
         # Without an adapter there is no PeftModel: the plain model generates.
         model = self.model if self.model is not None else self._causal_lm
         # The same EOS set mlx-lm stops at: the tokenizer's and the model config's.
         stops = stop_ids(self.tokenizer, self._causal_lm.generation_config.eos_token_id)
-
-        def loop(
-            batch: list[list[int]], n: int, temp: float, draws: Draws | None
-        ) -> list[list[int]]:
-            return generate.generate_tokens(
-                model, batch, max_new_tokens=n, temperature=temp, draws=draws, stop_ids=stops
-            )
-
-        return generate_texts(
-            self,
-            prompts,
+        return generate.generate_tokens(
+            model,
+            batch,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            seed=seed,
-            chat=chat,
-            loop=loop,
+            draws=draws,
+            stop_ids=stops,
         )
 
     # -------------------------------------------------------------- checks

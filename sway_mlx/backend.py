@@ -20,7 +20,7 @@ from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
-from sway_common.backend.generation import Draws, generate_texts
+from sway_common.backend.generation import Draws
 from sway_common.backend.limits import (
     context_limit,
     positions_per_step,
@@ -269,31 +269,18 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         return [full[i, : n - 1].astype(np.float32) for i, n in enumerate(lengths)]
 
     # ---------------------------------------------------------- generation
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        # One row of the batched path, so generate and generate_batch agree exactly.
-        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
-
-    def _generate_batch(
-        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
-    ) -> list[str]:
+    def _generate_tokens(
+        self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
+    ) -> list[list[int]]:
         # The wrapper's EOS set: the tokenizer's EOS and the model config's EOS id(s).
         stops = sorted(self._wrapper.eos_token_ids)
-
-        def loop(
-            batch: list[list[int]], n: int, temp: float, draws: Draws | None
-        ) -> list[list[int]]:
-            return generate.generate_tokens(
-                self.model, batch, max_new_tokens=n, temperature=temp, draws=draws, stop_ids=stops
-            )
-
-        return generate_texts(
-            self,
-            prompts,
+        return generate.generate_tokens(
+            self.model,
+            batch,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            seed=seed,
-            chat=chat,
-            loop=loop,
+            draws=draws,
+            stop_ids=stops,
         )
 
     # -------------------------------------------------------------- checks

@@ -8,8 +8,9 @@ A concrete backend (MLX, HF, dummy) supplies only the model-specific hooks:
 - ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
 - ``_token_logprobs(batch)``: log p of every token given the ones before it;
 - ``_mean_hidden(batch)``: final hidden states averaged over each token list;
-- ``_generate(prompt, ...)``, optionally ``_generate_batch(prompts, ...)``: text generation
-  in the current view;
+- ``_generate_tokens(batch, max_new_tokens, temperature, draws)``: new token ids per
+  row in the current view (chat template, batching and seeded draws are
+  :mod:`~sway_common.backend.generation`'s, written once);
 - ``_encode(text)`` (default: the HF tokenizer in ``self.tokenizer``), ``_release()``;
 - optionally ``_install_stacked(stack, tile_at)``: several views' rows in one batch
   (:mod:`~sway_common.backend.stacking`), used by
@@ -32,6 +33,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights
+from sway_common.backend.generation import Draws, decode_new, generate_texts
 from sway_common.backend.nulls import NullFactors, check_null_args, null_factors
 from sway_common.backend.scoring import ResultCache, token_dist_from_logprobs
 from sway_common.backend.stacking import StackedView
@@ -99,15 +101,33 @@ class ViewDispatch(ABC):
     def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]: ...
 
     @abstractmethod
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str: ...
+    def _generate_tokens(
+        self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
+    ) -> list[list[int]]:
+        """New token ids for each row of ``batch`` (stop token left off); ``draws``: one
+        uniform per row and new token (None: greedy)."""
+
+    def _decode_new(self, ids: list[int]) -> str:
+        return decode_new(self.tokenizer, ids)
 
     def _generate_batch(
         self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
     ) -> list[str]:
-        """Continuations of ``prompts`` in the current view. Default: one at a time."""
-        if chat:
-            raise NotImplementedError(f"{type(self).__name__} has no chat-template generation")
-        return [self._generate(p, max_new_tokens, temperature, seed) for p in prompts]
+        """Continuations of ``prompts`` in the current view, in length-bucketed batches."""
+        return generate_texts(
+            self,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            loop=self._generate_tokens,
+            decode=self._decode_new,
+        )
+
+    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+        # One row of the batched path, so generate and generate_batch agree exactly.
+        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
 
     def _release(self) -> None:  # noqa: B027  (optional hook, empty on purpose)
         """Drop model references. Default: nothing to do."""

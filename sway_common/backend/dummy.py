@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
 from sway_common.backend.base import DifferentialBackendBase, Encoding, Restore
-from sway_common.backend.generation import Draws, generate_texts, inverse_cdf_np
+from sway_common.backend.generation import Draws, inverse_cdf_np
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import text_hash
 
@@ -123,24 +123,9 @@ class DummyDifferentialBackend(DifferentialBackendBase):
             out.append(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].astype(np.float32))
         return out
 
-    def _generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-        return self._generate_batch([prompt], max_new_tokens, temperature, seed, False)[0]
-
-    def _generate_batch(
-        self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int, chat: bool
-    ) -> list[str]:
-        # Through the shared generation path, like the real backends. No tokenizer, so
-        # no chat template: chat=True generates from the plain text.
-        return generate_texts(
-            self,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            chat=chat,
-            loop=self._generate_tokens,
-            decode=lambda ids: "".join(chr(i + _FIRST_CHAR) for i in ids),
-        )
+    def _decode_new(self, ids: list[int]) -> str:
+        # No tokenizer (so no chat template either: chat=True generates from the plain text).
+        return "".join(chr(i + _FIRST_CHAR) for i in ids)
 
     def _generate_tokens(
         self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
