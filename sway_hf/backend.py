@@ -10,8 +10,6 @@ mlx-lm dirs through a conversion to PEFT).
 from __future__ import annotations
 
 import gc
-import json
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,95 +34,20 @@ from sway_common.backend.limits import (
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
-from sway_common.models import ModelFormatError, check_model_dir, parse_dtype, resolve_model_dir
+from sway_common.models import check_model_dir, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 from sway_hf import generate, lora
+from sway_hf.loading import (
+    check_remote_code,
+    free_memory,
+    no_bars_unless_watched,
+    pick_device,
+    pick_dtype,
+    remote_code_translated,
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto``: cuda, then mps, then cpu."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def _mps_half_works() -> bool:
-    try:
-        x = torch.ones(2, 2, dtype=torch.float16, device="mps")
-        return bool(torch.isfinite(x @ x).all())
-    except (RuntimeError, TypeError):
-        return False
-
-
-def pick_dtype(dtype: str, device: str) -> str:
-    """``auto``: bfloat16 on CUDA, float16 on MPS (float32 where it fails), float32 on CPU.
-
-    Half precision on CPU ran ~5× slower than float32 with torch here, and is less exact.
-    """
-    chosen = parse_dtype(dtype)
-    if chosen not in (None, "auto"):
-        return chosen
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bfloat16"
-    if kind == "mps":
-        return "float16" if _mps_half_works() else "float32"
-    return "float32"
-
-
-@contextmanager
-def _no_bars_unless_watched() -> Iterator[None]:
-    """No "Loading weights" bars where nobody watches (CI logs, pipes): there they are
-    noise between sway-mlx's own lines. In a terminal they stay."""
-    from transformers.utils import logging as hf_logging
-
-    if sys.stderr.isatty() or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
-
-
-def _remote_code_refused(model_dir: Path) -> ModelFormatError:
-    return ModelFormatError(
-        f"{model_dir} needs its own Python code to load (auto_map in config.json); "
-        "sway-mlx runs none unless you pass --trust-remote-code (only for a source you trust)"
-    )
-
-
-def _check_remote_code(model_dir: Path, trust_remote_code: bool) -> None:
-    """Refuse, before loading, a model only its own Python code can build.
-
-    A config with ``auto_map`` whose model type transformers knows loads with the
-    library's own code; one it does not know would need the repo's code run.
-    """
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if trust_remote_code or "auto_map" not in cfg or cfg.get("model_type") in CONFIG_MAPPING:
-        return
-    raise _remote_code_refused(model_dir)
-
-
-@contextmanager
-def _remote_code_translated(model_dir: Path) -> Iterator[None]:
-    """transformers' own refusal of a model's Python code, as one line with the fix."""
-    try:
-        yield
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise _remote_code_refused(model_dir) from None
 
 
 class HFDifferentialBackend(DifferentialBackendBase):
@@ -155,7 +78,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         super().__init__()
         self.model_dir = resolve_model_dir(model)
         check_model_dir(self.model_dir, allow_pickle=allow_pickle)
-        _check_remote_code(self.model_dir, trust_remote_code)
+        check_remote_code(self.model_dir, trust_remote_code)
         self.allow_pickle = allow_pickle
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -166,7 +89,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         if device_map is not None and device != "auto":
             raise ValueError("device_map spreads the model itself; use it with device='auto'")
         spread = device_map is not None
-        with _remote_code_translated(self.model_dir), _no_bars_unless_watched():
+        with remote_code_translated(self.model_dir), no_bars_unless_watched():
             base = AutoModelForCausalLM.from_pretrained(
                 str(self.model_dir),
                 dtype=_DTYPES[self.dtype],
@@ -189,7 +112,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self._split_head = self._check_split_head()
         self.batch_size = resolve_batch_size(
             batch_size,
-            self._free_memory(),
+            free_memory(self._input_device()),
             config.to_dict(),
             context=self.max_context,
             dtype_bytes=_DTYPES[self.dtype].itemsize,
@@ -293,15 +216,6 @@ class HFDifferentialBackend(DifferentialBackendBase):
         return lora.install_stacked(self._causal_lm, self.slots, stack, tile_at)
 
     # ------------------------------------------------------------- scoring
-    def _free_memory(self) -> int | None:
-        """Accelerator memory (CUDA, MPS) not yet taken; None on the CPU."""
-        kind = self._input_device().type
-        if kind == "cuda":
-            return int(torch.cuda.mem_get_info(self._input_device())[0])
-        if kind == "mps":
-            return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-        return None
-
     def _input_device(self) -> torch.device:
         return self._causal_lm.get_input_embeddings().weight.device
 

@@ -9,12 +9,10 @@ generation through mlx-lm.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load
 
@@ -30,14 +28,13 @@ from sway_common.backend.limits import (
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
-from sway_common.models import check_model_dir, normalize_config, parse_dtype, resolve_model_dir
+from sway_common.models import check_model_dir, normalize_config, resolve_model_dir
 from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 from sway_mlx import generate, lora
+from sway_mlx.loading import free_memory, pick_dtype, split_forward
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# What mx.device_info() calls the memory a GPU may use, most specific first.
-_MEMORY_KEYS = ("max_recommended_working_set_size", "memory_size", "total_memory")
 
 
 class MLXDifferentialBackend(DifferentialBackendBase):
@@ -75,7 +72,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             tokenizer_config={"trust_remote_code": trust_remote_code},
         )
         self.model.eval()
-        self.dtype = self._pick_dtype(dtype, config)
+        self.dtype = pick_dtype(dtype, config)
         self.model.set_dtype(_DTYPES[self.dtype])
         mx.eval(self.model.parameters())
         # The wrapper has no __call__; the HF fast tokenizer inside it gives offsets.
@@ -86,11 +83,11 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             "max_position_embeddings"
         )
         self.max_context = context_limit(advertised, max_context)
-        self._inner, self._head = self._split_forward()
+        self._inner, self._head = split_forward(self.model)
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
         self.batch_size = resolve_batch_size(
             batch_size,
-            self._free_memory(),
+            free_memory(),
             config,
             context=self.max_context,
             dtype_bytes=_DTYPES[self.dtype].size,
@@ -105,65 +102,6 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             self.set_adapter(adapter_path)
 
     # ------------------------------------------------------------- loading
-    @staticmethod
-    def _pick_dtype(dtype: str, config: dict[str, Any]) -> str:
-        """``auto``: float32 on CPU (half precision matmuls are ~40× slower there), the
-        model's own half precision on a GPU (Metal, CUDA)."""
-        chosen = parse_dtype(dtype)
-        if chosen != "auto":
-            return chosen
-        if mx.default_device().type != mx.DeviceType.gpu:
-            return "float32"
-        own = str(config.get("torch_dtype") or config.get("dtype") or "")
-        return own if own in ("float16", "bfloat16") else "bfloat16"
-
-    @staticmethod
-    def _free_memory() -> int | None:
-        """GPU memory (Metal, CUDA) not yet taken by this process; None on the CPU."""
-        if mx.default_device().type != mx.DeviceType.gpu:
-            return None
-        info = mx.device_info()
-        total = next((info.get(k) for k in _MEMORY_KEYS if info.get(k)), None)
-        return max(0, int(total) - int(mx.get_active_memory())) if total else None
-
-    def _split_forward(
-        self,
-    ) -> tuple[Callable[[mx.array], mx.array], Callable[[mx.array], mx.array]]:
-        """(trunk, head) so the LM head runs only at the positions a caller needs.
-
-        Works for mlx-lm models shaped ``Model.model`` + ``lm_head`` or tied embeddings.
-        A short forward checks the split against the full model; architectures that do
-        more after the trunk (logit soft-capping, scaling) fall back to full logits.
-        """
-        model = self.model
-
-        def head(h: mx.array) -> mx.array:
-            # Looked up per call: an adapter may wrap lm_head after this was built.
-            if "lm_head" in model:
-                return model.lm_head(h)
-            return model.model.embed_tokens.as_linear(h)
-
-        def full(ids: mx.array) -> mx.array:
-            return model(ids)
-
-        inner = model.get("model") if isinstance(model, nn.Module) else None
-        has_head = "lm_head" in model or (
-            inner is not None and hasattr(inner.get("embed_tokens"), "as_linear")
-        )
-        if inner is None or not has_head:
-            return full, lambda logits: logits
-        probe = mx.array([[1, 2, 3, 4]])
-        try:
-            split, reference = head(inner(probe)), model(probe)
-            same = split.shape == reference.shape and bool(
-                mx.allclose(split, reference, rtol=1e-4, atol=1e-4)
-            )
-        except (TypeError, AttributeError, ValueError, IndexError):
-            same = False
-        if not same:
-            return full, lambda logits: logits
-        return (lambda ids: model.model(ids)), head
-
     def set_adapter(self, adapter_path: str | Path) -> None:
         """Swap in another adapter of the same base model without reloading the base.
 

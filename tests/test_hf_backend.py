@@ -19,7 +19,8 @@ pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sway_hf import lora  # noqa: E402
-from sway_hf.backend import HFDifferentialBackend, pick_dtype  # noqa: E402
+from sway_hf.backend import HFDifferentialBackend  # noqa: E402
+from sway_hf.loading import pick_dtype  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
