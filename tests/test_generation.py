@@ -215,6 +215,17 @@ def test_dummy_generates_batches_and_ignores_chat() -> None:
     assert all(len(t) == 6 for t in batched)
 
 
+def test_a_backend_without_the_token_loop_is_refused_by_name() -> None:
+    # Every hook but _generate_tokens: refused when built, not on its first generate call.
+    hooks = {
+        name: getattr(DummyDifferentialBackend, name)
+        for name in DifferentialBackendBase.__abstractmethods__ - {"_generate_tokens"}
+    }
+    no_loop = type("NoLoop", (DifferentialBackendBase,), hooks)
+    with pytest.raises(TypeError, match="_generate_tokens"):
+        no_loop()
+
+
 # --------------------------------------------------- SmolLM2, across backends
 SMOL_PROMPTS = [
     "The capital of France is",
