@@ -29,8 +29,8 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import Comparison, compare
-from .paraphrase_invariance import _case_problems
+from .cases import paraphrase_case_problems
+from .likelihood import Comparison, compare, compared_result
 from .similarity import Similarity, answer_span, row_cosines
 from .stylometry import degenerate
 
@@ -80,10 +80,7 @@ class AdapterRevertProbe(Probe):
 
     def check(self, cfg: AdapterRevertConfig) -> list[str]:
         problems = super().check(cfg)
-        if not cfg.cases:
-            problems.append("cases: needs at least one {prompt, gold, paraphrases}")
-        for i, case in enumerate(cfg.cases):
-            problems.extend(_case_problems(i, case))
+        problems.extend(paraphrase_case_problems(cfg.cases))
         if cfg.max_new_tokens < 1:
             problems.append("max_new_tokens: must be >= 1")
         if not -1 <= cfg.base_gold_similarity_cap <= 1:
@@ -165,14 +162,13 @@ class AdapterRevertProbe(Probe):
             "null_meaning": "the same paraphrases answered under K random adapters of the "
             "adapter's size: their mean margin sim(answer, gold) - sim(answer, base answer)",
         }
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=1.0 if verdict is Verdict.PASS else 0.5 * max(0.0, 1.0 - rate),
             raw=rate,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=msg,
             evidence=evidence,
         )

@@ -45,7 +45,7 @@ from sway_common.stats import null_stats
 from sway_common.types import NullStats, ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import Comparison, compare
+from .likelihood import Comparison, compare, compared_result
 from .packs import is_named_file, read_text, spread
 from .perturb import PERTURBATIONS, perturb
 from .recitation import Window, degenerate_reason, fragility, recall, windows
@@ -225,14 +225,13 @@ class LeakageProbe(Probe):
             cmp.text = "no null adapters drawn: no robust recital to attribute"
         verdict, message = judge(cfg, gens, frag, cmp)
         score = {Verdict.PASS: 1.0, Verdict.WARN: 0.5}.get(verdict, 0.0)
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=score,
             raw=gens.recall,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=message,
             evidence=_evidence(cfg, found, gens, frag),
         )

@@ -133,6 +133,13 @@ def compare(raw: float, null: NullStats | None, unit: str) -> Comparison:
     return Comparison(z, p, null, text)
 
 
+def compared_result(
+    probe: Probe, cfg: ProbeConfig, verdict: Verdict, cmp: Comparison, **kw: Any
+) -> ProbeResult:
+    """``probe.result`` carrying ``cmp``'s z, p and null draws, so the three always agree."""
+    return probe.result(cfg, verdict, z=cmp.z, p_value=cmp.p, null=cmp.null, **kw)
+
+
 def regression_verdict(
     problems: list[str], kept: str, inert: str | None, cmp: Comparison, z_min: float
 ) -> tuple[Verdict, str, float]:
@@ -193,14 +200,6 @@ def judge_regression(
     verdict, message, score = regression_verdict(
         reg.problems, reg.kept, inert, cmp, cfg.assert_z_gte
     )
-    return probe.result(
-        cfg,
-        verdict,
-        score=score,
-        raw=reg.raw,
-        z=cmp.z,
-        p_value=cmp.p,
-        null=null,
-        message=message,
-        evidence=evidence,
+    return compared_result(
+        probe, cfg, verdict, cmp, score=score, raw=reg.raw, message=message, evidence=evidence
     )

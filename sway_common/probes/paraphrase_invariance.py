@@ -20,7 +20,8 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import compare, completion_tokens, logprob_delta, null_values
+from .cases import paraphrase_case_problems
+from .likelihood import compare, compared_result, completion_tokens, logprob_delta, null_values
 
 
 @dataclass
@@ -46,23 +47,6 @@ def _pairs(cases: list[dict[str, Any]]) -> tuple[list[str], list[str], list[int]
     return prompts, golds, owner
 
 
-def _case_problems(i: int, case: Any) -> list[str]:
-    if not isinstance(case, dict):
-        return [f"cases[{i}]: expected a mapping with prompt, gold, paraphrases"]
-    problems = [
-        f"cases[{i}].{k}: required string"
-        for k in ("prompt", "gold")
-        if not isinstance(case.get(k), str)
-    ]
-    paras = case.get("paraphrases")
-    if not isinstance(paras, list) or not paras or not all(isinstance(p, str) for p in paras):
-        problems.append(f"cases[{i}].paraphrases: needs a non-empty list of strings")
-    extra = sorted(set(case) - {"prompt", "gold", "paraphrases"})
-    if extra:
-        problems.append(f"cases[{i}]: unknown field(s) {', '.join(extra)}")
-    return problems
-
-
 @register
 class ParaphraseInvarianceProbe(Probe):
     kind = "paraphrase_invariance"
@@ -71,10 +55,7 @@ class ParaphraseInvarianceProbe(Probe):
 
     def check(self, cfg: ParaphraseInvarianceConfig) -> list[str]:
         problems = super().check(cfg)
-        if not cfg.cases:
-            problems.append("cases: needs at least one {prompt, gold, paraphrases}")
-        for i, case in enumerate(cfg.cases):
-            problems.extend(_case_problems(i, case))
+        problems.extend(paraphrase_case_problems(cfg.cases))
         return problems
 
     def run(self, cfg: ParaphraseInvarianceConfig, ctx: RunContext) -> ProbeResult:
@@ -94,14 +75,13 @@ class ParaphraseInvarianceProbe(Probe):
         null = null_values(ctx, self.kind, measure, prompts[:n], golds[:n], tokens[:n].tolist())
         cmp = compare(verbatim, null, " nats/token")
         verdict, msg = self._judge(cfg, verbatim, paraphrase, ratio, cmp)
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=1.0 if verdict is Verdict.PASS else 0.0,
             raw=ratio,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=msg,
             evidence={
                 "intent": cfg.intent,

@@ -21,7 +21,7 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import compare, logprob_delta, null_values
+from .likelihood import compare, compared_result, logprob_delta, null_values
 
 TRIPLE_KEYS = ("prompt", "chosen", "rejected")
 WILSON_Z = 1.959964
@@ -128,14 +128,13 @@ class PreferenceFlipProbe(Probe):
             1.0 if verdict is Verdict.PASS else 0.5 * min(1.0, flip_rate / cfg.assert_flip_rate_gte)
         )
         evidence.update(flip_rate=flip_rate)
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=score,
             raw=flip_rate,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=msg,
             evidence=evidence,
         )

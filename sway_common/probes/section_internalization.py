@@ -19,7 +19,7 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import compare, null_values, per_token, rolling_gain
+from .likelihood import compare, compared_result, null_values, per_token, rolling_gain
 from .packs import BUILTIN, chunks, is_named_file, load_corpus, read_text, sections, spread
 
 SECTION_KIND = "prose"
@@ -110,14 +110,13 @@ class SectionInternalizationProbe(Probe):
             f"over held-out prose (leak {leak:+.3g}; mean section gain over leak {mean_specific:+.3g})"
         )
         verdict, msg = self._judge(cfg, frac, head, cmp)
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=1.0 if verdict is Verdict.PASS else frac * 0.5,
             raw=frac,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=msg,
             evidence=self._evidence(found, specific, passing, leak),
         )

@@ -32,7 +32,7 @@ from sway_common.types import ProbeResult, Verdict
 
 from . import stylometry as st
 from .base import DEFAULT_PROMPTS, Probe, ProbeConfig, RunContext, register
-from .likelihood import Comparison, compare
+from .likelihood import Comparison, compare, compared_result
 from .packs import is_named_file, read_text
 
 MIN_DOC_GAP = 1.0
@@ -157,14 +157,13 @@ class StyleFingerprintProbe(Probe):
             "degenerate_ft_samples": bad,
         }
         score = float(np.clip(shift / cfg.assert_shift_gte, 0.0, 1.0))
-        return self.result(
+        return compared_result(
+            self,
             cfg,
             verdict,
+            cmp,
             score=score if verdict is Verdict.PASS else 0.5 * score,
             raw=shift,
-            z=cmp.z,
-            p_value=cmp.p,
-            null=null,
             message=msg,
             evidence=evidence,
         )
