@@ -80,6 +80,9 @@ def test_sigint_leaves_complete_reports_that_say_interrupted(
         "--junit",
         str(out / "r.xml"),
         env={"SWAY_MLX_NULL_CACHE": str(nulls)},
+        # A shell starts a background job with SIGINT ignored, and Python then installs
+        # no Ctrl-C handler: run as from a terminal even when the tests run in the background.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The first null measurement on disk means the suite is running: interrupt it there.
     deadline = time.monotonic() + 180
