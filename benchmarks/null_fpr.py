@@ -38,11 +38,11 @@ from sway_common.adapters import read_adapter, write_mlx_adapter, write_peft_ada
 from sway_common.adapters.controls import random_like, shrink_b
 from sway_common.adapters.weights import AdapterWeights
 from sway_common.app.demo import (
-    TRAIN_SETTINGS,
     DemoAdapter,
     demo_document,
     demo_prompts,
     ensure_adapter,
+    train_settings,
 )
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.divergence import divergence
@@ -285,7 +285,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
         "summary": summarise(records),
         "records": records,
-        "train_settings": TRAIN_SETTINGS,
+        "train_settings": train_settings(kind),
     }
     for cell, groups in out["summary"].items():
         shown = "  ".join(f"{g} {v[0]}/{v[1]}" for g, v in sorted(groups.items()))
