@@ -1,10 +1,12 @@
 """Null statistics kept across runs, keyed by everything that decides them.
 
 A calibrated probe measures its metric under K seeded null adapters; for the same model
-weights, adapter weights, prompts, seeds, mode, scales, dtype, backend and sway version,
-the numbers come out the same, so a second run reads them instead of running K more
-forwards per prompt. Keys are content, never paths alone: the model is identified by
-its config and its weight files' names, sizes and modification times, the adapter by the
+weights, adapter weights, prompts, seeds, mode, scales, dtype, backend, framework versions
+and sway version, the numbers come out the same, so a second run reads them instead of
+running K more forwards per prompt. The backend keeps one more result here: whether its
+stacked views may share the blocks below the first adapted one (a check of the model, not
+of any prompt). Keys are content, never paths alone: the model is identified by its
+config and its weight files' names, sizes and modification times, the adapter by the
 hash of its tensors. Each entry is one small JSON file written atomically, so two runs
 sharing the cache at once leave it valid (the last writer wins with identical content).
 """
@@ -60,6 +62,7 @@ class NullCache:
             "version": __version__,
             "recipe": NULL_RECIPE,
             "backend": info.get("backend"),
+            "frameworks": info.get("frameworks"),
             "dtype": str(info.get("dtype")),
             "device": str(info.get("device")),
             "model": self._model(model_dir),

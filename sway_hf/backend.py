@@ -2,9 +2,9 @@
 
 Views, caching, bucketing, windows and preflight live in
 :class:`sway_common.backend.DifferentialBackendBase`; this module supplies the torch
-hooks: left-padded batched forwards with the LM head applied only where it is needed,
-chunked per-token scoring, seeded generation, and adapter loading (PEFT dirs directly,
-mlx-lm dirs through a conversion to PEFT).
+hooks: right-padded batched forwards (no attention mask) with the LM head applied only
+where it is needed, chunked per-token scoring, seeded generation, and adapter loading
+(PEFT dirs directly, mlx-lm dirs through a conversion to PEFT).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class HFDifferentialBackend(DifferentialBackendBase):
     ``device="auto"``. ``batch_size="auto"``: 8 rows on the CPU, sized from the free
     GPU memory on CUDA/MPS (``limits.resolve_batch_size``).
     """
+
+    frameworks = ("torch", "transformers", "peft")
 
     def __init__(
         self,
@@ -219,39 +221,30 @@ class HFDifferentialBackend(DifferentialBackendBase):
     def _input_device(self) -> torch.device:
         return self._causal_lm.get_input_embeddings().weight.device
 
-    def _padded(self, batch: list[list[int]], *, left: bool) -> tuple[torch.Tensor, ...]:
-        """ids, attention mask and position ids of a padded batch.
+    def _padded(self, batch: list[list[int]]) -> tuple[torch.Tensor, np.ndarray]:
+        """Right-padded ids on the device, and the row lengths.
 
-        Positions count real tokens only, so a left-padded row sees the same rotary
-        positions as it would alone.
+        Under the causal mask a real token never attends to a later position, so the
+        pads after it cannot change its output and no attention mask is passed: the
+        model keeps its fused causal attention (with a padding mask, SDPA falls back to
+        a slower kernel and transformers builds a (rows, 1, T, T) mask first). Each row
+        is read at its own last real index, as on the MLX backend.
         """
-        width = max(len(row) for row in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        lengths = np.array([len(row) for row in batch], dtype=np.int64)
+        ids = np.zeros((len(batch), int(lengths.max())), dtype=np.int64)
         for i, row in enumerate(batch):
-            cols = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, cols] = torch.tensor(row, dtype=torch.long)
-            mask[i, cols] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = self._input_device()
-        return ids.to(device), mask.to(device), positions.to(device)
+            ids[i, : len(row)] = row
+        return torch.from_numpy(ids).to(self._input_device()), lengths
 
-    def _hidden(self, batch: list[list[int]], *, left: bool) -> tuple[torch.Tensor, ...]:
-        """What the LM head still has to be applied to, with the padded ids and mask.
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the LM head still has to be applied to.
 
         Normally the decoder body's final hidden states; for an architecture whose
         causal-LM forward does more than ``lm_head`` after the body, already the logits.
         """
-        ids, mask, positions = self._padded(batch, left=left)
-        kw = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "use_cache": False,
-        }
         if self._split_head:
-            return self._causal_lm.get_decoder()(**kw).last_hidden_state, ids, mask
-        return self._causal_lm(**kw).logits, ids, mask
+            return self._causal_lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        return self._causal_lm(input_ids=ids, use_cache=False).logits
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         # Looked up per call: a new adapter may wrap lm_head.
@@ -282,9 +275,13 @@ class HFDifferentialBackend(DifferentialBackendBase):
         )
 
     def _device_last_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
-        # Left padding puts every prompt's last token in the last column.
-        hidden, _, _ = self._hidden(batch, left=True)
-        return torch.log_softmax(self._logits(hidden[:, -1, :]), dim=-1)
+        ids, lengths = self._padded(batch)
+        hidden = self._hidden(ids)
+        # Stacked views with a shared prefix give each prompt's row once per view.
+        last = np.tile(lengths, hidden.shape[0] // len(batch)) - 1
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        picked = hidden[rows, torch.from_numpy(last).to(hidden.device)]
+        return torch.log_softmax(self._logits(picked), dim=-1)
 
     @torch.inference_mode()
     def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
@@ -301,27 +298,25 @@ class HFDifferentialBackend(DifferentialBackendBase):
 
     @torch.inference_mode()
     def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
-        hidden, ids, mask = self._hidden(batch, left=False)
-        # Position t of row i predicts token t + 1; keep the positions that have one.
-        keep = mask[:, 1:].bool()
-        states = hidden[:, :-1][keep]
-        targets = ids[:, 1:][keep].to(states.device)
+        ids, lengths = self._padded(batch)
+        # Position t of row i predicts token t + 1: the flat indices of the positions that
+        # have one, made on the host so the forward is never waited on until the end.
+        width = ids.shape[1]
+        keep = np.concatenate([i * width + np.arange(n - 1) for i, n in enumerate(lengths)])
+        keep_at = torch.from_numpy(keep).to(ids.device)
+        hidden = self._hidden(ids)
+        states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_at)
+        targets = ids.reshape(-1).index_select(0, keep_at + 1)
         # Chunk positions so the float32 (positions × vocab) logits of a long text never
-        # exist at once.
+        # exist at once; the small per-position results stay on the device until the end.
         step = positions_per_step(1, self.vocab_size)
         pieces = []
         for start in range(0, states.shape[0], step):
             logits = self._logits(states[start : start + step])
             picked = logits.gather(-1, targets[start : start + step, None].to(logits.device))
-            pieces.append((picked[:, 0] - torch.logsumexp(logits, dim=-1)).cpu())
-        flat = torch.cat(pieces).numpy() if pieces else np.zeros(0, np.float32)
-        out: list[np.ndarray] = []
-        offset = 0
-        for row in batch:
-            n = max(0, len(row) - 1)
-            out.append(flat[offset : offset + n].astype(np.float32))
-            offset += n
-        return out
+            pieces.append(picked[:, 0] - torch.logsumexp(logits, dim=-1))
+        flat = torch.cat(pieces).cpu().numpy() if pieces else np.zeros(0, np.float32)
+        return np.split(flat.astype(np.float32), np.cumsum(lengths - 1)[:-1])
 
     # ---------------------------------------------------------- generation
     def _generate_tokens(
@@ -362,10 +357,14 @@ class HFDifferentialBackend(DifferentialBackendBase):
 
     @torch.inference_mode()
     def _mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
-        ids, mask, positions = self._padded(batch, left=False)
-        # The decoder body's own output, whatever the LM head does after it.
-        hidden = self._causal_lm.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state.float()
-        weights = mask[..., None].to(hidden.dtype)
-        return ((hidden * weights).sum(dim=1) / weights.sum(dim=1)).cpu().numpy()
+        # The decoder body's own output, whatever the LM head does after it; the mean
+        # skips the pads, which the causal mask keeps from the real positions.
+        ids, lengths = self._padded(batch)
+        hidden = self._causal_lm.get_decoder()(input_ids=ids, use_cache=False)
+        states = hidden.last_hidden_state.float()
+        real = (
+            torch.arange(ids.shape[1], device=ids.device)[None, :]
+            < torch.from_numpy(lengths).to(ids.device)[:, None]
+        )
+        summed = (states * real[..., None]).sum(dim=1)
+        return (summed / real.sum(dim=1, keepdim=True)).cpu().numpy()

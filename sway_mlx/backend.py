@@ -47,6 +47,8 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     sized from the free GPU memory on Metal/CUDA (``limits.resolve_batch_size``).
     """
 
+    frameworks = ("mlx", "mlx-lm")
+
     def __init__(
         self,
         model: str | Path,

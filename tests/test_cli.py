@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from sway_common.app.cli import app
+from sway_common.backend.multiview import StackedScoring
 from sway_common.report import load_json
 
 SPEC = """
@@ -184,6 +185,14 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
         return real_put(self, key, value)
 
     monkeypatch.setattr(NullCache, "put", counting)
+    checks = []  # the shared-block check of the model is kept with the nulls
+    real_check = StackedScoring._check_shared_block
+
+    def counting_check(self):
+        checks.append(1)
+        return real_check(self)
+
+    monkeypatch.setattr(StackedScoring, "_check_shared_block", counting_check)
     args = [
         "eval",
         "--model",
@@ -195,15 +204,18 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
         "--backend",
         "hf",
     ]
-    outs = []
+    outs, runs_checks = [], []
     for extra in ([], [], ["--no-cache"]):
         computed.clear()
+        checks.clear()
         result = CliRunner().invoke(
             app, [*args, *extra, "--json", str(tmp_path / f"r{len(outs)}.json")]
         )
         assert result.exit_code in (0, 1), result.output
         outs.append((len(computed), load_json(tmp_path / f"r{len(outs)}.json")))
+        runs_checks.append(len(checks))
     (first, a), (second, b), (bypassed, c) = outs
+    assert runs_checks == [1, 0, 1]
     # Every null measurement of the second run comes from disk; --no-cache keeps no cache at all.
     assert first > 0 and second == 0 and bypassed == 0
     for p, q, r in zip(a.probes, b.probes, c.probes, strict=True):

@@ -24,6 +24,7 @@ from sway_common.backend import limits
 from sway_common.backend.base import DifferentialBackendBase, ViewSpec
 from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.backend.stacking import first_adapted_block, stack_plan
+from sway_common.null_cache import NullCache
 from sway_common.probes.adapter_ablation import AdapterAblationConfig, AdapterAblationProbe
 from sway_common.probes.base import NullCalibration, RunContext, divergence_key, mean_divergence
 from sway_common.protocols import ViewConflictError
@@ -216,6 +217,33 @@ def test_a_wrong_shared_block_is_caught_and_not_used(backend, monkeypatch) -> No
     monkeypatch.undo()
     backend._shared_blocks.clear()
     assert_same(stacked, one_view(backend, VIEWS, PROMPTS))
+
+
+def test_shared_block_outcome_kept_across_runs(backend, tmp_path: Path, monkeypatch) -> None:
+    info = backend.info
+    backend.check_store = NullCache(tmp_path)
+    try:
+        backend._shared_blocks.clear()
+        checked = backend._shared_block()  # the first run checks, and keeps the outcome
+        assert checked == "model.layers.0"
+        assert len(list(tmp_path.rglob("*.json"))) == 1
+
+        def no_check(self: object) -> None:
+            raise AssertionError("checked again although the outcome was kept")
+
+        monkeypatch.setattr(type(backend), "_check_shared_block", no_check)
+        backend._shared_blocks.clear()  # a new process, as far as the backend knows
+        assert backend._shared_block() == checked
+        # Another framework version may run other model code: checked afresh.
+        monkeypatch.undo()
+        backend.info = {**backend.info, "frameworks": {"mlx": "0.0.0"}}
+        backend._shared_blocks.clear()
+        assert backend._shared_block() == checked
+        assert len(list(tmp_path.rglob("*.json"))) == 2
+    finally:
+        backend.check_store = None
+        backend.info = info
+        backend._shared_blocks.clear()
 
 
 # ---------------------------------------------------------------------- DoRA

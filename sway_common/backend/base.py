@@ -18,6 +18,7 @@ means. It is built in layers, one job each:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,17 @@ __all__ = [
 ]
 
 
+def framework_versions(dists: Sequence[str]) -> dict[str, str | None]:
+    """Installed versions of the packages a backend computes with (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
 def describe(
     backend: DifferentialBackendBase,
     name: str,
@@ -60,6 +72,7 @@ def describe(
     ranks = sorted({s.rank for s in slots})
     return {
         "backend": name,
+        "frameworks": framework_versions(backend.frameworks),
         "model": model,
         "model_dir": str(getattr(backend, "model_dir", "")),
         "adapter": str(getattr(backend, "adapter_path", "")),

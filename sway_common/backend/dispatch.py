@@ -36,7 +36,7 @@ from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.generation import Draws, decode_new, generate_texts
 from sway_common.backend.nulls import NullFactors, check_null_args, null_factors
 from sway_common.backend.scoring import ResultCache, token_dist_from_logprobs
-from sway_common.backend.stacking import StackedView
+from sway_common.backend.stacking import KeptResults, StackedView
 from sway_common.backend.views import BackendView, Encoding, Restore, ViewSpec
 from sway_common.protocols import NullMode, ViewConflictError
 from sway_common.types import TokenDist
@@ -61,6 +61,8 @@ class ViewDispatch(ABC):
     """The loaded adapter in canonical form: what a null copies the structure of. None
     when the backend was built without one (``adapter_path=None``): only the base view."""
     info: dict[str, Any]
+    frameworks: tuple[str, ...] = ()
+    """The packages whose versions decide this backend's numbers (reported in ``info``)."""
 
     def __init__(self) -> None:
         self._active: ViewSpec | None = None
@@ -68,6 +70,9 @@ class ViewDispatch(ABC):
         # Per adapter hash: the block from which stacked views' rows differ, when
         # sharing the blocks below it checked out on this model (None: it did not).
         self._shared_blocks: dict[str, str | None] = {}
+        # Where that check's outcome is kept across runs (the runner hands it the null
+        # cache); None: checked once per process.
+        self.check_store: KeptResults | None = None
         self._encodings: OrderedDict[str, Encoding] = OrderedDict()
         self._null_draws: OrderedDict[tuple[Any, ...], dict[str, NullFactors]] = OrderedDict()
         self.info = {}

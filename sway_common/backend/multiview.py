@@ -22,6 +22,9 @@ from sway_common.backend.views import PREFLIGHT_PROMPT, ViewSpec
 from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 
+# Bumped when the shared-block check changes, so outcomes of the old check are not read.
+SHARED_CHECK_VERSION = 1
+
 
 class StackedScoring(BatchedScoring):
     """:meth:`next_token_dist_views` and the stacked forward it runs on."""
@@ -146,8 +149,24 @@ class StackedScoring(BatchedScoring):
     def _shared_block(self) -> str | None:
         """The block below which stacked views share their rows, checked once per adapter."""
         if self.adapter_hash not in self._shared_blocks:
-            self._shared_blocks[self.adapter_hash] = self._check_shared_block()
+            self._shared_blocks[self.adapter_hash] = self._kept_shared_block()
         return self._shared_blocks[self.adapter_hash]
+
+    def _kept_shared_block(self) -> str | None:
+        """:meth:`_check_shared_block`'s outcome, read from ``check_store`` when an earlier
+        run checked the same model, adapter, dtype and framework versions: its two
+        forwards were a quarter of a warm run's probe phase on a CPU."""
+        store = self.check_store
+        check = {"check": "shared_block"}
+        key = store.key(self.info, check, [SHARED_CHECK_VERSION]) if store is not None else None
+        if store is None or key is None:
+            return self._check_shared_block()
+        kept = store.get(key)
+        if isinstance(kept, dict) and "block" in kept:
+            return kept["block"]
+        block = self._check_shared_block()
+        store.put(key, {"block": block})
+        return block
 
     def _check_shared_block(self) -> str | None:
         """The first adapted block, if repeating rows there gives what unshared rows give.

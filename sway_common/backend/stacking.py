@@ -19,8 +19,9 @@ rows one step may hold. The backends' ``lora.py`` install the layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sway_common.backend import limits
 from sway_common.backend.nulls import NullFactors
@@ -73,3 +74,15 @@ def stack_plan(
     rows = max(1, min(rows, limits.LOGIT_BUDGET // max(1, int(vocab_size))))
     views = max(1, min(int(n_views), rows))
     return views, max(1, rows // views)
+
+
+class KeptResults(Protocol):
+    """Results kept across runs under content keys (:class:`sway_common.null_cache.NullCache`)."""
+
+    def key(
+        self, info: dict[str, Any], draw: dict[str, Any], measurement: Sequence[Any]
+    ) -> str | None: ...
+
+    def get(self, key: str) -> Any | None: ...
+
+    def put(self, key: str, value: Any) -> None: ...
