@@ -3,8 +3,9 @@
 Same functions, same signatures as ``sway_hf/lora.py``; which one runs for which view
 is decided once, in :meth:`sway_common.backend.base.DifferentialBackendBase._activate`.
 
-Each targeted ``nn.Linear`` is wrapped once with mlx-lm's ``LoRALinear`` (or
-``DoRALinear``) and recorded in a :class:`LoraSlot` together with the trained arrays.
+Each targeted ``nn.Linear`` is wrapped once with a :class:`ViewLoRALinear` (mlx-lm's
+``LoRALinear`` sum in fewer kernels; DoRA: mlx-lm's ``DoRALinear``) and recorded in a
+:class:`LoraSlot` together with the trained arrays.
 The resting state of the model is the fine-tuned one (LoRA layers, trained arrays).
 Each ``install_*`` function changes it in place and returns the function that undoes
 it; if it raises, the model is left in the fine-tuned state. MLX arrays are immutable
@@ -50,8 +51,9 @@ class LoraSlot:
     a: mx.array
     b: mx.array
     scale: mx.array
-    """0-d float32 array, not a Python float: an ``mx.compile``'d forward then reads the
-    current value instead of a constant baked in at trace time."""
+    """0-d float32 array: scaled views multiply it without leaving MLX."""
+    folded: tuple[mx.array, mx.array] | None
+    """LoRA only: the trained factors as :class:`ViewLoRALinear` computes with them."""
     magnitude: mx.array | None
     """DoRA's trained per-row magnitude; ``None`` for plain LoRA."""
     init_magnitude: mx.array | None
@@ -137,7 +139,7 @@ def _fitting_base(model: nn.Module, path: str, module: LoraModule) -> tuple[Any,
     except KeyError:
         raise ValueError(missing_module(path)) from None
     # A layer wrapped for the adapter being replaced is checked by the Linear inside it.
-    inner = base.linear if isinstance(base, LoRALinear | DoRALinear) else base
+    inner = base.linear if isinstance(base, LoRALinear | DoRALinear | ViewLoRALinear) else base
     if not isinstance(inner, _WRAPPABLE):
         raise ValueError(
             f"adapter targets {path!r}, a {type(base).__name__}; only Linear layers are supported"
@@ -157,16 +159,16 @@ def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
         raise ValueError(f"adapter targets {path!r}, which already carries a LoRA layer")
     a = mx.array(module.a, dtype=mx.float32).T  # (r, in) -> (in, r)
     b = mx.array(module.b, dtype=mx.float32).T  # (out, r) -> (r, out)
-    cls = DoRALinear if module.magnitude is not None else LoRALinear
-    layer = cls.from_base(base, r=module.rank, dropout=0.0, scale=float(module.scale))
-    if tuple(layer.lora_a.shape) != tuple(a.shape) or tuple(layer.lora_b.shape) != tuple(b.shape):
-        weight = (int(layer.lora_b.shape[1]), int(layer.lora_a.shape[0]))
-        raise ValueError(misfit(path, module.a.shape, module.b.shape, weight) or path)
-    magnitude = None
-    init_magnitude = None
+    scale = mx.array(float(module.scale), dtype=mx.float32)
+    magnitude = init_magnitude = folded = None
     if module.magnitude is not None:
+        layer: nn.Module = DoRALinear.from_base(base, r=module.rank, dropout=0.0)
         magnitude = mx.array(module.magnitude, dtype=mx.float32).reshape(-1)
         init_magnitude = layer.m
+    else:
+        layer = ViewLoRALinear(base)
+        folded = fold(base, a, b, scale)
+        mx.eval(folded)
     slot = LoraSlot(
         path=path,
         parent=parent,
@@ -175,30 +177,70 @@ def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
         layer=layer,
         a=a,
         b=b,
-        scale=mx.array(float(module.scale), dtype=mx.float32),
+        scale=scale,
+        folded=folded,
         magnitude=magnitude,
         init_magnitude=init_magnitude,
     )
-    _fill(slot, a, b, slot.scale, magnitude)
+    _fill(slot, a, b, scale, magnitude, folded)
     _put(parent, key, layer)
     return slot
 
 
 # ---------------------------------------------------------------------- views
+class ViewLoRALinear(nn.Module):
+    """mlx-lm's ``LoRALinear`` sum, ``linear(x) + scale·(x A) B``, in three kernels.
+
+    mlx-lm adds its float32 factors' product through separate scale, cast and add
+    passes over the output. On MLX-CUDA each pass is a kernel launch, and a rank-8
+    adapter on q and v doubled SmolLM2's forward. Here the factors are folded once per
+    view (:func:`fold`) and ``addmm`` adds their product to the base output in one
+    kernel. ``lora_a``, ``lora_b`` and ``scale`` keep the float32 arrays the view set.
+    """
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def fill(self, a: mx.array, b: mx.array, scale: mx.array, folded: tuple[mx.array, ...]) -> None:
+        self.lora_a, self.lora_b, self.scale = a, b, scale
+        self.down, self.up = folded
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.addmm(self.linear(x), x @ self.down, self.up)
+
+
+def fold(linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array) -> tuple[mx.array, ...]:
+    """``(A, scale·B)`` in the dtype ``linear`` computes in.
+
+    In bfloat16 the factors' own rounding stays below the rounding of the output they
+    are added to, so nothing measurable is lost against float32 factors.
+    """
+    dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
+    return a.astype(dtype), (scale * b).astype(dtype)
+
+
 def _fill(
-    slot: LoraSlot, a: mx.array, b: mx.array, scale: mx.array, magnitude: mx.array | None
+    slot: LoraSlot,
+    a: mx.array,
+    b: mx.array,
+    scale: mx.array,
+    magnitude: mx.array | None,
+    folded: tuple[mx.array, ...] | None = None,
 ) -> None:
+    if not slot.dora:
+        slot.layer.fill(a, b, scale, folded or fold(slot.base, a, b, scale))
+        return
     slot.layer.lora_a = a
     slot.layer.lora_b = b
     slot.layer.scale = scale
-    if slot.dora:
-        slot.layer.m = magnitude
+    slot.layer.m = magnitude
 
 
 def _install_real(slots: Sequence[LoraSlot]) -> None:
     """The resting, fine-tuned state: LoRA layers in place, holding the trained arrays."""
     for slot in slots:
-        _fill(slot, slot.a, slot.b, slot.scale, slot.magnitude)
+        _fill(slot, slot.a, slot.b, slot.scale, slot.magnitude, slot.folded)
         _put(slot.parent, slot.key, slot.layer)
 
 
@@ -265,26 +307,23 @@ def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) 
 class StackedLoRALinear(nn.Module):
     """A linear layer whose row groups run with different LoRA factors, one per view.
 
-    ``lora_a`` is ``(V, in, r)``, ``lora_b`` ``(V, r, out)`` and ``scale`` ``(V, 1, 1)``.
-    Rows are view-major (see :mod:`sway_common.backend.stacking`), so reshaping the
-    input to ``(V, -1, in)`` puts each view's rows under its own factors; the
-    arithmetic is ``LoRALinear``'s, so a stacked row matches its one-view row.
+    ``down`` is ``(V, in, r)`` and ``up`` ``(V, r, out)``, folded as
+    :class:`ViewLoRALinear`'s. Rows are view-major (see
+    :mod:`sway_common.backend.stacking`), so reshaping the input to ``(V, -1, in)`` puts
+    each view's rows under its own factors, with the one-view layer's arithmetic.
     """
 
-    def __init__(
-        self, linear: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: mx.array
-    ) -> None:
+    def __init__(self, linear: nn.Module, down: mx.array, up: mx.array) -> None:
         super().__init__()
         self.linear = linear
-        self.lora_a = lora_a
-        self.lora_b = lora_b
-        self.scale = scale
+        self.down = down
+        self.up = up
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
-        grouped = x.reshape(self.lora_a.shape[0], -1, x.shape[-1])
-        z = (grouped @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(x.dtype).reshape(y.shape)
+        views = self.down.shape[0]
+        z = x.reshape(views, -1, x.shape[-1]) @ self.down
+        return mx.addmm(y.reshape(views, -1, y.shape[-1]), z, self.up).reshape(y.shape)
 
 
 class _Tiled(nn.Module):
@@ -348,11 +387,15 @@ def install_stacked(
 
 
 def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRALinear:
-    # Null factors come in PEFT orientation, like install_null's.
-    a = [slot.a if v.factors is None else mx.array(v.factors[slot.path][0].T) for v in stack]
-    b = [slot.b if v.factors is None else mx.array(v.factors[slot.path][1].T) for v in stack]
-    scales = mx.array([v.scale for v in stack], dtype=mx.float32).reshape(-1, 1, 1)
-    return StackedLoRALinear(slot.base, mx.stack(a), mx.stack(b), slot.scale * scales)
+    folded = []
+    for view in stack:
+        a, b = slot.a, slot.b
+        if view.factors is not None:  # a null's factors, in PEFT orientation
+            a, b = (mx.array(f.T) for f in view.factors[slot.path])
+        folded.append(fold(slot.base, a, b, slot.scale * view.scale))
+    return StackedLoRALinear(
+        slot.base, mx.stack([d for d, _ in folded]), mx.stack([u for _, u in folded])
+    )
 
 
 # --------------------------------------------------------------------- checks
