@@ -307,6 +307,12 @@ class Unstacked:
 
     def __init__(self, inner: DifferentialBackendBase) -> None:
         self._inner = inner
+        # Spelled out: from Python 3.12 an isinstance check against a runtime protocol
+        # looks the members up statically, past __getattr__.
+        self.as_base = inner.as_base
+        self.as_finetuned = inner.as_finetuned
+        self.as_scaled_adapter = inner.as_scaled_adapter
+        self.as_null_adapter = inner.as_null_adapter
 
     def __getattr__(self, name: str) -> Any:
         if name == "next_token_dist_views":
