@@ -191,21 +191,22 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         ids, lengths = self._padded(batch)
         hidden = self._inner(ids)
-        mx.eval(hidden)
         targets = ids[:, 1:]
         n_pos = targets.shape[1]
+        if n_pos == 0:
+            return [np.zeros(0, np.float32) for _ in batch]
         # Chunk positions so the float32 (rows × positions × vocab) logits never exist
-        # at once for long texts.
+        # at once for long texts. Each chunk is queued as it is built (its logits freed
+        # once reduced) and the host waits once, at the end, not once per chunk.
         step = positions_per_step(len(batch), self.vocab_size)
         pieces = []
         for start in range(0, n_pos, step):
             end = min(n_pos, start + step)
             logits = self._head(hidden[:, start:end]).astype(mx.float32)
             picked = mx.take_along_axis(logits, targets[:, start:end, None], axis=-1)[..., 0]
-            chunk = picked - mx.logsumexp(logits, axis=-1)
-            mx.eval(chunk)
-            pieces.append(np.array(chunk))
-        full = np.concatenate(pieces, axis=1) if pieces else np.zeros((len(batch), 0), np.float32)
+            pieces.append(picked - mx.logsumexp(logits, axis=-1))
+            mx.async_eval(pieces[-1])
+        full = np.array(mx.concatenate(pieces, axis=1))
         return [full[i, : n - 1].astype(np.float32) for i, n in enumerate(lengths)]
 
     # ---------------------------------------------------------- generation
