@@ -167,7 +167,7 @@ def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
         init_magnitude = layer.m
     else:
         layer = ViewLoRALinear(base)
-        folded = fold(base, a, b, scale)
+        folded = _fold(base, a, b, scale)
         mx.eval(folded)
     slot = LoraSlot(
         path=path,
@@ -194,7 +194,7 @@ class ViewLoRALinear(nn.Module):
     mlx-lm adds its float32 factors' product through separate scale, cast and add
     passes over the output. On MLX-CUDA each pass is a kernel launch, and a rank-8
     adapter on q and v doubled SmolLM2's forward. Here the factors are folded once per
-    view (:func:`fold`) and ``addmm`` adds their product to the base output in one
+    view (:func:`_fold`) and ``addmm`` adds their product to the base output in one
     kernel. ``lora_a``, ``lora_b`` and ``scale`` keep the float32 arrays the view set.
     """
 
@@ -210,7 +210,7 @@ class ViewLoRALinear(nn.Module):
         return mx.addmm(self.linear(x), x @ self.down, self.up)
 
 
-def fold(linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array) -> tuple[mx.array, ...]:
+def _fold(linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array) -> tuple[mx.array, ...]:
     """``(A, scale·B)`` in the dtype ``linear`` computes in.
 
     In bfloat16 the factors' own rounding stays below the rounding of the output they
@@ -229,7 +229,7 @@ def _fill(
     folded: tuple[mx.array, ...] | None = None,
 ) -> None:
     if not slot.dora:
-        slot.layer.fill(a, b, scale, folded or fold(slot.base, a, b, scale))
+        slot.layer.fill(a, b, scale, folded or _fold(slot.base, a, b, scale))
         return
     slot.layer.lora_a = a
     slot.layer.lora_b = b
@@ -392,7 +392,7 @@ def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRAL
         a, b = slot.a, slot.b
         if view.factors is not None:  # a null's factors, in PEFT orientation
             a, b = (mx.array(f.T) for f in view.factors[slot.path])
-        folded.append(fold(slot.base, a, b, slot.scale * view.scale))
+        folded.append(_fold(slot.base, a, b, slot.scale * view.scale))
     return StackedLoRALinear(
         slot.base, mx.stack([d for d, _ in folded]), mx.stack([u for _, u in folded])
     )
