@@ -30,6 +30,7 @@ from sway_common.backend.limits import (
     positions_per_step,
     require_fast_tokenizer,
     resolve_batch_size,
+    resolve_logit_budget,
 )
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
@@ -112,9 +113,11 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self._softcap = getattr(config, "final_logit_softcapping", None)
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
         self._split_head = self._check_split_head()
+        free = free_memory(self._input_device())
+        self.logit_budget = resolve_logit_budget(free)
         self.batch_size = resolve_batch_size(
             batch_size,
-            free_memory(self._input_device()),
+            free,
             config.to_dict(),
             context=self.max_context,
             dtype_bytes=_DTYPES[self.dtype].itemsize,
@@ -309,7 +312,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         targets = ids.reshape(-1).index_select(0, keep_at + 1)
         # Chunk positions so the float32 (positions × vocab) logits of a long text never
         # exist at once; the small per-position results stay on the device until the end.
-        step = positions_per_step(1, self.vocab_size)
+        step = positions_per_step(1, self.vocab_size, self.logit_budget)
         pieces = []
         for start in range(0, states.shape[0], step):
             logits = self._logits(states[start : start + step])

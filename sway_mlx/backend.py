@@ -24,6 +24,7 @@ from sway_common.backend.limits import (
     positions_per_step,
     require_fast_tokenizer,
     resolve_batch_size,
+    resolve_logit_budget,
 )
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
@@ -87,9 +88,11 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.max_context = context_limit(advertised, max_context)
         self._inner, self._head = split_forward(self.model)
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
+        free = free_memory()
+        self.logit_budget = resolve_logit_budget(free)
         self.batch_size = resolve_batch_size(
             batch_size,
-            free_memory(),
+            free,
             config,
             context=self.max_context,
             dtype_bytes=_DTYPES[self.dtype].size,
@@ -198,7 +201,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         # Chunk positions so the float32 (rows × positions × vocab) logits never exist
         # at once for long texts. Each chunk is queued as it is built (its logits freed
         # once reduced) and the host waits once, at the end, not once per chunk.
-        step = positions_per_step(len(batch), self.vocab_size)
+        step = positions_per_step(len(batch), self.vocab_size, self.logit_budget)
         pieces = []
         for start in range(0, n_pos, step):
             end = min(n_pos, start + step)

@@ -3,17 +3,13 @@
 Same functions, same signatures as ``sway_hf/lora.py``; which one runs for which view
 is decided once, in :meth:`sway_common.backend.base.DifferentialBackendBase._activate`.
 
-Each targeted ``nn.Linear`` is wrapped once with a :class:`ViewLoRALinear` (mlx-lm's
-``LoRALinear`` sum in fewer kernels; DoRA: mlx-lm's ``DoRALinear``) and recorded in a
-:class:`LoraSlot` together with the trained arrays.
-The resting state of the model is the fine-tuned one (LoRA layers, trained arrays).
-Each ``install_*`` function changes it in place and returns the function that undoes
-it; if it raises, the model is left in the fine-tuned state. MLX arrays are immutable
-references, so undoing means putting the very same array objects back: free and exact.
-
+Each targeted ``nn.Linear`` is wrapped once with a :class:`ViewLoRALinear` (DoRA:
+mlx-lm's ``DoRALinear``) and recorded in a :class:`LoraSlot` with the trained arrays:
+the model's resting, fine-tuned state. Each ``install_*`` function changes it in place
+and returns the function that undoes it; if it raises, the model is left fine-tuned.
+MLX arrays are immutable references, so undoing puts the very same arrays back.
 Stacked views (:func:`install_stacked`) swap in a :class:`StackedLoRALinear` per slot,
-whose row groups run with different factors, and may wrap the first adapted block so
-the blocks below it run once per prompt.
+and may wrap the first adapted block so the blocks below it run once per prompt.
 
 Factors use mlx-lm's layout: ``lora_a`` is ``(in, r)``, ``lora_b`` ``(r, out)``.
 """
@@ -211,11 +207,8 @@ class ViewLoRALinear(nn.Module):
 
 
 def _fold(linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array) -> tuple[mx.array, ...]:
-    """``(A, scale·B)`` in the dtype ``linear`` computes in.
-
-    In bfloat16 the factors' own rounding stays below the rounding of the output they
-    are added to, so nothing measurable is lost against float32 factors.
-    """
+    """``(A, scale·B)`` in the dtype ``linear`` computes in (in bfloat16 the factors' own
+    rounding stays below that of the output they are added to)."""
     dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
     return a.astype(dtype), (scale * b).astype(dtype)
 
@@ -307,10 +300,9 @@ def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) 
 class StackedLoRALinear(nn.Module):
     """A linear layer whose row groups run with different LoRA factors, one per view.
 
-    ``down`` is ``(V, in, r)`` and ``up`` ``(V, r, out)``, folded as
-    :class:`ViewLoRALinear`'s. Rows are view-major (see
-    :mod:`sway_common.backend.stacking`), so reshaping the input to ``(V, -1, in)`` puts
-    each view's rows under its own factors, with the one-view layer's arithmetic.
+    ``down`` ``(V, in, r)`` and ``up`` ``(V, r, out)`` are folded as the one-view layer's.
+    Rows are view-major (:mod:`sway_common.backend.stacking`): reshaped to ``(V, -1, in)``,
+    each view's rows meet their own factors.
     """
 
     def __init__(self, linear: nn.Module, down: mx.array, up: mx.array) -> None:

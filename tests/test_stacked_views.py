@@ -386,6 +386,16 @@ def test_stack_plan_rows() -> None:
     assert views * prompts <= limits.LOGIT_BUDGET // 49152
 
 
+def test_logit_budget_from_free_memory() -> None:
+    assert limits.resolve_logit_budget(None) is None  # a CPU: the default, read at call time
+    assert limits.positions_per_step(2, 1000) == limits.LOGIT_BUDGET // 2000
+    h100 = limits.resolve_logit_budget(78 << 30)
+    assert h100 == limits.MAX_LOGIT_BUDGET  # 5% of 78 GiB is more than the cap
+    assert limits.positions_per_step(1, 49152, h100) == limits.MAX_LOGIT_BUDGET // 49152
+    assert limits.resolve_logit_budget(1 << 30) == limits.LOGIT_BUDGET  # never below the default
+    assert limits.LOGIT_BUDGET < limits.resolve_logit_budget(8 << 30) < limits.MAX_LOGIT_BUDGET
+
+
 def test_auto_batch_size() -> None:
     smollm = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
     kw = {"context": 2048, "dtype_bytes": 2, "vocab_size": 49152}

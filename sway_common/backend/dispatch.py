@@ -56,6 +56,8 @@ class ViewDispatch(ABC):
     vocab_size: int = 0
     max_context: int = 2048
     batch_size: int = 8
+    logit_budget: int | None = None
+    """Floats of logits one scoring step may hold (``limits.resolve_logit_budget``)."""
     adapter_hash: str = ""
     adapter_weights: AdapterWeights | None = None
     """The loaded adapter in canonical form: what a null copies the structure of. None
