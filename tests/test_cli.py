@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import sway_common.backend.multiview as backend_multiview
 from sway_common.app.cli import app
 from sway_common.backend.multiview import StackedScoring
 from sway_common.report import load_json
@@ -188,11 +189,14 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
     checks = []  # the shared-block check of the model is kept with the nulls
     real_check = StackedScoring._check_shared_block
 
-    def counting_check(self):
-        checks.append(1)
-        return real_check(self)
+    def counting_check(self, block):
+        checks.append(block)
+        return real_check(self, block)
 
     monkeypatch.setattr(StackedScoring, "_check_shared_block", counting_check)
+    # The tiny adapter starts at block 0, which is never shared: pretend it starts at 1
+    # (the check then finds it wrong, and keeps that outcome).
+    monkeypatch.setattr(backend_multiview, "first_adapted_block", lambda paths: "model.layers.1")
     args = [
         "eval",
         "--model",

@@ -147,7 +147,8 @@ def rows_out_of_block(backend: DifferentialBackendBase, index: int) -> Iterator[
 def test_stacked_equals_one_view_for_a_mix_of_views(backend) -> None:
     backend._cache.clear()
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
-    assert backend._shared_blocks[backend.adapter_hash] == "model.layers.0"
+    # Block 0 is adapted: only the embedding lies below it, so nothing is shared or checked.
+    assert backend._shared_blocks[backend.adapter_hash] is None
     assert_same(stacked, one_view(backend, VIEWS, PROMPTS))
 
 
@@ -219,31 +220,31 @@ def test_a_wrong_shared_block_is_caught_and_not_used(backend, monkeypatch) -> No
     assert_same(stacked, one_view(backend, VIEWS, PROMPTS))
 
 
-def test_shared_block_outcome_kept_across_runs(backend, tmp_path: Path, monkeypatch) -> None:
-    info = backend.info
-    backend.check_store = NullCache(tmp_path)
+def test_shared_block_outcome_kept_across_runs(upper, tmp_path: Path, monkeypatch) -> None:
+    info = upper.info
+    upper.check_store = NullCache(tmp_path)
     try:
-        backend._shared_blocks.clear()
-        checked = backend._shared_block()  # the first run checks, and keeps the outcome
-        assert checked == "model.layers.0"
+        upper._shared_blocks.clear()
+        checked = upper._shared_block()  # the first run checks, and keeps the outcome
+        assert checked == "model.layers.1"
         assert len(list(tmp_path.rglob("*.json"))) == 1
 
-        def no_check(self: object) -> None:
+        def no_check(self: object, block: str) -> None:
             raise AssertionError("checked again although the outcome was kept")
 
-        monkeypatch.setattr(type(backend), "_check_shared_block", no_check)
-        backend._shared_blocks.clear()  # a new process, as far as the backend knows
-        assert backend._shared_block() == checked
+        monkeypatch.setattr(type(upper), "_check_shared_block", no_check)
+        upper._shared_blocks.clear()  # a new process, as far as the backend knows
+        assert upper._shared_block() == checked
         # Another framework version may run other model code: checked afresh.
         monkeypatch.undo()
-        backend.info = {**backend.info, "frameworks": {"mlx": "0.0.0"}}
-        backend._shared_blocks.clear()
-        assert backend._shared_block() == checked
+        upper.info = {**upper.info, "frameworks": {"mlx": "0.0.0"}}
+        upper._shared_blocks.clear()
+        assert upper._shared_block() == checked
         assert len(list(tmp_path.rglob("*.json"))) == 2
     finally:
-        backend.check_store = None
-        backend.info = info
-        backend._shared_blocks.clear()
+        upper.check_store = None
+        upper.info = info
+        upper._shared_blocks.clear()
 
 
 # ---------------------------------------------------------------------- DoRA
