@@ -194,8 +194,8 @@ def run_suite(
         return finish([failed])
 
     seed_everything(spec.defaults.seed, backend)
-    if null_cache is not None and hasattr(backend, "check_store"):
-        backend.check_store = null_cache  # the model checks that no prompt decides
+    if hasattr(backend, "check_store"):  # the model checks that no prompt decides
+        backend.check_store = null_cache
     calibrated = isinstance(backend, NullCalibratedBackend)
     null = spec.null_calibration() if calibrated else None
     if null is not None:
