@@ -212,7 +212,10 @@ class HFDifferentialBackend(DifferentialBackendBase):
     def _install_scaled(self, lam: float) -> Restore:
         return lora.install_scaled(self.slots, lam)
 
-    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+    def _place_null(self, factors: dict[str, NullFactors]) -> dict[str, Any]:
+        return lora.null_arrays(self.slots, factors)
+
+    def _install_null(self, factors: dict[str, Any]) -> Restore:
         return lora.install_null(self.slots, factors)
 
     def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:

@@ -13,12 +13,16 @@ fine-tuned state:
   every layer), so DoRA layers fall back to the true base weights, not to "scale 0";
 - scaled(λ): every layer's ``scaling[adapter]`` multiplied by λ; the old floats are put
   back on exit rather than divided out;
-- null: ``lora_A`` / ``lora_B`` overwritten with the given factors; the real tensors
-  are cloned first and copied back bit-for-bit on exit, also after an exception.
+- null: ``lora_A`` / ``lora_B`` pointed at the null's tensors (placed on the device
+  once per draw by :func:`null_arrays`) and back at the trained ones on exit, also
+  after an exception.
 
 - stacked views: each layer's adapter switched off and a forward hook adding every
   view's ``scale·B·A x`` to its own rows; pre-hooks may repeat the rows per view from
   the first adapted block on, so the blocks below it run once per prompt.
+
+While attached, a plain LoRA layer runs :func:`_lean_forward` (PEFT's arithmetic, read
+from the same live tensors and switches, in three kernels and no sub-module calls).
 
 Factors use PEFT's layout: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``, ΔW = scale·B·A.
 """
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
@@ -59,6 +64,8 @@ class LoraSlot:
     """DoRA's per-row magnitude; ``None`` for plain LoRA."""
     scale: float
     """The trained ``scaling[adapter]`` (alpha / r, or alpha / sqrt(r) for rsLoRA)."""
+    lean: Callable[..., torch.Tensor] | None = None
+    """The layer's :func:`_lean_forward` while attached; None where PEFT's forward runs."""
 
     @property
     def dora(self) -> bool:
@@ -109,7 +116,49 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             f"PEFT's LoRA layers are not the adapter's modules (missing: {missing}, "
             f"extra: {extra}); was the adapter trained on another base model?"
         )
+    for slot in slots:
+        slot.lean = _lean_forward(slot)
+        if slot.lean is not None:
+            slot.layer.forward = slot.lean  # an instance attribute: nn.Module calls it
     return sorted(slots, key=lambda s: s.path)
+
+
+def _lean_forward(slot: LoraSlot) -> Callable[..., torch.Tensor] | None:
+    """PEFT's LoRA forward for one plain LoRA Linear, without its per-call bookkeeping.
+
+    PEFT's forward calls four sub-modules and four kernels per layer (base, A, B, the
+    scaling, the add): on a small model, Python and kernel launches rather than the
+    arithmetic. This one reads the same live state (the
+    adapter switch, ``scaling``, ``lora_A``/``lora_B``), so every view installed by the
+    functions below still applies, and does the same arithmetic in three kernels: the
+    base product, ``x·Aᵀ``, and one ``addmm`` adding ``scaling·(x·Aᵀ)·Bᵀ``, in the
+    adapter's dtype as PEFT adds it. Anything unusual (DoRA, dropout while training,
+    hooks or another base layer type, extra arguments) goes to PEFT's own forward.
+    """
+    layer, adapter = slot.layer, slot.adapter
+    base = layer.get_base_layer()
+    plain = type(base) is torch.nn.Linear and not getattr(layer, "fan_in_fan_out", False)
+    hooked = base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+    variant = adapter in getattr(layer, "lora_variant", {})  # DoRA and PEFT's other variants
+    lora_bias = layer.lora_B[adapter].bias is not None
+    if slot.dora or not plain or hooked or variant or lora_bias:
+        return None
+    peft_forward = type(layer).forward.__get__(layer)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or layer.training or layer.merged or adapter not in layer.lora_A:
+            return peft_forward(x, *args, **kwargs)
+        out = F.linear(x, base.weight, base.bias)
+        if layer.disable_adapters:
+            return out
+        a, b = slot.a, slot.b  # the live parameters: views write into them in place
+        h = F.linear(x.to(a.dtype), a).reshape(-1, a.shape[0])
+        summed = torch.addmm(
+            out.reshape(-1, out.shape[-1]).to(b.dtype), h, b.t(), alpha=layer.scaling[adapter]
+        )
+        return summed.view(out.shape).to(out.dtype)
+
+    return forward
 
 
 def check_fits(model: torch.nn.Module, weights: AdapterWeights) -> None:
@@ -145,6 +194,10 @@ def _linear_shape(layer: torch.nn.Module) -> tuple[int | None, int | None]:
 
 def detach(model: PeftModel, slots: Sequence[LoraSlot]) -> None:
     """Take the adapter out for good (PEFT deletes its layers' weights and config)."""
+    for slot in slots:
+        # A later adapter's attach may already have put its own forward on the layer.
+        if slot.lean is not None and slot.layer.__dict__.get("forward") is slot.lean:
+            del slot.layer.forward
     for adapter in {s.adapter for s in slots}:
         model.delete_adapter(adapter)
 
@@ -257,26 +310,49 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
     return _guarded(restore, change)
 
 
-def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) -> Restore:
-    """Random factors (by module path, PEFT orientation) in place of the trained ones.
+def null_arrays(
+    slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A drawn null's factors (by module path, PEFT orientation) as tensors in each
+    slot's dtype and on its device: converted once per draw, so that opening the null
+    again moves no data (120 small host-to-device copies per opening on SmolLM2)."""
+    out = {}
+    for slot in slots:
+        like = {"dtype": slot.a.dtype, "device": slot.a.device}
+        a, b = (torch.from_numpy(np.ascontiguousarray(f)).to(**like) for f in factors[slot.path])
+        out[slot.path] = (a, b)
+    return out
 
-    The trained scaling is kept. A DoRA null keeps the base row norms as magnitude, as
-    an untrained DoRA adapter does, so the trained magnitudes cannot leak into the null.
+
+def install_null(
+    slots: Sequence[LoraSlot], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> Restore:
+    """A null's factors (as :func:`null_arrays` placed them) in place of the trained ones.
+
+    The parameters are pointed at the null's tensors and back, so no data moves either
+    way and the trained tensors return untouched. The trained scaling is kept. A DoRA
+    null keeps the base row norms as magnitude, as an untrained DoRA adapter does, so
+    the trained magnitudes cannot leak into the null.
     """
     # Looked up before anything is written: a missing module leaves the model untouched.
     drawn = [factors[slot.path] for slot in slots]
+    trained = [(slot.a.data, slot.b.data) for slot in slots]
+    magnitudes = _snapshot([s for s in slots if s.dora], ("lora_magnitude_vector",))
+
+    def undo_factors() -> None:
+        for slot, (a, b) in zip(slots, trained, strict=True):
+            slot.a.data, slot.b.data = a, b
+        _clear_dora_cache(slots)
 
     def change() -> None:
         with torch.no_grad():
             for slot, (a, b) in zip(slots, drawn, strict=True):
-                # copy_ casts to the parameter's dtype and device.
-                slot.a.copy_(torch.from_numpy(np.ascontiguousarray(a)))
-                slot.b.copy_(torch.from_numpy(np.ascontiguousarray(b)))
+                slot.a.data, slot.b.data = a, b
                 if slot.magnitude is not None:
                     slot.magnitude.copy_(_base_row_norms(slot))
         _clear_dora_cache(slots)
 
-    return _guarded(_snapshot(slots, None), change)
+    return _guarded(_undo_all(undo_factors, magnitudes), change)
 
 
 # -------------------------------------------------------------- stacked views
@@ -331,7 +407,7 @@ def _stacked_factors(
     def pick(trained: torch.Tensor, index: int, view: StackedView) -> torch.Tensor:
         if view.factors is None:
             return trained.detach()
-        return torch.from_numpy(np.ascontiguousarray(view.factors[slot.path][index])).to(**like)
+        return view.factors[slot.path][index]  # placed by null_arrays
 
     a = torch.stack([pick(slot.a, 0, v) for v in stack]).transpose(1, 2).contiguous()
     b = torch.stack([pick(slot.b, 1, v) for v in stack]).transpose(1, 2).contiguous()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -144,7 +145,10 @@ class MLXDifferentialBackend(DifferentialBackendBase):
     def _install_scaled(self, lam: float) -> Restore:
         return lora.install_scaled(self.slots, lam)
 
-    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
+    def _place_null(self, factors: dict[str, NullFactors]) -> dict[str, Any]:
+        return lora.null_arrays(self.slots, factors)
+
+    def _install_null(self, factors: dict[str, Any]) -> Restore:
         return lora.install_null(self.slots, factors)
 
     def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:

@@ -280,18 +280,32 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
     return _guarded(slots, change)
 
 
-def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]) -> Restore:
-    """Random factors (by module path, PEFT orientation) in place of the trained ones.
+def null_arrays(
+    slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]
+) -> dict[str, tuple[mx.array, ...]]:
+    """A drawn null's factors (by module path, PEFT orientation) as MLX arrays in mlx-lm's
+    layout, with, for LoRA, the pair :class:`ViewLoRALinear` computes with: converted,
+    folded and evaluated once per draw, so that opening the null again does no work."""
+    out = {}
+    for slot in slots:
+        a, b = (mx.array(f.T) for f in factors[slot.path])
+        out[slot.path] = (a, b) if slot.dora else (a, b, *_fold(slot.base, a, b, slot.scale))
+    mx.eval(list(out.values()))
+    return out
+
+
+def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, tuple[mx.array, ...]]) -> Restore:
+    """A null's factors (as :func:`null_arrays` placed them) in place of the trained ones.
 
     The trained scale is kept. A DoRA null starts from the base row norms, as an
     untrained DoRA adapter does, so the trained magnitude cannot leak into the null.
     """
-    # Converted before anything is installed: a missing module leaves the model untouched.
-    arrays = [(mx.array(factors[s.path][0].T), mx.array(factors[s.path][1].T)) for s in slots]
+    # Looked up before anything is installed: a missing module leaves the model untouched.
+    arrays = [factors[slot.path] for slot in slots]
 
     def change() -> None:
-        for slot, (a, b) in zip(slots, arrays, strict=True):
-            _fill(slot, a, b, slot.scale, slot.init_magnitude)
+        for slot, (a, b, *folded) in zip(slots, arrays, strict=True):
+            _fill(slot, a, b, slot.scale, slot.init_magnitude, tuple(folded) or None)
 
     return _guarded(slots, change)
 
@@ -381,10 +395,14 @@ def install_stacked(
 def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRALinear:
     folded = []
     for view in stack:
-        a, b = slot.a, slot.b
-        if view.factors is not None:  # a null's factors, in PEFT orientation
-            a, b = (mx.array(f.T) for f in view.factors[slot.path])
-        folded.append(_fold(slot.base, a, b, slot.scale * view.scale))
+        if view.factors is None:
+            folded.append(_fold(slot.base, slot.a, slot.b, slot.scale * view.scale))
+            continue
+        a, b, *null_folded = view.factors[slot.path]  # placed by null_arrays
+        same_scale = view.scale == 1.0 and null_folded
+        folded.append(
+            tuple(null_folded) if same_scale else _fold(slot.base, a, b, slot.scale * view.scale)
+        )
     return StackedLoRALinear(
         slot.base, mx.stack([d for d, _ in folded]), mx.stack([u for _, u in folded])
     )

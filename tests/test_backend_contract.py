@@ -204,6 +204,29 @@ def test_real_adapter_restored_after_null_view_raised(backend) -> None:
         np.testing.assert_array_equal(last_rows(backend, PROMPTS), ft_before)
 
 
+def test_a_null_is_placed_once_and_installed_without_copies(backend, monkeypatch) -> None:
+    """A null's factors become the backend's arrays once per draw; opening it again
+    points the layers at those very arrays, and closing it brings the trained ones back."""
+    placed: list[dict[str, Any]] = []
+
+    def place(factors: dict[str, Any]) -> dict[str, Any]:
+        placed.append(type(backend)._place_null(backend, factors))
+        return placed[-1]
+
+    monkeypatch.setattr(backend, "_place_null", place)
+    real = live_tensors(backend)
+    for _ in range(2):
+        with backend.as_null_adapter(23):
+            for s in backend.slots:
+                a = s.layer.lora_a if kind_of(backend) == "mlx" else s.a.data
+                mine = placed[0][s.path][0]
+                assert a is mine or a.data_ptr() == mine.data_ptr(), s.path
+    assert len(placed) == 1, "a null is converted once per draw"
+    after = live_tensors(backend)
+    for key, value in real.items():
+        np.testing.assert_array_equal(after[key], value)
+
+
 def test_scaled_view_restores_scales_after_raise(backend) -> None:
     scales = live_scales(backend)
     with pytest.raises(KeyError), backend.as_scaled_adapter(1.7):

@@ -76,6 +76,43 @@ def test_scaling_path_at_zero_is_base(backend) -> None:
         assert np.array_equal(scaled_zero, backend._last_logprobs(ids))
 
 
+def test_lean_lora_forward_is_pefts_in_every_view(backend) -> None:
+    """Each plain LoRA layer runs the lean forward, which reads PEFT's live switch,
+    scaling and factors: in the base, ft, λ and null views it gives PEFT's numbers."""
+    assert backend.slots and all(s.layer.__dict__.get("forward") is s.lean for s in backend.slots)
+    gen = torch.Generator().manual_seed(0)
+    views = {
+        "base": backend.as_base,
+        "ft": backend.as_finetuned,
+        "λ=0.5": lambda: backend.as_scaled_adapter(0.5),
+        "null": lambda: backend.as_null_adapter(3, mode="norm_matched"),
+    }
+    moved = {}
+    for name, open_view in views.items():
+        with open_view(), torch.no_grad():
+            for slot in backend.slots:
+                x = torch.randn(2, 5, slot.a.shape[1], generator=gen)
+                got = slot.layer(x)
+                want = type(slot.layer).forward(slot.layer, x)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+                plain = slot.layer.get_base_layer()(x)
+                moved[name] = max(moved.get(name, 0.0), float((got - plain).abs().max()))
+    assert moved["base"] == 0.0
+    assert min(moved["ft"], moved["λ=0.5"], moved["null"]) > 1e-4, moved
+
+
+def test_lean_forward_follows_the_adapter_and_skips_dora(
+    tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_mlx_adapter: Path, tiny_dora_adapter: Path
+) -> None:
+    with HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, **EXACT) as b:
+        old = list(b.slots)
+        b.set_adapter(tiny_mlx_adapter)
+        assert all(s.layer.__dict__.get("forward") is s.lean for s in b.slots)
+        assert all(s.lean is not n.lean for s, n in zip(b.slots, old, strict=True))
+    with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter, **EXACT) as b:
+        assert all(s.lean is None and "forward" not in s.layer.__dict__ for s in b.slots)
+
+
 # ------------------------------------------------------------------ scoring
 def test_full_logits_fallback_agrees_with_split_head(backend, monkeypatch) -> None:
     assert backend._split_head, "a Llama's body + lm_head is its forward"

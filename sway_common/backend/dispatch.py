@@ -5,6 +5,8 @@ A concrete backend (MLX, HF, dummy) supplies only the model-specific hooks:
 - ``_install_base()``, ``_install_scaled(lam)``, ``_install_null(factors)``: put the
   model into that view and return the function that brings back the fine-tuned state
   (the real backends forward each to the same-named function of their ``lora.py``);
+- optionally ``_place_null(factors)``: a drawn null's numpy factors as the backend's
+  own arrays on its device, kept with the draw (``lora.null_arrays``);
 - ``_last_logprobs(batch)``: log-softmax at the last position of each token list;
 - ``_token_logprobs(batch)``: log p of every token given the ones before it;
 - ``_mean_hidden(batch)``: final hidden states averaged over each token list;
@@ -26,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,8 +47,9 @@ from sway_common.types import TokenDist
 NULL_DRAWS_KEPT_BYTES = 256 * 2**20
 
 
-def _nbytes(factors: dict[str, NullFactors]) -> int:
-    return sum(a.nbytes + b.nbytes for a, b in factors.values())
+def _nbytes(placed: Mapping[str, tuple[Any, ...]]) -> int:
+    """Bytes of a placed null: numpy, torch and MLX arrays all say ``nbytes``."""
+    return sum(int(array.nbytes) for arrays in placed.values() for array in arrays)
 
 
 class ViewDispatch(ABC):
@@ -76,7 +79,7 @@ class ViewDispatch(ABC):
         # cache); None: checked once per process.
         self.check_store: KeptResults | None = None
         self._encodings: OrderedDict[str, Encoding] = OrderedDict()
-        self._null_draws: OrderedDict[tuple[Any, ...], dict[str, NullFactors]] = OrderedDict()
+        self._null_draws: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
         self.info = {}
 
     # ----------------------------------------------------------------- hooks
@@ -88,9 +91,15 @@ class ViewDispatch(ABC):
     def _install_scaled(self, lam: float) -> Restore:
         """Every module's change scaled by ``lam`` (never 0 or 1: those are base and ft)."""
 
+    def _place_null(self, factors: dict[str, NullFactors]) -> dict[str, Any]:
+        """A drawn null's factors as :meth:`_install_null` and the stacked layers take them:
+        the backend's arrays, on its device. Kept with the draw, so a null opened again
+        is neither drawn nor converted nor copied again. Default: the numpy factors."""
+        return factors
+
     @abstractmethod
-    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
-        """Random factors (by module path, PEFT orientation) in place of the trained ones."""
+    def _install_null(self, factors: dict[str, Any]) -> Restore:
+        """A null's factors, as :meth:`_place_null` placed them, in place of the trained ones."""
 
     @abstractmethod
     def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]: ...
@@ -193,21 +202,23 @@ class ViewDispatch(ABC):
             return self._install_null(self._null_draw(view))
         return lambda: None
 
-    def _null_draw(self, view: ViewSpec) -> dict[str, NullFactors]:
-        """The null's factors, drawn once per backend while they fit the byte budget: every
-        probe of a suite opens the same K nulls, and a draw cost 17 ms per view on
+    def _null_draw(self, view: ViewSpec) -> dict[str, Any]:
+        """The null's placed factors, drawn once per backend while they fit the byte budget:
+        every probe of a suite opens the same K nulls, and a draw cost 17 ms per view on
         SmolLM2's small adapter (numpy, float64), more on a larger one."""
         assert self.adapter_weights is not None
         key = view.key(self.adapter_hash)
         if (hit := self._null_draws.get(key)) is not None:
             self._null_draws.move_to_end(key)
             return hit
-        factors = null_factors(
-            self.adapter_weights.modules,
-            view.seed,
-            init_scale=view.init_scale,
-            rank_scale=view.rank_scale,
-            mode=view.mode,
+        factors = self._place_null(
+            null_factors(
+                self.adapter_weights.modules,
+                view.seed,
+                init_scale=view.init_scale,
+                rank_scale=view.rank_scale,
+                mode=view.mode,
+            )
         )
         self._null_draws[key] = factors
         while sum(map(_nbytes, self._null_draws.values())) > NULL_DRAWS_KEPT_BYTES:

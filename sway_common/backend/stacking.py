@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sway_common.backend import limits
-from sway_common.backend.nulls import NullFactors
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,12 +31,12 @@ class StackedView:
     """One row group of a stacked batch.
 
     ``scale`` multiplies each module's trained scale (0: the base model, λ: a scaled
-    view, 1: the fine-tune or a null); ``factors`` are a null's factors by module path
-    (PEFT orientation), or None for the trained ones.
+    view, 1: the fine-tune or a null); ``factors`` are a null's factors by module path,
+    as the backend placed them (``_place_null``), or None for the trained ones.
     """
 
     scale: float
-    factors: Mapping[str, NullFactors] | None = None
+    factors: Mapping[str, Any] | None = None
 
 
 # A module path inside a numbered list of decoder blocks: "model.layers.22.self_attn.q_proj".
