@@ -26,6 +26,7 @@ from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws, stop_ids
 from sway_common.backend.limits import (
+    CPU_STEP_TOKENS,
     context_limit,
     positions_per_step,
     require_fast_tokenizer,
@@ -115,6 +116,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self._split_head = self._check_split_head()
         free = free_memory(self._input_device())
         self.logit_budget = resolve_logit_budget(free)
+        self.step_tokens = CPU_STEP_TOKENS if self._input_device().type == "cpu" else None
         self.batch_size = resolve_batch_size(
             batch_size,
             free,

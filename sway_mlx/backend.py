@@ -21,6 +21,7 @@ from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws
 from sway_common.backend.limits import (
+    CPU_STEP_TOKENS,
     context_limit,
     positions_per_step,
     require_fast_tokenizer,
@@ -34,7 +35,7 @@ from sway_common.models import check_model_dir, normalize_config, resolve_model_
 from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 from sway_mlx import generate, lora
-from sway_mlx.loading import free_memory, pick_dtype, split_forward
+from sway_mlx.loading import free_memory, pick_dtype, split_forward, use_cpu_swiglu
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -76,6 +77,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
             tokenizer_config={"trust_remote_code": trust_remote_code},
         )
         self.model.eval()
+        use_cpu_swiglu(self.model)
         self.dtype = pick_dtype(dtype, config)
         self.model.set_dtype(_DTYPES[self.dtype])
         mx.eval(self.model.parameters())
@@ -91,6 +93,9 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
         free = free_memory()
         self.logit_budget = resolve_logit_budget(free)
+        self.step_tokens = (
+            CPU_STEP_TOKENS if mx.default_device().type == mx.DeviceType.cpu else None
+        )
         self.batch_size = resolve_batch_size(
             batch_size,
             free,

@@ -136,3 +136,35 @@ def test_native_mlx_adapter_matches_mlx_lm(tiny_model_dir: Path, tiny_mlx_adapte
             np.testing.assert_array_equal(full_dist(view, PROMPTS[2]), base_row)
         assert np.abs(ck_row - row).max() > 1e-4
         assert np.abs(ck_row - base_row).max() > 1e-4
+
+
+# ----------------------------------------------------------------- CPU SwiGLU
+def test_cpu_swiglu_is_mlx_lms_to_float32_rounding() -> None:
+    from mlx_lm.models import activations
+
+    from sway_mlx.loading import cpu_swiglu
+
+    edges = [-100.0, -88.0, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.0, 100.0]
+    gate = mx.concatenate([mx.random.normal((50_000,), key=mx.random.key(0)) * 8, mx.array(edges)])
+    x = mx.random.normal(gate.shape, key=mx.random.key(1))
+    want, got = activations.swiglu(gate, x), cpu_swiglu(gate, x)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    specials = mx.array([float("nan"), float("inf"), 5.0])
+    assert np.isnan(np.array(cpu_swiglu(specials, mx.ones(3)))[0])
+    assert np.array(cpu_swiglu(specials, mx.ones(3)))[1] == np.inf
+    # Its derivative is silu's, so mlx-lm's trainer could run through it too.
+    grads = [
+        mx.grad(lambda g, v, f=f: f(g, v).sum(), argnums=(0, 1))(gate, x)
+        for f in (cpu_swiglu, activations.swiglu)
+    ]
+    for got_grad, want_grad in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=1e-4, atol=1e-5)
+
+
+def test_the_backend_runs_the_cpu_swiglu_on_the_cpu_only(backend) -> None:
+    import sys
+
+    from sway_mlx.loading import cpu_swiglu
+
+    on_cpu = mx.default_device().type == mx.DeviceType.cpu
+    assert (sys.modules[type(backend.model).__module__].swiglu is cpu_swiglu) == on_cpu

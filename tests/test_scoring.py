@@ -74,6 +74,42 @@ def test_length_buckets_cover_all_indices() -> None:
     assert all(len(b) <= 2 for b in buckets)
 
 
+def _padded_cost(lengths: list[int], buckets: list[list[int]], step: float) -> float:
+    return sum(step + len(b) * max(lengths[i] for i in b) for b in buckets)
+
+
+@given(
+    st.lists(st.integers(1, 300), min_size=1, max_size=60),
+    st.integers(1, 16),
+    st.floats(0.0, 500.0),
+)
+def test_length_buckets_with_a_step_cost_beat_full_batches(
+    lengths: list[int], batch_size: int, step: float
+) -> None:
+    buckets = length_buckets(lengths, batch_size, step)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert all(0 < len(b) <= batch_size for b in buckets)
+    flat = [lengths[i] for b in buckets for i in b]
+    assert flat == sorted(flat), "buckets are cut from the sorted order"
+    full = length_buckets(lengths, batch_size)
+    assert _padded_cost(lengths, buckets, step) <= _padded_cost(lengths, full, step) + 1e-9
+
+
+def test_length_buckets_stop_padding_short_prompts_to_a_long_one() -> None:
+    lengths = [4, 4, 4, 5, 5, 5, 5, 6, 7, 7, 8, 8, 9, 9, 10, 15]
+    assert len(length_buckets(lengths, 16)) == 1
+    # The step cost of 10 views stacked on a CPU, per prompt: the short prompts no
+    # longer pad to the longest (128 padded tokens instead of 240, in three forwards).
+    cheap = length_buckets(lengths, 16, step_tokens=9.6)
+    assert [[lengths[i] for i in b] for b in cheap] == [
+        [4, 4, 4, 5, 5, 5, 5],
+        [6, 7, 7, 8, 8, 9, 9],
+        [10, 15],
+    ]
+    # A step dearer than any padding it could save: one full batch, as without a cost.
+    assert length_buckets(lengths, 16, step_tokens=1000.0) == length_buckets(lengths, 16)
+
+
 def test_text_hash_is_stable_and_separates_parts() -> None:
     assert text_hash("ab", "c") == text_hash("ab", "c")
     assert text_hash("ab", "c") != text_hash("a", "bc")

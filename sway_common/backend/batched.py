@@ -72,7 +72,7 @@ class BatchedScoring(ViewDispatch):
             if hit is None:
                 todo.append(i)
         encoded = [self._encode_nonempty(prompts[i])[0] for i in todo]
-        for bucket in length_buckets([len(e) for e in encoded], self.batch_size):
+        for bucket in length_buckets([len(e) for e in encoded], self.batch_size, self.step_tokens):
             dists = self._last_dists([encoded[j] for j in bucket], top_k)
             for j, dist in zip(bucket, dists, strict=True):
                 i = todo[j]
@@ -99,7 +99,7 @@ class BatchedScoring(ViewDispatch):
                 out[i] = 0.0
                 continue
             todo.append((i, ids, start))
-        for bucket in length_buckets([len(t[1]) for t in todo], self.batch_size):
+        for bucket in length_buckets([len(t[1]) for t in todo], self.batch_size, self.step_tokens):
             rows = self._token_logprobs([todo[j][1] for j in bucket])
             for j, row in zip(bucket, rows, strict=True):
                 i, _, start = todo[j]
@@ -123,7 +123,9 @@ class BatchedScoring(ViewDispatch):
             (i, w) for i, row in ids.items() for w in rolling_windows(len(row), self.max_context)
         ]
         pieces: dict[int, list[tuple[int, NDArray[np.float32]]]] = {i: [] for i in ids}
-        for bucket in length_buckets([w.end - w.start for _, w in jobs], self.batch_size):
+        for bucket in length_buckets(
+            [w.end - w.start for _, w in jobs], self.batch_size, self.step_tokens
+        ):
             rows = self._token_logprobs(
                 [ids[jobs[j][0]][jobs[j][1].start : jobs[j][1].end] for j in bucket]
             )
@@ -148,7 +150,9 @@ class BatchedScoring(ViewDispatch):
         encoded = [self._encode_nonempty(t)[0][-self.max_context :] for t in texts]
         rows: list[NDArray[np.float32]] = [np.zeros(0, np.float32)] * len(texts)
         with self.as_base():
-            for bucket in length_buckets([len(e) for e in encoded], self.batch_size):
+            for bucket in length_buckets(
+                [len(e) for e in encoded], self.batch_size, self.step_tokens
+            ):
                 vectors = self._mean_hidden([encoded[j] for j in bucket])
                 for j, vector in zip(bucket, vectors, strict=True):
                     rows[j] = np.asarray(vector, dtype=np.float32)

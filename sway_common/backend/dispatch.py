@@ -61,6 +61,9 @@ class ViewDispatch(ABC):
     batch_size: int = 8
     logit_budget: int | None = None
     """Floats of logits one scoring step may hold (``limits.resolve_logit_budget``)."""
+    step_tokens: float | None = None
+    """What one more forward costs in padded tokens (``limits.CPU_STEP_TOKENS`` on a CPU);
+    None: batches are cut full (``scoring.length_buckets``)."""
     adapter_hash: str = ""
     adapter_weights: AdapterWeights | None = None
     """The loaded adapter in canonical form: what a null copies the structure of. None

@@ -97,7 +97,9 @@ class StackedScoring(BatchedScoring):
             with self._stacked([stack[v] for v in part], tile_at) as forward:
                 if forward is None:
                     return None
-                for bucket in length_buckets([len(e) for e in encoded], n_prompts):
+                # A prompt's rows in a step are one per view: its share of the step cost.
+                share = self.step_tokens / len(part) if self.step_tokens else None
+                for bucket in length_buckets([len(e) for e in encoded], n_prompts, share):
                     dists = forward([encoded[j] for j in bucket], top_k)
                     for n, (v, j) in enumerate((v, j) for v in part for j in bucket):
                         dist = dists[n]
