@@ -128,12 +128,12 @@ def _lean_forward(slot: LoraSlot) -> Callable[..., torch.Tensor] | None:
 
     PEFT's forward calls four sub-modules and four kernels per layer (base, A, B, the
     scaling, the add): on a small model, Python and kernel launches rather than the
-    arithmetic. This one reads the same live state (the
-    adapter switch, ``scaling``, ``lora_A``/``lora_B``), so every view installed by the
-    functions below still applies, and does the same arithmetic in three kernels: the
-    base product, ``x·Aᵀ``, and one ``addmm`` adding ``scaling·(x·Aᵀ)·Bᵀ``, in the
-    adapter's dtype as PEFT adds it. Anything unusual (DoRA, dropout while training,
-    hooks or another base layer type, extra arguments) goes to PEFT's own forward.
+    arithmetic. This one reads the same live state (the adapter switch, ``scaling``,
+    ``lora_A``/``lora_B``), so every view installed by the functions below still
+    applies, and does the same arithmetic in three kernels: the base product, ``x·Aᵀ``,
+    and one ``addmm`` adding ``scaling·(x·Aᵀ)·Bᵀ`` in the adapter's dtype, as PEFT adds
+    it. Anything else (DoRA and PEFT's other variants, a LoRA bias, dropout while
+    training, hooks or another base layer type, extra arguments) runs PEFT's forward.
     """
     layer, adapter = slot.layer, slot.adapter
     base = layer.get_base_layer()
@@ -151,7 +151,7 @@ def _lean_forward(slot: LoraSlot) -> Callable[..., torch.Tensor] | None:
         out = F.linear(x, base.weight, base.bias)
         if layer.disable_adapters:
             return out
-        a, b = slot.a, slot.b  # the live parameters: views write into them in place
+        a, b = slot.a, slot.b  # the live parameters (a null points them at its tensors)
         h = F.linear(x.to(a.dtype), a).reshape(-1, a.shape[0])
         summed = torch.addmm(
             out.reshape(-1, out.shape[-1]).to(b.dtype), h, b.t(), alpha=layer.scaling[adapter]

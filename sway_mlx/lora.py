@@ -398,11 +398,11 @@ def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRAL
         if view.factors is None:
             folded.append(_fold(slot.base, slot.a, slot.b, slot.scale * view.scale))
             continue
-        a, b, *null_folded = view.factors[slot.path]  # placed by null_arrays
-        same_scale = view.scale == 1.0 and null_folded
-        folded.append(
-            tuple(null_folded) if same_scale else _fold(slot.base, a, b, slot.scale * view.scale)
-        )
+        a, b, *placed = view.factors[slot.path]  # as null_arrays placed them
+        if placed and view.scale == 1.0:  # already folded at the null's own scale
+            folded.append(tuple(placed))
+        else:
+            folded.append(_fold(slot.base, a, b, slot.scale * view.scale))
     return StackedLoRALinear(
         slot.base, mx.stack([d for d, _ in folded]), mx.stack([u for _, u in folded])
     )
