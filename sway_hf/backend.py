@@ -26,12 +26,12 @@ from sway_common.adapters import convert_adapter, detect_format, read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws, stop_ids
 from sway_common.backend.limits import (
-    CPU_STEP_TOKENS,
     context_limit,
     positions_per_step,
     require_fast_tokenizer,
     resolve_batch_size,
     resolve_logit_budget,
+    resolve_step_tokens,
 )
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
@@ -116,7 +116,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self._split_head = self._check_split_head()
         free = free_memory(self._input_device())
         self.logit_budget = resolve_logit_budget(free)
-        self.step_tokens = CPU_STEP_TOKENS if self._input_device().type == "cpu" else None
+        self.step_tokens = resolve_step_tokens(free)
         self.batch_size = resolve_batch_size(
             batch_size,
             free,

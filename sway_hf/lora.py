@@ -315,7 +315,7 @@ def null_arrays(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A drawn null's factors (by module path, PEFT orientation) as tensors in each
     slot's dtype and on its device: converted once per draw, so that opening the null
-    again moves no data (120 small host-to-device copies per opening on SmolLM2)."""
+    again moves no data (it was two small host-to-device copies per adapted module)."""
     out = {}
     for slot in slots:
         like = {"dtype": slot.a.dtype, "device": slot.a.device}
@@ -337,12 +337,12 @@ def install_null(
     # Looked up before anything is written: a missing module leaves the model untouched.
     drawn = [factors[slot.path] for slot in slots]
     trained = [(slot.a.data, slot.b.data) for slot in slots]
+    # Its restore also clears PEFT's DoRA cache, after the factors are back.
     magnitudes = _snapshot([s for s in slots if s.dora], ("lora_magnitude_vector",))
 
     def undo_factors() -> None:
         for slot, (a, b) in zip(slots, trained, strict=True):
             slot.a.data, slot.b.data = a, b
-        _clear_dora_cache(slots)
 
     def change() -> None:
         with torch.no_grad():

@@ -21,12 +21,12 @@ from sway_common.adapters import read_adapter
 from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws
 from sway_common.backend.limits import (
-    CPU_STEP_TOKENS,
     context_limit,
     positions_per_step,
     require_fast_tokenizer,
     resolve_batch_size,
     resolve_logit_budget,
+    resolve_step_tokens,
 )
 from sway_common.backend.nulls import NullFactors
 from sway_common.backend.scoring import token_dists_from_top
@@ -93,9 +93,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.vocab_size = int(self._head(self._inner(mx.array([[0]]))).shape[-1])
         free = free_memory()
         self.logit_budget = resolve_logit_budget(free)
-        self.step_tokens = (
-            CPU_STEP_TOKENS if mx.default_device().type == mx.DeviceType.cpu else None
-        )
+        self.step_tokens = resolve_step_tokens(free)
         self.batch_size = resolve_batch_size(
             batch_size,
             free,

@@ -5,6 +5,7 @@ The contract both backends keep is in ``test_backend_contract.py``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
+from mlx_lm.models import activations  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
+from sway_mlx.loading import cpu_swiglu  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -140,10 +143,6 @@ def test_native_mlx_adapter_matches_mlx_lm(tiny_model_dir: Path, tiny_mlx_adapte
 
 # ----------------------------------------------------------------- CPU SwiGLU
 def test_cpu_swiglu_is_mlx_lms_to_float32_rounding() -> None:
-    from mlx_lm.models import activations
-
-    from sway_mlx.loading import cpu_swiglu
-
     edges = [-100.0, -88.0, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.0, 100.0]
     gate = mx.concatenate([mx.random.normal((50_000,), key=mx.random.key(0)) * 8, mx.array(edges)])
     x = mx.random.normal(gate.shape, key=mx.random.key(1))
@@ -162,9 +161,5 @@ def test_cpu_swiglu_is_mlx_lms_to_float32_rounding() -> None:
 
 
 def test_the_backend_runs_the_cpu_swiglu_on_the_cpu_only(backend) -> None:
-    import sys
-
-    from sway_mlx.loading import cpu_swiglu
-
     on_cpu = mx.default_device().type == mx.DeviceType.cpu
     assert (sys.modules[type(backend.model).__module__].swiglu is cpu_swiglu) == on_cpu

@@ -397,6 +397,13 @@ def test_logit_budget_from_free_memory() -> None:
     assert limits.LOGIT_BUDGET < limits.resolve_logit_budget(8 << 30) < limits.MAX_LOGIT_BUDGET
 
 
+def test_step_cost_only_off_an_accelerator() -> None:
+    # The backends report no free memory exactly on a CPU; a full GPU still has a number.
+    assert limits.resolve_step_tokens(None) == limits.CPU_STEP_TOKENS
+    assert limits.resolve_step_tokens(0) is None
+    assert limits.resolve_step_tokens(78 << 30) is None
+
+
 def test_auto_batch_size() -> None:
     smollm = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9}
     kw = {"context": 2048, "dtype_bytes": 2, "vocab_size": 49152}

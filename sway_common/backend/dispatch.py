@@ -62,7 +62,7 @@ class ViewDispatch(ABC):
     logit_budget: int | None = None
     """Floats of logits one scoring step may hold (``limits.resolve_logit_budget``)."""
     step_tokens: float | None = None
-    """What one more forward costs in padded tokens (``limits.CPU_STEP_TOKENS`` on a CPU);
+    """What one more forward costs in padded tokens (``limits.resolve_step_tokens``);
     None: batches are cut full (``scoring.length_buckets``)."""
     adapter_hash: str = ""
     adapter_weights: AdapterWeights | None = None

@@ -53,6 +53,12 @@ MAX_AUTO_BATCH = 256
 MEMORY_SHARE = 0.5
 
 
+def resolve_step_tokens(free_bytes: int | None) -> float | None:
+    """What one more forward costs in padded tokens (``scoring.length_buckets``):
+    :data:`CPU_STEP_TOKENS` off an accelerator (no free memory to report), else None."""
+    return CPU_STEP_TOKENS if free_bytes is None else None
+
+
 def resolve_batch_size(
     requested: int | str,
     free_bytes: int | None,
