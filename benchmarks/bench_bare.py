@@ -29,7 +29,7 @@ def _padded(batch: list[list[int]]) -> np.ndarray:
 def _hf_forwards(backend: Any) -> tuple[Forward, Forward]:
     import torch
 
-    model = backend._causal_lm
+    model = backend.runtime._causal_lm
     device = model.get_input_embeddings().weight.device
 
     @torch.inference_mode()
@@ -51,7 +51,7 @@ def _hf_forwards(backend: Any) -> tuple[Forward, Forward]:
 def _mlx_forwards(backend: Any) -> tuple[Forward, Forward]:
     import mlx.core as mx
 
-    model = backend.model
+    model = backend.runtime.model
 
     def head(hidden: Any) -> Any:
         if "lm_head" in model:
@@ -103,7 +103,7 @@ def device_name(name: str, backend: Any) -> str:
         return str(mx.device_info().get("device_name", "gpu"))
     import torch
 
-    device = torch.device(backend.device)
+    device = torch.device(backend.runtime.device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return device.type

@@ -145,6 +145,6 @@ def texts_of_length(backend: Any, n: int, tokens: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        ids = backend._encode(" ".join(rng.choice(WORDS, tokens * 2)))[0][:tokens]
+        ids = backend.runtime.encode(" ".join(rng.choice(WORDS, tokens * 2)))[0][:tokens]
         out.append(backend.tokenizer.decode(ids))
     return out

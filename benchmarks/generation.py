@@ -54,12 +54,12 @@ def count_tokens(backend: Any, prompts: list[str], new: int) -> int:
     if backend.info["backend"] == "mlx":
         from sway_mlx.generate import generate_tokens
 
-        model, stops = backend.model, sorted(backend._wrapper.eos_token_ids)
+        model, stops = backend.runtime.model, sorted(backend.runtime._wrapper.eos_token_ids)
     else:
         from sway_common.backend.generation import stop_ids
         from sway_hf.generate import generate_tokens
 
-        model = backend._causal_lm
+        model = backend.runtime._causal_lm
         stops = stop_ids(backend.tokenizer, model.generation_config.eos_token_id)
     rows = generate_tokens(
         model, ids, max_new_tokens=new, temperature=0.0, draws=None, stop_ids=stops

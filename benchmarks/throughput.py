@@ -88,7 +88,7 @@ def open_view(backend: Any, view: str, lam: float) -> AbstractContextManager[Any
 
 def run_op(backend: Any, view: str, op: str, texts: list[str], lam: float) -> None:
     """One uncached pass of ``op`` over ``texts`` in a freshly opened view."""
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     with open_view(backend, view, lam) as handle:
         if op == "logprob_of_batch":
             handle.logprob_of_batch([t[:1] for t in texts], [t[1:] for t in texts])
@@ -129,7 +129,7 @@ def bench_bare(name: str, model_dir: Path, args: argparse.Namespace) -> tuple[li
     records, texts, seconds = [], {}, {}
     for batch in args.batches:
         texts[batch] = texts_of_length(backend, batch, args.seq, seed=batch)
-        encoded = [backend._encode(t)[0] for t in texts[batch]]
+        encoded = [backend.runtime.encode(t)[0] for t in texts[batch]]
         n_tokens = sum(len(e) for e in encoded)
         for op, _ in OPS:
             s, times = timed(lambda op=op, e=encoded: forwards[op](e), args.repeats)
@@ -146,7 +146,7 @@ def bench_views(
 ) -> list[dict]:
     """Every view and op on ``texts``, with its ratio to the bare forward."""
     batch = len(texts)
-    n_tokens = sum(len(backend._encode(t)[0]) for t in texts)
+    n_tokens = sum(len(backend.runtime.encode(t)[0]) for t in texts)
     records = []
     for view in args.views:
         for op, _ in OPS:
@@ -169,17 +169,18 @@ def bench_views(
 
 def run_null_views(backend: Any, texts: list[str], k: int, stacked: bool) -> None:
     """One uncached pass of the null calibration's next-token work."""
-    from sway_common.backend.base import ViewSpec
+    from sway_common.backend.nulls import NullSpec
+    from sway_common.backend.views import ViewSpec
 
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     views = [ViewSpec("base")] + [
-        ViewSpec("null", seed=NULL_SEED + i, mode="norm_matched") for i in range(k)
+        ViewSpec("null", null=NullSpec(NULL_SEED + i, mode="norm_matched")) for i in range(k)
     ]
     if stacked:
         backend.next_token_dist_views(views, texts, top_k=256)
         return
     for view in views:
-        with backend._open(view) as handle:
+        with backend.open(view) as handle:
             handle.next_token_dist_batch(texts, top_k=256)
 
 
@@ -197,7 +198,7 @@ def bench_null_views(
             run_null_views(backend, texts, k, stacked)
             times[stacked].append(time.perf_counter() - start)
     speedup = statistics.median(a / b for a, b in zip(times[False], times[True], strict=True))
-    n_tokens = sum(len(backend._encode(t)[0]) for t in texts)
+    n_tokens = sum(len(backend.runtime.encode(t)[0]) for t in texts)
     bare_s = bare.get(("next_token_dist_batch", len(texts)))
     records = []
     for view, stacked in (("null-loop", False), ("stacked", True)):
@@ -206,7 +207,7 @@ def bench_null_views(
         records.append(
             record(
                 name, backend, "next_token_dist_views", view, texts, seq=args.seq, nulls=k,
-                shared_block=backend._shared_blocks.get(backend.adapter_hash),
+                shared_block=backend.stacker.shared_blocks.get(backend.adapter_hash),
                 stacked_speedup=speedup, times=times[stacked], **stats,
             )
         )  # fmt: skip

@@ -16,8 +16,9 @@ from typing import IO
 PathLike = str | os.PathLike[str]
 
 
-def atomic_write(path: PathLike, write: Callable[[IO[str]], None]) -> None:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+def atomic_write(path: PathLike, write: Callable[[IO[str]], object]) -> None:
+    """Call ``write`` on a temp file beside ``path`` (what it returns is ignored), fsync it,
+    then rename it over ``path``.
 
     On any exception the temp file is removed and a previous ``path`` is left untouched.
     """

@@ -1,11 +1,6 @@
-"""Fast float32 matmuls for MLX on a Linux CPU, without slowing torch down.
+"""Finding OpenBLAS on Linux and seeing whether a process has it, loaded or preloaded.
 
-The ``mlx[cpu]`` wheel links a reference BLAS (~5 GFLOP/s here); OpenBLAS runs the same
-matmuls ~35x faster. Loading OpenBLAS with ``RTLD_GLOBAL`` *before* ``mlx.core`` is
-imported makes MLX bind to it, the same effect as ``LD_PRELOAD`` but for one process
-that asked for it. torch must not share a process with it: with OpenBLAS loaded, torch's
-CPU matmuls ran ~25% slower in a micro-benchmark and whole probe runs up to 4x slower, so
-only the MLX side loads it, and the CLI drops an inherited ``LD_PRELOAD`` of it.
+Why MLX loads it and torch must not share a process with it: ``sway_mlx.platform_fixes``.
 """
 
 from __future__ import annotations
@@ -55,26 +50,3 @@ def without_openblas_preload(env: dict[str, str]) -> dict[str, str]:
     if kept:
         out["LD_PRELOAD"] = " ".join(kept)
     return out
-
-
-def load_openblas_for_mlx() -> str:
-    """Make MLX use OpenBLAS in this process if it can; say what happened.
-
-    Returns one of ``"openblas"`` (loaded now or already), ``"reference"`` (mlx.core was
-    imported before and bound to its own BLAS; nothing to do now) or ``"missing"``
-    (no OpenBLAS on this machine), or ``"native"`` off Linux (Accelerate on macOS).
-    """
-    if not sys.platform.startswith("linux"):
-        return "native"
-    if openblas_mapped():
-        return "openblas"
-    if "mlx.core" in sys.modules:
-        return "reference"
-    path = find_openblas()
-    if path is None:
-        return "missing"
-    try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError:
-        return "missing"
-    return "openblas"

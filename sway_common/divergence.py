@@ -152,7 +152,10 @@ def align(base: TokenDist, ft: TokenDist) -> tuple[NDArray[np.float64], NDArray[
     return _aligned(base, union, rest), _aligned(ft, union, rest)
 
 
-def divergence(base: TokenDist, ft: TokenDist, kind: Literal["js", "kl"] = "js") -> float:
+DivergenceKind = Literal["js", "kl"]
+
+
+def divergence(base: TokenDist, ft: TokenDist, kind: DivergenceKind = "js") -> float:
     """Divergence between base and fine-tuned next-token distributions, in nats.
 
     ``"kl"`` is KL(ft || base): the expected extra surprise of the base model at

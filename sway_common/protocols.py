@@ -87,6 +87,14 @@ class ScoringBackend(Protocol):
         """
         return [self.next_token_dist(p, top_k=top_k) for p in prompts]
 
+    def logprob_of_batch(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """:meth:`logprob_of` per (prompt, completion) pair, in order. This default loops."""
+        return [self.logprob_of(p, c) for p, c in zip(prompts, completions, strict=True)]
+
+    def rolling_logprob_batch(self, texts: Sequence[str]) -> list[RollingLogprob]:
+        """:meth:`rolling_logprob` per text, in order. This default loops."""
+        return [self.rolling_logprob(t) for t in texts]
+
 
 @runtime_checkable
 class ScoringModel(Model, ScoringBackend, Protocol):
@@ -139,6 +147,7 @@ class NullCalibratedBackend(DifferentialBackend, Protocol):
       tensors: the variance of ``ΔW = B·A`` grows *linearly* with it (the std of one
       factor is multiplied by ``sqrt(rank_scale)``, not both); ``rank_scale <= 0``
       raises ``ValueError``;
+    - ``init_scale`` defaults to the null recipe's (``backend.nulls.DEFAULT_INIT_SCALE``);
     - ``mode="fixed"`` draws factors at ``init_scale``; ``mode="norm_matched"``
       rescales each module's ΔW to the real adapter's Frobenius norm for that module.
     """
@@ -147,7 +156,7 @@ class NullCalibratedBackend(DifferentialBackend, Protocol):
         self,
         seed: int,
         *,
-        init_scale: float = 0.02,
+        init_scale: float = ...,
         rank_scale: float = 1.0,
         mode: NullMode = "fixed",
     ) -> AbstractContextManager[ScoringModel]: ...

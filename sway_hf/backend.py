@@ -1,8 +1,8 @@
 """The Hugging Face differential backend: one transformers model, one PEFT LoRA adapter.
 
 Views, caching, bucketing, windows and preflight live in
-:class:`sway_common.backend.DifferentialBackendBase`; this module supplies the torch
-hooks: right-padded batched forwards (no attention mask) with the LM head applied only
+:class:`sway_common.backend.model_views.ModelViews`; this module supplies the torch
+:class:`~sway_common.backend.runtime.Runtime`: right-padded batched forwards (no attention mask) with the LM head applied only
 where it is needed, chunked per-token scoring, seeded generation, and adapter loading
 (PEFT dirs directly, mlx-lm dirs through a conversion to PEFT).
 """
@@ -12,18 +12,17 @@ from __future__ import annotations
 import gc
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from sway_common.adapters import convert_adapter, detect_format, read_adapter
-from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws, stop_ids
 from sway_common.backend.limits import (
     context_limit,
@@ -33,11 +32,13 @@ from sway_common.backend.limits import (
     resolve_logit_budget,
     resolve_step_tokens,
 )
-from sway_common.backend.nulls import NullFactors
+from sway_common.backend.model_views import ModelViews, describe
+from sway_common.backend.nulls import NullFactors, PlacedNull
+from sway_common.backend.runtime import Runtime
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
+from sway_common.backend.views import Restore
 from sway_common.models import check_model_dir, resolve_model_dir
-from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 from sway_hf import generate, lora
 from sway_hf.loading import (
@@ -52,8 +53,8 @@ from sway_hf.loading import (
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class HFDifferentialBackend(DifferentialBackendBase):
-    """Base, fine-tuned, λ-scaled and null views of one transformers model + PEFT adapter.
+class HFRuntime(Runtime):
+    """One transformers model with a PEFT adapter attached, and its hooks.
 
     ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` a PEFT adapter
     dir or an mlx-lm adapter dir (converted to PEFT on load), or None for the model
@@ -104,9 +105,10 @@ class HFDifferentialBackend(DifferentialBackendBase):
                 use_safetensors=None if allow_pickle else True,
             )
         if not spread:
-            base.to(self.device)
+            # As a Module: transformers' wraps(Module.to) types PreTrainedModel.to unbound.
+            cast(torch.nn.Module, base).to(self.device)
         base.eval()
-        self._causal_lm = base
+        self._causal_lm: PreTrainedModel | None = base  # None once released
         config = base.config.get_text_config()
         self.max_context = context_limit(
             getattr(config, "max_position_embeddings", None), max_context
@@ -157,10 +159,9 @@ class HFDifferentialBackend(DifferentialBackendBase):
         Base-view results stay cached (their key holds no adapter); adapter views are
         keyed by the new adapter's content hash. On failure the previous adapter stays.
         """
-        if self.active_view is not None:
-            raise ViewConflictError("close the open view before changing the adapter")
         adapter_path = Path(adapter_path)
         weights = read_adapter(adapter_path, allow_pickle=self.allow_pickle)
+        assert self._causal_lm is not None, "the backend was closed"
         lora.check_fits(self._causal_lm, weights)
         name = f"sway{self._loads}"
         with self._as_peft_dir(adapter_path) as peft_dir, warnings.catch_warnings():
@@ -196,7 +197,8 @@ class HFDifferentialBackend(DifferentialBackendBase):
         self.adapter_weights = weights
         self.adapter_hash = weights.content_hash
         self.adapter_path = adapter_path
-        cfg = self.model.peft_config[name]
+        # A LoRA adapter (read_adapter refuses any other): PEFT's config is a LoraConfig.
+        cfg = cast(LoraConfig, self.model.peft_config[name])
         self.info = describe(
             self,
             "hf",
@@ -207,27 +209,31 @@ class HFDifferentialBackend(DifferentialBackendBase):
         )
 
     # --------------------------------------------------------------- views
-    # Which of these runs for which view is decided in DifferentialBackendBase._activate.
-    def _install_base(self) -> Restore:
+    # Which of these runs for which view is decided in ViewSwitch._install (switch.py).
+    def install_base(self) -> Restore:
         return lora.install_base(self.slots)
 
-    def _install_scaled(self, lam: float) -> Restore:
+    def install_scaled(self, lam: float) -> Restore:
         return lora.install_scaled(self.slots, lam)
 
-    def _place_null(self, factors: dict[str, NullFactors]) -> dict[str, Any]:
+    def place_null(self, factors: Mapping[str, NullFactors]) -> PlacedNull:
         return lora.null_arrays(self.slots, factors)
 
-    def _install_null(self, factors: dict[str, Any]) -> Restore:
-        return lora.install_null(self.slots, factors)
+    def install_null(self, placed: PlacedNull) -> Restore:
+        return lora.install_null(self.slots, placed)
 
-    def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
+    def install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
         if not self.slots or any(s.dora for s in self.slots):
             return None  # DoRA: one view at a time (lora.install_stacked says why)
+        assert self._causal_lm is not None, "the backend was closed"
         return lora.install_stacked(self._causal_lm, self.slots, stack, tile_at)
 
     # ------------------------------------------------------------- scoring
     def _input_device(self) -> torch.device:
-        return self._causal_lm.get_input_embeddings().weight.device
+        assert self._causal_lm is not None, "the backend was closed"
+        weight = self._causal_lm.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)  # an embedding's Parameter
+        return weight.device
 
     def _padded(self, batch: list[list[int]]) -> tuple[torch.Tensor, np.ndarray]:
         """Right-padded ids on the device, and the row lengths.
@@ -250,12 +256,14 @@ class HFDifferentialBackend(DifferentialBackendBase):
         Normally the decoder body's final hidden states; for an architecture whose
         causal-LM forward does more than ``lm_head`` after the body, already the logits.
         """
+        assert self._causal_lm is not None, "the backend was closed"
         if self._split_head:
             return self._causal_lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         return self._causal_lm(input_ids=ids, use_cache=False).logits
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         # Looked up per call: a new adapter may wrap lm_head.
+        assert self._causal_lm is not None, "the backend was closed"
         logits = self._causal_lm.get_output_embeddings()(hidden).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
@@ -273,6 +281,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         forward, say) scoring falls back to full-sequence logits: slower, still right.
         """
         ids = torch.arange(1, 6, device=self._input_device())[None, :] % self.vocab_size
+        assert self._causal_lm is not None, "the backend was closed"
         reference = self._causal_lm(input_ids=ids, use_cache=False).logits.float()
         try:
             split = self._head(self._causal_lm.get_decoder()(input_ids=ids).last_hidden_state)
@@ -292,11 +301,11 @@ class HFDifferentialBackend(DifferentialBackendBase):
         return torch.log_softmax(self._logits(picked), dim=-1)
 
     @torch.inference_mode()
-    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+    def last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
         return self._device_last_logprobs(batch).cpu().numpy()
 
     @torch.inference_mode()
-    def _last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
+    def last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
         logprobs = self._device_last_logprobs(batch)
         top, ids = logprobs.topk(max(1, min(top_k, logprobs.shape[-1])), dim=-1)
         tail = logprobs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
@@ -305,7 +314,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         )
 
     @torch.inference_mode()
-    def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+    def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         ids, lengths = self._padded(batch)
         # Position t of row i predicts token t + 1: the flat indices of the positions that
         # have one, made on the host so the forward is never waited on until the end.
@@ -327,7 +336,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         return np.split(flat.astype(np.float32), np.cumsum(lengths - 1)[:-1])
 
     # ---------------------------------------------------------- generation
-    def _generate_tokens(
+    def generate_tokens(
         self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
     ) -> list[list[int]]:
         assert self._causal_lm is not None, "the backend was closed"
@@ -345,7 +354,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
         )
 
     # -------------------------------------------------------------- checks
-    def _nonfinite_adapter_tensors(self) -> list[str]:
+    def nonfinite_adapter_tensors(self) -> list[str]:
         return lora.nonfinite(self.slots)
 
     def peak_memory_bytes(self) -> int | None:
@@ -354,7 +363,7 @@ class HFDifferentialBackend(DifferentialBackendBase):
             return int(torch.cuda.max_memory_allocated())
         return None
 
-    def _release(self) -> None:
+    def release(self) -> None:
         cuda = torch.device(self.device).type == "cuda"
         self.slots = []
         self.model = None
@@ -364,10 +373,11 @@ class HFDifferentialBackend(DifferentialBackendBase):
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
+    def mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
         # The decoder body's own output, whatever the LM head does after it; the mean
         # skips the pads, which the causal mask keeps from the real positions.
         ids, lengths = self._padded(batch)
+        assert self._causal_lm is not None, "the backend was closed"
         hidden = self._causal_lm.get_decoder()(input_ids=ids, use_cache=False)
         states = hidden.last_hidden_state.float()
         real = (
@@ -376,3 +386,17 @@ class HFDifferentialBackend(DifferentialBackendBase):
         )
         summed = (states * real[..., None]).sum(dim=1)
         return (summed / real.sum(dim=1, keepdim=True)).cpu().numpy()
+
+
+class HFDifferentialBackend(ModelViews):
+    """Base, fine-tuned, λ-scaled and null views of one transformers model + PEFT adapter.
+
+    Arguments as :class:`HFRuntime`'s: ``model``, ``adapter_path`` and the keywords
+    ``dtype``, ``device``, ``batch_size``, ``max_context``, ``device_map``,
+    ``allow_pickle``, ``trust_remote_code``.
+    """
+
+    runtime: HFRuntime
+
+    def __init__(self, model: str | Path, adapter_path: str | Path | None, **options: Any) -> None:
+        super().__init__(HFRuntime(model, adapter_path, **options))

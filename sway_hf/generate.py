@@ -44,7 +44,7 @@ class _InverseCdf(LogitsProcessor):
         self.uniforms = torch.tensor(np.stack(draws), dtype=torch.float32, device=device)
         self.step = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         u = self.uniforms[:, min(self.step, self.uniforms.shape[1] - 1)]
         self.step += 1
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)

@@ -21,8 +21,8 @@ fine-tuned state:
   view's ``scale·B·A x`` to its own rows; pre-hooks may repeat the rows per view from
   the first adapted block on, so the blocks below it run once per prompt.
 
-While attached, a plain LoRA layer runs :func:`_lean_forward` (PEFT's arithmetic, read
-from the same live tensors and switches, in three kernels and no sub-module calls).
+While attached, a plain LoRA layer runs :mod:`sway_hf.fast_lora`'s lean forward (PEFT's
+arithmetic on the same live tensors and switches; ``SWAY_MLX_NO_FAST_PATHS=1``: PEFT's).
 
 Factors use PEFT's layout: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``, ΔW = scale·B·A.
 """
@@ -31,19 +31,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.dora import DoraLinearLayer
 
 from sway_common.adapters.weights import AdapterWeights
-from sway_common.backend.base import Restore
 from sway_common.backend.limits import misfit, missing_module
-from sway_common.backend.nulls import NullFactors
+from sway_common.backend.nulls import NullFactors, PlacedFactors, PlacedNull
 from sway_common.backend.stacking import StackedView
+from sway_common.backend.views import Restore
+from sway_hf import fast_lora
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
 # adapter files and the MLX backend use ("model.layers.0.self_attn.q_proj").
@@ -65,7 +66,8 @@ class LoraSlot:
     scale: float
     """The trained ``scaling[adapter]`` (alpha / r, or alpha / sqrt(r) for rsLoRA)."""
     lean: Callable[..., torch.Tensor] | None = None
-    """The layer's :func:`_lean_forward` while attached; None where PEFT's forward runs."""
+    """The layer's lean forward (:mod:`sway_hf.fast_lora`) while attached; None where
+    PEFT's forward runs."""
 
     @property
     def dora(self) -> bool:
@@ -96,14 +98,14 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             continue
         magnitude = None
         if adapter in layer.lora_magnitude_vector:
-            magnitude = layer.lora_magnitude_vector[adapter].weight
+            magnitude = fast_lora.weight_of(layer.lora_magnitude_vector[adapter])
         slots.append(
             LoraSlot(
                 path=name.removeprefix(_PEFT_PREFIX),
                 layer=layer,
                 adapter=adapter,
-                a=layer.lora_A[adapter].weight,
-                b=layer.lora_B[adapter].weight,
+                a=fast_lora.weight_of(layer.lora_A[adapter]),
+                b=fast_lora.weight_of(layer.lora_B[adapter]),
                 magnitude=magnitude,
                 scale=float(layer.scaling[adapter]),
             )
@@ -117,48 +119,8 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             f"extra: {extra}); was the adapter trained on another base model?"
         )
     for slot in slots:
-        slot.lean = _lean_forward(slot)
-        if slot.lean is not None:
-            slot.layer.forward = slot.lean  # an instance attribute: nn.Module calls it
+        slot.lean = fast_lora.install(slot.layer, slot.adapter)
     return sorted(slots, key=lambda s: s.path)
-
-
-def _lean_forward(slot: LoraSlot) -> Callable[..., torch.Tensor] | None:
-    """PEFT's LoRA forward for one plain LoRA Linear, without its per-call bookkeeping.
-
-    PEFT's forward calls four sub-modules and four kernels per layer (base, A, B, the
-    scaling, the add): on a small model, Python and kernel launches rather than the
-    arithmetic. This one reads the same live state (the adapter switch, ``scaling``,
-    ``lora_A``/``lora_B``), so every view installed by the functions below still
-    applies, and does the same arithmetic in three kernels: the base product, ``x·Aᵀ``,
-    and one ``addmm`` adding ``scaling·(x·Aᵀ)·Bᵀ`` in the adapter's dtype, as PEFT adds
-    it. Anything else (DoRA and PEFT's other variants, a LoRA bias, dropout while
-    training, hooks or another base layer type, extra arguments) runs PEFT's forward.
-    """
-    layer, adapter = slot.layer, slot.adapter
-    base = layer.get_base_layer()
-    plain = type(base) is torch.nn.Linear and not getattr(layer, "fan_in_fan_out", False)
-    hooked = base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-    variant = adapter in getattr(layer, "lora_variant", {})  # DoRA and PEFT's other variants
-    lora_bias = layer.lora_B[adapter].bias is not None
-    if slot.dora or not plain or hooked or variant or lora_bias:
-        return None
-    peft_forward = type(layer).forward.__get__(layer)
-
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or layer.training or layer.merged or adapter not in layer.lora_A:
-            return peft_forward(x, *args, **kwargs)
-        out = F.linear(x, base.weight, base.bias)
-        if layer.disable_adapters:
-            return out
-        a, b = slot.a, slot.b  # the live parameters (a null points them at its tensors)
-        h = F.linear(x.to(a.dtype), a).reshape(-1, a.shape[0])
-        summed = torch.addmm(
-            out.reshape(-1, out.shape[-1]).to(b.dtype), h, b.t(), alpha=layer.scaling[adapter]
-        )
-        return summed.view(out.shape).to(out.dtype)
-
-    return forward
 
 
 def check_fits(model: torch.nn.Module, weights: AdapterWeights) -> None:
@@ -196,8 +158,7 @@ def detach(model: PeftModel, slots: Sequence[LoraSlot]) -> None:
     """Take the adapter out for good (PEFT deletes its layers' weights and config)."""
     for slot in slots:
         # A later adapter's attach may already have put its own forward on the layer.
-        if slot.lean is not None and slot.layer.__dict__.get("forward") is slot.lean:
-            del slot.layer.forward
+        fast_lora.uninstall(slot.layer, slot.lean)
     for adapter in {s.adapter for s in slots}:
         model.delete_adapter(adapter)
 
@@ -208,7 +169,9 @@ def _clear_dora_cache(slots: Sequence[LoraSlot]) -> None:
     # would outlive an in-place change of the factors, the magnitude or the scaling.
     for slot in slots:
         if slot.dora:
-            slot.layer.lora_magnitude_vector[slot.adapter]._cache_clear()
+            dora = slot.layer.lora_magnitude_vector[slot.adapter]
+            assert isinstance(dora, DoraLinearLayer)  # PEFT's DoRA keeps its cache here
+            dora._cache_clear()
 
 
 def _snapshot(slots: Sequence[LoraSlot], keys: tuple[str, ...] | None) -> Restore:
@@ -256,7 +219,9 @@ def _guarded(restore: Restore, change: Callable[[], None]) -> Restore:
 
 def _base_row_norms(slot: LoraSlot) -> torch.Tensor:
     """Row norms of the base weight: the magnitude of an untrained DoRA adapter."""
-    weight = slot.layer.get_base_layer().weight.detach()
+    base_weight = slot.layer.get_base_layer().weight
+    assert isinstance(base_weight, torch.Tensor)  # a Linear's (or Conv1D's) Parameter
+    weight = base_weight.detach()
     if getattr(slot.layer, "fan_in_fan_out", False):
         weight = weight.T
     if slot.magnitude is not None and weight.shape[0] != slot.magnitude.numel():
@@ -312,21 +277,19 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
 
 def null_arrays(
     slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[str, PlacedFactors[torch.Tensor]]:
     """A drawn null's factors (by module path, PEFT orientation) as tensors in each
     slot's dtype and on its device: converted once per draw, so that opening the null
     again moves no data (it was two small host-to-device copies per adapted module)."""
     out = {}
     for slot in slots:
-        like = {"dtype": slot.a.dtype, "device": slot.a.device}
+        like: dict[str, Any] = {"dtype": slot.a.dtype, "device": slot.a.device}
         a, b = (torch.from_numpy(np.ascontiguousarray(f)).to(**like) for f in factors[slot.path])
-        out[slot.path] = (a, b)
+        out[slot.path] = PlacedFactors(a, b)
     return out
 
 
-def install_null(
-    slots: Sequence[LoraSlot], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-) -> Restore:
+def install_null(slots: Sequence[LoraSlot], placed: PlacedNull) -> Restore:
     """A null's factors (as :func:`null_arrays` placed them) in place of the trained ones.
 
     The parameters are pointed at the null's tensors and back, so no data moves either
@@ -335,7 +298,7 @@ def install_null(
     the trained magnitudes cannot leak into the null.
     """
     # Looked up before anything is written: a missing module leaves the model untouched.
-    drawn = [factors[slot.path] for slot in slots]
+    drawn = [(placed[slot.path].a, placed[slot.path].b) for slot in slots]
     trained = [(slot.a.data, slot.b.data) for slot in slots]
     # Its restore also clears PEFT's DoRA cache, after the factors are back.
     magnitudes = _snapshot([s for s in slots if s.dora], ("lora_magnitude_vector",))
@@ -390,8 +353,10 @@ def install_stacked(
 
     def change() -> None:
         for slot, (a, b, scale) in zip(slots, factors, strict=True):
-            slot.layer.enable_adapters(False)
-            handles.append(slot.layer.register_forward_hook(_stacked_delta(a, b, scale)))
+            layer = slot.layer
+            assert isinstance(layer, torch.nn.Module)  # PEFT's LoRA layers are modules too
+            layer.enable_adapters(False)
+            handles.append(layer.register_forward_hook(_stacked_delta(a, b, scale)))
         if tile_at is not None and len(stack) > 1:
             handles.extend(_tile_rows(model, tile_at, len(stack)))
 
@@ -402,15 +367,17 @@ def _stacked_factors(
     slot: LoraSlot, stack: Sequence[StackedView]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(A (V, in, r), B (V, r, out), scale (V, 1, 1)) in the slot's dtype and device."""
-    like = {"dtype": slot.a.dtype, "device": slot.a.device}
+    like: dict[str, Any] = {"dtype": slot.a.dtype, "device": slot.a.device}
 
-    def pick(trained: torch.Tensor, index: int, view: StackedView) -> torch.Tensor:
+    def pick(view: StackedView) -> tuple[torch.Tensor, torch.Tensor]:
         if view.factors is None:
-            return trained.detach()
-        return view.factors[slot.path][index]  # placed by null_arrays
+            return slot.a.detach(), slot.b.detach()
+        placed = view.factors[slot.path]  # by null_arrays
+        return placed.a, placed.b
 
-    a = torch.stack([pick(slot.a, 0, v) for v in stack]).transpose(1, 2).contiguous()
-    b = torch.stack([pick(slot.b, 1, v) for v in stack]).transpose(1, 2).contiguous()
+    picked = [pick(view) for view in stack]
+    a = torch.stack([a for a, _ in picked]).transpose(1, 2).contiguous()
+    b = torch.stack([b for _, b in picked]).transpose(1, 2).contiguous()
     scale = torch.tensor([slot.scale * v.scale for v in stack], **like).view(-1, 1, 1)
     return a, b, scale
 
@@ -436,7 +403,8 @@ def _tile_rows(
     each is repeated once per forward and reused by the later blocks.
     """
     blocks_path, first = path.rsplit(".", 1)
-    blocks = model.get_submodule(blocks_path)
+    # A decoder's blocks: an nn.ModuleList (get_submodule types any module).
+    blocks = cast(torch.nn.ModuleList, model.get_submodule(blocks_path))
     state: dict[str, Any] = {"rows": 0, "done": []}
 
     def tiled(value: Any) -> Any:

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 
 @contextmanager
@@ -62,14 +63,17 @@ def train_lora(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = model.to(device)
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    # Moved in place (PreTrainedModel.to returns the model itself). Called as a Module:
+    # transformers' wraps(Module.to) leaves PreTrainedModel.to typed with an unbound self.
+    cast(torch.nn.Module, base).to(device)
     # Only the last blocks, as mlx-lm's --num-layers does: backprop then stops there,
     # which is most of the cost of a step on a CPU.
-    depth = model.config.num_hidden_layers
+    depth = base.config.num_hidden_layers
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        # Annotated int, used as a number (scaling = alpha / r): a float alpha is kept as given.
+        lora_alpha=cast(int, alpha),
         target_modules=list(targets),
         lora_dropout=0.0,
         bias="none",
@@ -78,7 +82,7 @@ def train_lora(
         use_dora=dora,
     )
     with _quiet_loading():
-        model = get_peft_model(model, config)
+        model = get_peft_model(base, config)
     encoded = tokenizer(
         list(chunks), return_tensors="pt", padding=True, truncation=True, max_length=max_tokens
     ).to(device)

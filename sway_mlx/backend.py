@@ -1,24 +1,23 @@
 """The MLX differential backend: one mlx-lm model, LoRA views swapped in place.
 
 Views, caching, bucketing, windows and preflight live in
-:class:`sway_common.backend.DifferentialBackendBase`; this module supplies the MLX
-hooks: padded batched forwards, the LM head applied only where it is needed, and
-generation through mlx-lm.
+:class:`sway_common.backend.model_views.ModelViews`; this module supplies the MLX
+:class:`~sway_common.backend.runtime.Runtime`: padded batched forwards, the LM head
+applied only where it is needed, and generation through mlx-lm.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.utils import load
 
 from sway_common.adapters import read_adapter
-from sway_common.backend.base import DifferentialBackendBase, Restore, describe
 from sway_common.backend.generation import Draws
 from sway_common.backend.limits import (
     context_limit,
@@ -28,20 +27,27 @@ from sway_common.backend.limits import (
     resolve_logit_budget,
     resolve_step_tokens,
 )
-from sway_common.backend.nulls import NullFactors
+from sway_common.backend.model_views import ModelViews, describe
+from sway_common.backend.nulls import NullFactors, PlacedNull
+from sway_common.backend.runtime import Runtime
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
+from sway_common.backend.views import Restore
 from sway_common.models import check_model_dir, normalize_config, resolve_model_dir
-from sway_common.protocols import ViewConflictError
 from sway_common.types import TokenDist
 from sway_mlx import generate, lora
-from sway_mlx.loading import free_memory, pick_dtype, split_forward, use_cpu_swiglu
+from sway_mlx.loading import free_memory, pick_dtype, split_forward
+from sway_mlx.platform_fixes import use_cpu_swiglu
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class MLXDifferentialBackend(DifferentialBackendBase):
-    """Base, fine-tuned, λ-scaled and null views of one mlx-lm model and a LoRA adapter.
+class MLXRuntime(Runtime):
+    """One mlx-lm model with a LoRA adapter attached, and its hooks.
 
     ``model`` is a local model dir or a Hugging Face id; ``adapter_path`` an mlx-lm
     adapter dir (or one of its ``NNNNNNN_adapters.safetensors`` checkpoints) or a PEFT
@@ -70,12 +76,18 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.allow_pickle = allow_pickle
         # transformers v5 configs keep rope_theta inside rope_parameters, where mlx-lm
         # does not look: load from a normalised copy or the logits are silently wrong.
-        self.model, self._wrapper, config = load(
-            str(normalize_config(self.model_dir)),
-            return_config=True,
-            trust_remote_code=trust_remote_code,
-            tokenizer_config={"trust_remote_code": trust_remote_code},
+        # return_config=True makes it the 3-tuple of load's annotated union.
+        loaded = cast(
+            "tuple[nn.Module, TokenizerWrapper, dict[str, Any]]",
+            load(
+                str(normalize_config(self.model_dir)),
+                return_config=True,
+                trust_remote_code=trust_remote_code,
+                tokenizer_config={"trust_remote_code": trust_remote_code},
+            ),
         )
+        mlx_model, self._wrapper, config = loaded
+        self.model: nn.Module | None = mlx_model  # None once released
         self.model.eval()
         use_cpu_swiglu(self.model)
         self.dtype = pick_dtype(dtype, config)
@@ -117,9 +129,8 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         Base-view results stay cached (their key holds no adapter); adapter views are
         keyed by the new adapter's content hash.
         """
-        if self.active_view is not None:
-            raise ViewConflictError("close the open view before changing the adapter")
         weights = read_adapter(adapter_path, allow_pickle=self.allow_pickle)
+        assert self.model is not None, "the backend was closed"
         lora.check_fits(self.model, weights)  # before the old adapter comes out
         # mlx-lm wraps a Linear once: the old layers come out before the new go in.
         lora.detach(self.model, self.slots)
@@ -141,22 +152,23 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         self.info = describe(self, "mlx", self._model_name, str(mx.default_device()), self.slots)
 
     # --------------------------------------------------------------- views
-    # Which of these runs for which view is decided in DifferentialBackendBase._activate.
-    def _install_base(self) -> Restore:
+    # Which of these runs for which view is decided in ViewSwitch._install (switch.py).
+    def install_base(self) -> Restore:
         return lora.install_base(self.slots)
 
-    def _install_scaled(self, lam: float) -> Restore:
+    def install_scaled(self, lam: float) -> Restore:
         return lora.install_scaled(self.slots, lam)
 
-    def _place_null(self, factors: dict[str, NullFactors]) -> dict[str, Any]:
+    def place_null(self, factors: Mapping[str, NullFactors]) -> PlacedNull:
         return lora.null_arrays(self.slots, factors)
 
-    def _install_null(self, factors: dict[str, Any]) -> Restore:
-        return lora.install_null(self.slots, factors)
+    def install_null(self, placed: PlacedNull) -> Restore:
+        return lora.install_null(self.slots, placed)
 
-    def _install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
+    def install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
         if not self.slots or any(s.dora for s in self.slots):
             return None  # DoRA: one view at a time (lora.install_stacked says why)
+        assert self.model is not None, "the backend was closed"
         return lora.install_stacked(self.model, self.slots, stack, tile_at)
 
     # ------------------------------------------------------------- scoring
@@ -182,10 +194,10 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         logits = self._head(last[:, None, :])[:, 0, :].astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-    def _last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
+    def last_logprobs(self, batch: list[list[int]]) -> np.ndarray:
         return np.array(self._device_last_logprobs(batch))
 
-    def _last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
+    def last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
         logprobs = self._device_last_logprobs(batch)
         k = max(1, min(top_k, logprobs.shape[-1]))
         part = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
@@ -198,7 +210,7 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         mx.eval(ids, top, tail)
         return token_dists_from_top(np.array(ids), np.array(top), np.array(tail), self.vocab_size)
 
-    def _token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
+    def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         ids, lengths = self._padded(batch)
         hidden = self._inner(ids)
         targets = ids[:, 1:]
@@ -220,11 +232,12 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         return [full[i, : n - 1].astype(np.float32) for i, n in enumerate(lengths)]
 
     # ---------------------------------------------------------- generation
-    def _generate_tokens(
+    def generate_tokens(
         self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
     ) -> list[list[int]]:
         # The wrapper's EOS set: the tokenizer's EOS and the model config's EOS id(s).
         stops = sorted(self._wrapper.eos_token_ids)
+        assert self.model is not None, "the backend was closed"
         return generate.generate_tokens(
             self.model,
             batch,
@@ -235,22 +248,23 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         )
 
     # -------------------------------------------------------------- checks
-    def _nonfinite_adapter_tensors(self) -> list[str]:
+    def nonfinite_adapter_tensors(self) -> list[str]:
         return lora.nonfinite(self.slots)
 
     def peak_memory_bytes(self) -> int | None:
         # MLX's allocator peak for the process (Metal memory on a Mac): both models.
         return int(mx.get_peak_memory())
 
-    def _release(self) -> None:
+    def release(self) -> None:
         if getattr(self, "slots", None):
+            assert self.model is not None  # release empties the slots as it drops the model
             lora.detach(self.model, self.slots)
         self.slots = []
         self.model = None
         gc.collect()
         mx.clear_cache()
 
-    def _mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
+    def mean_hidden(self, batch: list[list[int]]) -> np.ndarray:
         # The trunk's output (the logits, for a model that could not be split). Right
         # padding cannot reach real positions under the causal mask; the mean skips it.
         ids, lengths = self._padded(batch)
@@ -258,3 +272,16 @@ class MLXDifferentialBackend(DifferentialBackendBase):
         real = mx.arange(hidden.shape[1])[None, :] < mx.array(lengths)[:, None]
         summed = (hidden * real[..., None]).sum(axis=1)
         return np.array(summed / mx.array(lengths.astype(np.float32))[:, None])
+
+
+class MLXDifferentialBackend(ModelViews):
+    """Base, fine-tuned, λ-scaled and null views of one mlx-lm model and a LoRA adapter.
+
+    Arguments as :class:`MLXRuntime`'s: ``model``, ``adapter_path`` and the keywords
+    ``dtype``, ``batch_size``, ``max_context``, ``allow_pickle``, ``trust_remote_code``.
+    """
+
+    runtime: MLXRuntime
+
+    def __init__(self, model: str | Path, adapter_path: str | Path | None, **options: Any) -> None:
+        super().__init__(MLXRuntime(model, adapter_path, **options))

@@ -1,7 +1,7 @@
 """View mechanics on one MLX model: LoRA layers attached, swapped, scaled or refilled.
 
 Same functions, same signatures as ``sway_hf/lora.py``; which one runs for which view
-is decided once, in :meth:`sway_common.backend.base.DifferentialBackendBase._activate`.
+is decided once, in :meth:`sway_common.backend.switch.ViewSwitch._install`.
 
 Each targeted ``nn.Linear`` is wrapped once with a :class:`ViewLoRALinear` (DoRA:
 mlx-lm's ``DoRALinear``) and recorded in a :class:`LoraSlot` with the trained arrays:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,10 +26,10 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
-from sway_common.backend.base import Restore
 from sway_common.backend.limits import misfit, missing_module
-from sway_common.backend.nulls import NullFactors
+from sway_common.backend.nulls import NullFactors, PlacedFactors, PlacedNull
 from sway_common.backend.stacking import StackedView
+from sway_common.backend.views import Restore
 
 _WRAPPABLE = (nn.Linear, nn.QuantizedLinear)
 
@@ -113,9 +113,12 @@ def _resolve(model: nn.Module, path: str) -> tuple[Any, str | int, Any]:
 
 
 def _put(parent: Any, key: str | int, module: nn.Module) -> None:
+    # _resolve gives list items an int key and attributes a str one.
     if isinstance(parent, list):
+        assert isinstance(key, int)
         parent[key] = module
     else:
+        assert isinstance(key, str)
         setattr(parent, key, module)
 
 
@@ -158,7 +161,8 @@ def _wrap(model: nn.Module, path: str, module: LoraModule) -> LoraSlot:
     scale = mx.array(float(module.scale), dtype=mx.float32)
     magnitude = init_magnitude = folded = None
     if module.magnitude is not None:
-        layer: nn.Module = DoRALinear.from_base(base, r=module.rank, dropout=0.0)
+        # from_base is annotated for nn.Linear but reads QuantizedLinear's packing too.
+        layer: nn.Module = DoRALinear.from_base(cast(nn.Linear, base), r=module.rank, dropout=0.0)
         magnitude = mx.array(module.magnitude, dtype=mx.float32).reshape(-1)
         init_magnitude = layer.m
     else:
@@ -198,7 +202,9 @@ class ViewLoRALinear(nn.Module):
         super().__init__()
         self.linear = linear
 
-    def fill(self, a: mx.array, b: mx.array, scale: mx.array, folded: tuple[mx.array, ...]) -> None:
+    def fill(
+        self, a: mx.array, b: mx.array, scale: mx.array, folded: tuple[mx.array, mx.array]
+    ) -> None:
         self.lora_a, self.lora_b, self.scale = a, b, scale
         self.down, self.up = folded
 
@@ -206,7 +212,9 @@ class ViewLoRALinear(nn.Module):
         return mx.addmm(self.linear(x), x @ self.down, self.up)
 
 
-def _fold(linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array) -> tuple[mx.array, ...]:
+def _fold(
+    linear: nn.Module, a: mx.array, b: mx.array, scale: mx.array
+) -> tuple[mx.array, mx.array]:
     """``(A, scale·B)`` in the dtype ``linear`` computes in (in bfloat16 the factors' own
     rounding stays below that of the output they are added to)."""
     dtype = linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
@@ -219,7 +227,7 @@ def _fill(
     b: mx.array,
     scale: mx.array,
     magnitude: mx.array | None,
-    folded: tuple[mx.array, ...] | None = None,
+    folded: tuple[mx.array, mx.array] | None = None,
 ) -> None:
     if not slot.dora:
         slot.layer.fill(a, b, scale, folded or _fold(slot.base, a, b, scale))
@@ -274,7 +282,10 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
         for slot in slots:
             magnitude = None
             if slot.dora:
-                magnitude = slot.init_magnitude + lam_arr * (slot.magnitude - slot.init_magnitude)
+                # A DoRA slot has both magnitudes (see _wrap).
+                trained, init = slot.magnitude, slot.init_magnitude
+                assert trained is not None and init is not None
+                magnitude = init + lam_arr * (trained - init)
             _fill(slot, slot.a, slot.b, slot.scale * lam_arr, magnitude)
 
     return _guarded(slots, change)
@@ -282,30 +293,31 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
 
 def null_arrays(
     slots: Sequence[LoraSlot], factors: Mapping[str, NullFactors]
-) -> dict[str, tuple[mx.array, ...]]:
+) -> dict[str, PlacedFactors[mx.array]]:
     """A drawn null's factors (by module path, PEFT orientation) as MLX arrays in mlx-lm's
     layout, with, for LoRA, the pair :class:`ViewLoRALinear` computes with: converted,
     folded and evaluated once per draw, so that opening the null again does no work."""
     out = {}
     for slot in slots:
         a, b = (mx.array(f.T) for f in factors[slot.path])
-        out[slot.path] = (a, b) if slot.dora else (a, b, *_fold(slot.base, a, b, slot.scale))
-    mx.eval(list(out.values()))
+        folded = None if slot.dora else _fold(slot.base, a, b, slot.scale)
+        out[slot.path] = PlacedFactors(a, b, folded)
+    mx.eval([(f.a, f.b, *(f.folded or ())) for f in out.values()])
     return out
 
 
-def install_null(slots: Sequence[LoraSlot], factors: Mapping[str, tuple[mx.array, ...]]) -> Restore:
+def install_null(slots: Sequence[LoraSlot], placed: PlacedNull) -> Restore:
     """A null's factors (as :func:`null_arrays` placed them) in place of the trained ones.
 
     The trained scale is kept. A DoRA null starts from the base row norms, as an
     untrained DoRA adapter does, so the trained magnitude cannot leak into the null.
     """
     # Looked up before anything is installed: a missing module leaves the model untouched.
-    arrays = [factors[slot.path] for slot in slots]
+    arrays = [placed[slot.path] for slot in slots]
 
     def change() -> None:
-        for slot, (a, b, *folded) in zip(slots, arrays, strict=True):
-            _fill(slot, a, b, slot.scale, slot.init_magnitude, tuple(folded) or None)
+        for slot, null in zip(slots, arrays, strict=True):
+            _fill(slot, null.a, null.b, slot.scale, slot.init_magnitude, null.folded)
 
     return _guarded(slots, change)
 
@@ -398,11 +410,11 @@ def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRAL
         if view.factors is None:
             folded.append(_fold(slot.base, slot.a, slot.b, slot.scale * view.scale))
             continue
-        a, b, *placed = view.factors[slot.path]  # as null_arrays placed them
-        if placed and view.scale == 1.0:  # already folded at the null's own scale
-            folded.append(tuple(placed))
+        null = view.factors[slot.path]  # as null_arrays placed them
+        if null.folded is not None and view.scale == 1.0:  # folded at the null's own scale
+            folded.append(null.folded)
         else:
-            folded.append(_fold(slot.base, a, b, slot.scale * view.scale))
+            folded.append(_fold(slot.base, null.a, null.b, slot.scale * view.scale))
     return StackedLoRALinear(
         slot.base, mx.stack([d for d, _ in folded]), mx.stack([u for _, u in folded])
     )

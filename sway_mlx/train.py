@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from sway_common.blas import find_openblas, preloaded_openblas
+from sway_mlx.platform_fixes import with_openblas_preload
 
 # mlx-lm's report lines: "Iter 3: Train loss 2.345, ..." (older) or "     3    2.345 ▼ ..." (0.32's
 # table). Only the progress display depends on this; the adapter does not.
@@ -25,12 +25,9 @@ REPORT_LINE = re.compile(r"^\s*(?:Iter\s+)?(\d+):?\s+(?:Train loss\s+)?([0-9]+\.
 
 
 def trainer_env() -> dict[str, str]:
-    """mlx[cpu] on Linux links a reference BLAS; OpenBLAS makes float32 ~40x faster."""
-    env = dict(os.environ)
-    openblas = find_openblas()
-    if openblas is not None and not preloaded_openblas(env):
-        # A child process of its own: the preload reaches mlx-lm's trainer and nothing else.
-        env["LD_PRELOAD"] = (openblas + " " + env.get("LD_PRELOAD", "")).strip()
+    """The trainer's environment: its own process, so OpenBLAS may be preloaded into it
+    (``sway_mlx.platform_fixes``)."""
+    env = with_openblas_preload(dict(os.environ))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -21,13 +21,14 @@ from safetensors.numpy import load_file, save_file
 
 from sway_common.adapters import read_adapter
 from sway_common.backend import limits
-from sway_common.backend.base import DifferentialBackendBase
+from sway_common.backend.model_views import ModelViews
+from sway_common.backend.nulls import PlacedNull
 from sway_common.backend.scoring import completion_start, rolling_windows, token_dist_from_logprobs
 from sway_common.protocols import ViewConflictError
 
 KINDS = [pytest.param("mlx", marks=pytest.mark.mlx), pytest.param("hf", marks=pytest.mark.hf)]
-# Each backend's batch size and float32 tolerance against unbatched or direct forwards,
-# as in its own suite before the two were merged (MLX pads right, HF pads left).
+# Each backend's batch size and float32 tolerance for batched against unbatched or direct
+# forwards (both backends pad a scoring batch on the right).
 BATCH = {"mlx": 4, "hf": 3}
 ATOL = {"mlx": 2e-5, "hf": 1e-5}
 
@@ -45,7 +46,7 @@ TEXT = (
 )
 
 
-def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> DifferentialBackendBase:
+def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> ModelViews:
     # float32 unless a test asks otherwise: the contract compares against float32
     # references, and "auto" is bf16 on a GPU.
     kw.setdefault("dtype", "float32")
@@ -84,7 +85,7 @@ def plain(backend, tiny_model_dir: Path) -> Callable[[list[int]], np.ndarray]:
 
 
 # ------------------------------------------------------------------ helpers
-def kind_of(backend: DifferentialBackendBase) -> str:
+def kind_of(backend: ModelViews) -> str:
     return backend.info["backend"]
 
 
@@ -102,24 +103,24 @@ def forward_logprobs(kind: str, model: Any, ids: list[int]) -> np.ndarray:
     return torch.log_softmax(logits, dim=-1).numpy()
 
 
-def direct_logprobs(backend: DifferentialBackendBase, ids: list[int]) -> np.ndarray:
+def direct_logprobs(backend: ModelViews, ids: list[int]) -> np.ndarray:
     """The open view's model run directly, bypassing the backend's batching and heads."""
-    return forward_logprobs(kind_of(backend), backend.model, ids)
+    return forward_logprobs(kind_of(backend), backend.runtime.model, ids)
 
 
 def full_rows(view, prompts: list[str]) -> np.ndarray:
     """Full-vocabulary next-token log-probs per prompt, indexed by token id."""
-    dists = view.next_token_dist_batch(prompts, top_k=view.backend.vocab_size)
+    dists = view.next_token_dist_batch(prompts, top_k=view.scorer.runtime.vocab_size)
     out = np.empty((len(dists), dists[0].vocab_size), np.float32)
     for i, d in enumerate(dists):
         out[i, d.token_ids] = d.logprobs
     return out
 
 
-def live_tensors(backend: DifferentialBackendBase) -> dict[str, np.ndarray]:
+def live_tensors(backend: ModelViews) -> dict[str, np.ndarray]:
     """The factor (and DoRA magnitude) tensors the model computes with right now."""
     out: dict[str, np.ndarray] = {}
-    for s in backend.slots:
+    for s in backend.runtime.slots:
         if kind_of(backend) == "mlx":
             tensors = {"a": s.layer.lora_a, "b": s.layer.lora_b}
             if s.dora:
@@ -130,21 +131,21 @@ def live_tensors(backend: DifferentialBackendBase) -> dict[str, np.ndarray]:
     return out
 
 
-def slot_scale(backend: DifferentialBackendBase, slot: Any) -> float:
+def slot_scale(backend: ModelViews, slot: Any) -> float:
     """The scale a module's LoRA term is multiplied by right now."""
     if kind_of(backend) == "mlx":
         return float(np.array(slot.layer.scale))
     return float(slot.layer.scaling[slot.adapter])
 
 
-def live_scales(backend: DifferentialBackendBase) -> list[float]:
-    return [slot_scale(backend, s) for s in backend.slots]
+def live_scales(backend: ModelViews) -> list[float]:
+    return [slot_scale(backend, s) for s in backend.runtime.slots]
 
 
-def live_deltas(backend: DifferentialBackendBase) -> dict[str, np.ndarray]:
+def live_deltas(backend: ModelViews) -> dict[str, np.ndarray]:
     """ΔW = scale · B·A of every module as installed now, (out, in), float64."""
     out = {}
-    for s in backend.slots:
+    for s in backend.runtime.slots:
         if kind_of(backend) == "mlx":
             a = np.array(s.layer.lora_a, np.float64).T
             b = np.array(s.layer.lora_b, np.float64).T
@@ -155,15 +156,13 @@ def live_deltas(backend: DifferentialBackendBase) -> dict[str, np.ndarray]:
     return out
 
 
-def null_deltas(
-    backend: DifferentialBackendBase, seed: int = 11, **kw: Any
-) -> dict[str, np.ndarray]:
+def null_deltas(backend: ModelViews, seed: int = 11, **kw: Any) -> dict[str, np.ndarray]:
     with backend.as_null_adapter(seed, **kw):
         return live_deltas(backend)
 
 
-def last_rows(backend: DifferentialBackendBase, prompts: list[str]) -> np.ndarray:
-    return backend._last_logprobs([backend._encode(p)[0] for p in prompts])
+def last_rows(backend: ModelViews, prompts: list[str]) -> np.ndarray:
+    return backend.runtime.last_logprobs([backend.runtime.encode(p)[0] for p in prompts])
 
 
 # -------------------------------------------------------------------- views
@@ -207,19 +206,20 @@ def test_real_adapter_restored_after_null_view_raised(backend) -> None:
 def test_a_null_is_placed_once_and_installed_without_copies(backend, monkeypatch) -> None:
     """A null's factors become the backend's arrays once per draw; opening it again
     points the layers at those very arrays, and closing it brings the trained ones back."""
-    placed: list[dict[str, Any]] = []
+    placed: list[PlacedNull] = []
+    runtime = backend.runtime
 
-    def place(factors: dict[str, Any]) -> dict[str, Any]:
-        placed.append(type(backend)._place_null(backend, factors))
+    def place(factors: dict[str, Any]) -> PlacedNull:
+        placed.append(type(runtime).place_null(runtime, factors))
         return placed[-1]
 
-    monkeypatch.setattr(backend, "_place_null", place)
+    monkeypatch.setattr(runtime, "place_null", place)
     real = live_tensors(backend)
     for _ in range(2):
         with backend.as_null_adapter(23):
-            for s in backend.slots:
+            for s in backend.runtime.slots:
                 a = s.layer.lora_a if kind_of(backend) == "mlx" else s.a.data
-                mine = placed[0][s.path][0]
+                mine = placed[0][s.path].a
                 assert a is mine or a.data_ptr() == mine.data_ptr(), s.path
     assert len(placed) == 1, "a null is converted once per draw"
     after = live_tensors(backend)
@@ -275,29 +275,29 @@ def test_view_used_after_its_block_raises(backend) -> None:
 
 def test_set_adapter_refused_while_a_view_is_open(backend) -> None:
     with backend.as_base(), pytest.raises(ViewConflictError):
-        backend.set_adapter(backend.adapter_path)
+        backend.set_adapter(backend.runtime.adapter_path)
 
 
 # ----------------------------------------------------------------- batching
 def test_batched_equals_per_prompt(backend) -> None:
     atol = ATOL[kind_of(backend)]
-    encoded = [backend._encode(p)[0] for p in PROMPTS]
+    encoded = [backend.runtime.encode(p)[0] for p in PROMPTS]
     assert len({len(e) for e in encoded}) > 2  # really mixed lengths, so padding happens
     with backend.as_finetuned():
-        batched = backend._last_logprobs(encoded)
-        single = np.stack([backend._last_logprobs([e])[0] for e in encoded])
+        batched = backend.runtime.last_logprobs(encoded)
+        single = np.stack([backend.runtime.last_logprobs([e])[0] for e in encoded])
         np.testing.assert_allclose(batched, single, atol=atol)
-        for e, row in zip(encoded, backend._token_logprobs(encoded), strict=True):
+        for e, row in zip(encoded, backend.runtime.token_logprobs(encoded), strict=True):
             assert row.shape == (len(e) - 1,)
-            np.testing.assert_allclose(row, backend._token_logprobs([e])[0], atol=atol)
+            np.testing.assert_allclose(row, backend.runtime.token_logprobs([e])[0], atol=atol)
     # And through the public API: a batch equals prompts scored one by one.
     completions = [" jumps", " Paris.", " people", " b", " stay", " and the wind"]
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     with backend.as_finetuned() as view:
         dists = view.next_token_dist_batch(PROMPTS, top_k=16)
         full = full_rows(view, PROMPTS)
         batched_lp = view.logprob_of_batch(PROMPTS, completions)
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     with backend.as_finetuned() as view:
         for prompt, d in zip(PROMPTS, dists, strict=True):
             one = view.next_token_dist(prompt, top_k=16)
@@ -311,10 +311,10 @@ def test_batched_equals_per_prompt(backend) -> None:
 
 @pytest.mark.parametrize("top_k", [1, 16, 10_000])
 def test_top_k_on_the_device_equals_slicing_full_rows_on_the_host(backend, top_k: int) -> None:
-    encoded = [backend._encode(p)[0] for p in PROMPTS]
+    encoded = [backend.runtime.encode(p)[0] for p in PROMPTS]
     with backend.as_finetuned():
-        on_device = backend._last_dists(encoded, top_k)
-        rows = backend._last_logprobs(encoded)
+        on_device = backend.runtime.last_dists(encoded, top_k)
+        rows = backend.runtime.last_logprobs(encoded)
     assert len(on_device) == len(rows)
     for dist, row in zip(on_device, rows, strict=True):
         host = token_dist_from_logprobs(row, top_k)
@@ -330,12 +330,12 @@ def test_top_k_on_the_device_equals_slicing_full_rows_on_the_host(backend, top_k
 
 
 def test_token_logprobs_chunked_like_unchunked(backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    ids = [backend._encode(t)[0] for t in (TEXT, PROMPTS[1], PROMPTS[3])]
+    ids = [backend.runtime.encode(t)[0] for t in (TEXT, PROMPTS[1], PROMPTS[3])]
     with backend.as_finetuned():
-        whole = backend._token_logprobs(ids)
+        whole = backend.runtime.token_logprobs(ids)
         # A budget of a few positions per step forces many chunks.
         monkeypatch.setattr(limits, "LOGIT_BUDGET", 3 * 2 * backend.vocab_size)
-        chunked = backend._token_logprobs(ids)
+        chunked = backend.runtime.token_logprobs(ids)
     for w, c, row in zip(whole, chunked, ids, strict=True):
         assert w.dtype == np.float32 and w.shape == (len(row) - 1,)
         np.testing.assert_allclose(w, c, atol=1e-6, rtol=0)
@@ -343,7 +343,7 @@ def test_token_logprobs_chunked_like_unchunked(backend, monkeypatch: pytest.Monk
 
 # ------------------------------------------------------------------ scoring
 def test_base_view_equals_plain_model(backend, plain) -> None:
-    ids = backend._encode(PROMPTS[1])[0]
+    ids = backend.runtime.encode(PROMPTS[1])[0]
     with backend.as_base() as view:
         row = full_rows(view, [PROMPTS[1]])[0]
     np.testing.assert_allclose(row, plain(ids)[-1], atol=1e-5)
@@ -360,28 +360,28 @@ def test_logprob_of_matches_direct_forward(backend, which: str) -> None:
     with opener() as view:
         for prompt, completion, clean in cases:
             got = view.logprob_of(prompt, completion)
-            ids, offsets = backend._encode(prompt + completion)
+            ids, offsets = backend.runtime.encode(prompt + completion)
             start = completion_start(offsets, len(prompt))
             assert 0 < start < len(ids)
             if clean:
-                assert ids[:start] == backend._encode(prompt)[0]
+                assert ids[:start] == backend.runtime.encode(prompt)[0]
             direct = direct_logprobs(backend, ids)
             want = sum(float(direct[i - 1, ids[i]]) for i in range(start, len(ids)))
             assert got == pytest.approx(want, abs=1e-4)
             assert got < 0
         last = full_rows(view, [cases[0][0]])[0]
         np.testing.assert_allclose(
-            last, direct_logprobs(backend, backend._encode(cases[0][0])[0])[-1], atol=1e-5
+            last, direct_logprobs(backend, backend.runtime.encode(cases[0][0])[0])[-1], atol=1e-5
         )
 
 
 def test_rolling_logprob_beyond_max_context(backend, monkeypatch: pytest.MonkeyPatch) -> None:
     atol = ATOL[kind_of(backend)]
-    monkeypatch.setattr(backend, "max_context", 16)
+    monkeypatch.setattr(backend.runtime, "max_context", 16)
     text = TEXT + " (rolling)"  # a text no other test has cached
     with backend.as_finetuned() as view:
         rolled = view.rolling_logprob(text)
-        ids = backend._encode(text)[0]
+        ids = backend.runtime.encode(text)[0]
         full = direct_logprobs(backend, ids)
         windows = rolling_windows(len(ids), 16)
         want = []
@@ -428,7 +428,7 @@ def test_null_variance_linear_in_rank_scale(backend) -> None:
     assert one[2] / one[1] == pytest.approx(2.0, rel=1e-3)
     assert one[4] / one[1] == pytest.approx(4.0, rel=1e-3)
     # Absolute level, pooled over seeds: Var(ΔW) = scale² · r · σ_A² · σ_B².
-    slot = backend.slots[0]
+    slot = backend.runtime.slots[0]
     expected = live_scales(backend)[0] ** 2 * slot.rank * 0.02**4
     assert one[1] == pytest.approx(expected, rel=0.2)
     pooled = {}
@@ -451,8 +451,9 @@ def test_rank_scale_must_be_positive(backend, bad: float) -> None:
 
 def test_norm_matched_nulls_match_real_norms(backend) -> None:
     real = {p: float(np.linalg.norm(d)) for p, d in live_deltas(backend).items()}
+    from_file = read_adapter(backend.runtime.adapter_path).frobenius_norms()
+    assert real.keys() == from_file.keys()  # every module checked below, none skipped
     assert all(r > 0 for r in real.values())
-    from_file = read_adapter(backend.adapter_path).frobenius_norms()
     for path, norm in real.items():
         assert from_file[path] == pytest.approx(norm, rel=1e-4)
     with backend.as_null_adapter(3, mode="norm_matched"):
@@ -482,7 +483,7 @@ def test_same_seed_same_null(backend) -> None:
     assert not np.allclose(first[paths[0]][:8, :8], first[paths[2]][:8, :8])
     rows = []
     for seed in (3, 3, 4):
-        backend._cache.clear()  # make every draw run the model again
+        backend.scorer.cache.clear()  # make every draw run the model again
         with backend.as_null_adapter(seed, init_scale=0.05) as view:
             rows.append(full_rows(view, PROMPTS[:2]))
     np.testing.assert_array_equal(rows[0], rows[1])
@@ -558,7 +559,7 @@ def test_preflight_fails_on_nan_adapter(
     name = factor.lower() if kind == "mlx" else factor
     with make_backend(kind, tiny_model_dir, bad) as b:
         ok, reason = b.preflight_finite_check()
-        assert b._nonfinite_adapter_tensors()
+        assert b.runtime.nonfinite_adapter_tensors()
         assert b.active_view is None
     assert not ok
     assert "NaN/Inf" in reason and name in reason
@@ -569,14 +570,14 @@ def test_close_is_idempotent(kind: str, tiny_model_dir: Path, tiny_peft_adapter:
     b = make_backend(kind, tiny_model_dir, tiny_peft_adapter, dtype="fp32")
     b.close()
     b.close()
-    assert b.model is None
+    assert b.runtime.model is None
 
 
 # --------------------------------------------------------------------- DoRA
 def test_dora_views(backend, plain, tiny_model_dir: Path, tiny_dora_adapter: Path) -> None:
     prompts = PROMPTS[:5]
     with make_backend(kind_of(backend), tiny_model_dir, tiny_dora_adapter) as b:
-        assert b.info["dora"] is True and all(s.dora for s in b.slots)
+        assert b.info["dora"] is True and all(s.dora for s in b.runtime.slots)
         with b.as_base() as view:
             base = last_rows(b, prompts)
             base_full = full_rows(view, [prompts[4]])[0]
@@ -587,7 +588,7 @@ def test_dora_views(backend, plain, tiny_model_dir: Path, tiny_dora_adapter: Pat
         with b.as_scaled_adapter(1.0):
             np.testing.assert_array_equal(last_rows(b, prompts), ft)
         # Base really is the plain model: DoRA's magnitudes are switched off, not scaled.
-        np.testing.assert_allclose(base_full, plain(b._encode(prompts[4])[0])[-1], atol=1e-5)
+        np.testing.assert_allclose(base_full, plain(b.runtime.encode(prompts[4])[0])[-1], atol=1e-5)
         assert np.abs(ft - base).max() > 1e-3
         real = live_tensors(b)
         with pytest.raises(RuntimeError), b.as_null_adapter(0, mode="norm_matched") as view:
@@ -638,4 +639,4 @@ def test_lora_modules_have_the_same_functions() -> None:
         mlx_surface
     )
     assert mlx_surface["install_scaled"] == ["slots", "lam"]
-    assert mlx_surface["install_null"] == ["slots", "factors"]
+    assert mlx_surface["install_null"] == ["slots", "placed"]

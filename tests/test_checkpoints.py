@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.numpy import save_file
 
 from sway_common.app import platform
-from sway_common.app.checkpoints import evaluate_checkpoints
+from sway_common.app.checkpoints import CheckpointSetup, evaluate_checkpoints
 from sway_common.app.loop_cli import checkpoints_cmd
 from sway_common.suite.trajectory import (
     CheckpointError,
@@ -235,10 +235,7 @@ def test_evaluate_checkpoints_builds_base_once_and_survives_bad_ones(
     seen: list[int] = []
     rows = evaluate_checkpoints(
         run_with_bad_checkpoints,
-        model=str(tiny_model_dir),
-        backend=real_backend,
-        prompts=PROMPTS,
-        runs=3,
+        CheckpointSetup(model=str(tiny_model_dir), prompts=PROMPTS, backend=real_backend, runs=3),
         on_row=lambda r: seen.append(r.step),
     )
     assert [r.step for r in rows] == seen == [5, 10, 15, 20]

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import sway_common.backend.multiview as backend_multiview
+import sway_common.backend.stacker as backend_stacker
 from sway_common.app.cli import app
-from sway_common.backend.multiview import StackedScoring
+from sway_common.backend.stacker import Stacker
 from sway_common.report import load_json
 
 SPEC = """
@@ -187,16 +187,16 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
 
     monkeypatch.setattr(NullCache, "put", counting)
     checks = []  # the shared-block check of the model is kept with the nulls
-    real_check = StackedScoring._check_shared_block
+    real_check = Stacker.check_shared_block
 
     def counting_check(self, block):
         checks.append(block)
         return real_check(self, block)
 
-    monkeypatch.setattr(StackedScoring, "_check_shared_block", counting_check)
+    monkeypatch.setattr(Stacker, "check_shared_block", counting_check)
     # The tiny adapter starts at block 0, which is never shared: pretend it starts at 1
     # (the check then finds it wrong, and keeps that outcome).
-    monkeypatch.setattr(backend_multiview, "first_adapted_block", lambda paths: "model.layers.1")
+    monkeypatch.setattr(backend_stacker, "first_adapted_block", lambda paths: "model.layers.1")
     args = [
         "eval",
         "--model",

@@ -14,9 +14,10 @@ import fixtures_build
 import numpy as np
 import pytest
 
-from sway_common.backend.base import DifferentialBackendBase
-from sway_common.backend.dummy import DummyDifferentialBackend
+from sway_common.backend.dummy import DummyDifferentialBackend, DummyRuntime
 from sway_common.backend.generation import prompt_ids, row_draws
+from sway_common.backend.model_views import ModelViews
+from sway_common.backend.runtime import Runtime
 
 KINDS = [pytest.param("mlx", marks=pytest.mark.mlx), pytest.param("hf", marks=pytest.mark.hf)]
 # Different lengths, so rows of one batch are padded; five prompts and batch size 3 make
@@ -47,7 +48,7 @@ def make_backend(kind: str, model_dir: Path, adapter: Path | None, **kw: Any):
     return HFDifferentialBackend(model_dir, adapter, device="cpu", **kw)
 
 
-def loop_module(backend: DifferentialBackendBase) -> Any:
+def loop_module(backend: ModelViews) -> Any:
     """The backend's own ``generate.py`` (same function on both)."""
     if backend.info["backend"] == "mlx":
         from sway_mlx import generate
@@ -76,26 +77,36 @@ def test_batch_greedy_equals_one_at_a_time(backend) -> None:
 def test_greedy_starts_with_the_views_top_token(backend) -> None:
     with backend.as_finetuned() as view:
         dists = view.next_token_dist_batch(PROMPTS, top_k=1)
-        ids = [prompt_ids(backend, p, False) for p in PROMPTS]
+        ids = [prompt_ids(backend.runtime, p, False) for p in PROMPTS]
         new = loop_module(backend).generate_tokens(
-            backend.model, ids, max_new_tokens=1, temperature=0.0, draws=None, stop_ids=[]
+            backend.runtime.model, ids, max_new_tokens=1, temperature=0.0, draws=None, stop_ids=[]
         )
     assert [row[0] for row in new] == [int(d.token_ids[0]) for d in dists]
 
 
 def test_each_row_stops_at_its_own_stop_token(backend) -> None:
     """A stop token in one row's greedy text ends that row there and no other."""
-    ids = [prompt_ids(backend, p, False) for p in PROMPTS]
+    ids = [prompt_ids(backend.runtime, p, False) for p in PROMPTS]
     loop = loop_module(backend).generate_tokens
     with backend.as_finetuned():
         free = loop(
-            backend.model, ids, max_new_tokens=N_NEW, temperature=0.0, draws=None, stop_ids=[]
+            backend.runtime.model,
+            ids,
+            max_new_tokens=N_NEW,
+            temperature=0.0,
+            draws=None,
+            stop_ids=[],
         )
         assert all(len(row) == N_NEW for row in free), "max_new_tokens without a stop"
         # A token that appears in some rows' text (not first) and is missing from others'.
         stop = next(t for row in free for t in row[2:] if any(t not in other for other in free))
         cut = loop(
-            backend.model, ids, max_new_tokens=N_NEW, temperature=0.0, draws=None, stop_ids=[stop]
+            backend.runtime.model,
+            ids,
+            max_new_tokens=N_NEW,
+            temperature=0.0,
+            draws=None,
+            stop_ids=[stop],
         )
     for row, short in zip(free, cut, strict=True):
         want = row[: row.index(stop)] if stop in row else row
@@ -189,14 +200,14 @@ def test_chat_applies_the_tokenizers_template(backend) -> None:
         assert view.generate_batch([prompt], max_new_tokens=N_NEW, chat=True) == plain
         tokenizer.chat_template = TEMPLATE
         try:
-            ids = prompt_ids(backend, prompt, True)
+            ids = prompt_ids(backend.runtime, prompt, True)
             chat = view.generate_batch([prompt], max_new_tokens=N_NEW, chat=True)
             rendered = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
             by_hand = view.generate_batch([rendered], max_new_tokens=N_NEW)
         finally:
             tokenizer.chat_template = None
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert ids == backend._encode(rendered)[0]
+    assert ids == backend.runtime.encode(rendered)[0]
     assert chat == by_hand
     assert chat != plain
 
@@ -216,13 +227,13 @@ def test_dummy_generates_batches_and_ignores_chat() -> None:
 
 
 def test_a_backend_without_the_token_loop_is_refused_by_name() -> None:
-    # Every hook but _generate_tokens: refused when built, not on its first generate call.
+    # Every hook but generate_tokens: refused when built, not on its first generate call.
     hooks = {
-        name: getattr(DummyDifferentialBackend, name)
-        for name in DifferentialBackendBase.__abstractmethods__ - {"_generate_tokens"}
+        name: getattr(DummyRuntime, name)
+        for name in Runtime.__abstractmethods__ - {"generate_tokens"}
     }
-    no_loop = type("NoLoop", (DifferentialBackendBase,), hooks)
-    with pytest.raises(TypeError, match="_generate_tokens"):
+    no_loop = type("NoLoop", (Runtime,), hooks)
+    with pytest.raises(TypeError, match="generate_tokens"):
         no_loop()
 
 
@@ -304,7 +315,7 @@ def test_smollm2_adapter_changes_the_text_and_chat_uses_the_template(smol_pair) 
     question = ["What is the capital of France?"]
     chats = []
     for b in smol_pair:
-        ids = prompt_ids(b, question[0], True)
+        ids = prompt_ids(b.runtime, question[0], True)
         assert ids[0] == b.tokenizer.convert_tokens_to_ids("<|im_start|>")
         with b.as_base() as view:
             chats.append(view.generate_batch(question, max_new_tokens=SMOL_NEW, chat=True))

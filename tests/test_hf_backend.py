@@ -59,69 +59,34 @@ def _full(view, prompts: list[str]) -> np.ndarray:
 
 
 def _lora_tensors(b: HFDifferentialBackend) -> dict[str, torch.Tensor]:
-    return {f"{s.path}.{k}": t.detach().clone() for s in b.slots for k, t in s.tensors().items()}
+    return {
+        f"{s.path}.{k}": t.detach().clone() for s in b.runtime.slots for k, t in s.tensors().items()
+    }
 
 
 # --------------------------------------------------------------------- views
 def test_scaling_path_at_zero_is_base(backend) -> None:
     """Plain LoRA at scaling 0 adds exact zeros, so the scaling path agrees with the
     adapter switch that λ = 0 really goes through."""
-    ids = [backend._encode(p)[0] for p in PROMPTS]
-    restore = lora.install_scaled(backend.slots, 0.0)
+    ids = [backend.runtime.encode(p)[0] for p in PROMPTS]
+    restore = lora.install_scaled(backend.runtime.slots, 0.0)
     try:
-        scaled_zero = backend._last_logprobs(ids)
+        scaled_zero = backend.runtime.last_logprobs(ids)
     finally:
         restore()
     with backend.as_base():
-        assert np.array_equal(scaled_zero, backend._last_logprobs(ids))
-
-
-def test_lean_lora_forward_is_pefts_in_every_view(backend) -> None:
-    """Each plain LoRA layer runs the lean forward, which reads PEFT's live switch,
-    scaling and factors: in the base, ft, λ and null views it gives PEFT's numbers."""
-    assert backend.slots and all(s.layer.__dict__.get("forward") is s.lean for s in backend.slots)
-    gen = torch.Generator().manual_seed(0)
-    views = {
-        "base": backend.as_base,
-        "ft": backend.as_finetuned,
-        "λ=0.5": lambda: backend.as_scaled_adapter(0.5),
-        "null": lambda: backend.as_null_adapter(3, mode="norm_matched"),
-    }
-    moved = {}
-    for name, open_view in views.items():
-        with open_view(), torch.no_grad():
-            for slot in backend.slots:
-                x = torch.randn(2, 5, slot.a.shape[1], generator=gen)
-                got = slot.layer(x)
-                want = type(slot.layer).forward(slot.layer, x)
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
-                plain = slot.layer.get_base_layer()(x)
-                moved[name] = max(moved.get(name, 0.0), float((got - plain).abs().max()))
-    assert moved["base"] == 0.0
-    assert min(moved["ft"], moved["λ=0.5"], moved["null"]) > 1e-4, moved
-
-
-def test_lean_forward_follows_the_adapter_and_skips_dora(
-    tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_mlx_adapter: Path, tiny_dora_adapter: Path
-) -> None:
-    with HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, **EXACT) as b:
-        old = list(b.slots)
-        b.set_adapter(tiny_mlx_adapter)
-        assert all(s.layer.__dict__.get("forward") is s.lean for s in b.slots)
-        assert all(s.lean is not n.lean for s, n in zip(b.slots, old, strict=True))
-    with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter, **EXACT) as b:
-        assert all(s.lean is None and "forward" not in s.layer.__dict__ for s in b.slots)
+        assert np.array_equal(scaled_zero, backend.runtime.last_logprobs(ids))
 
 
 # ------------------------------------------------------------------ scoring
 def test_full_logits_fallback_agrees_with_split_head(backend, monkeypatch) -> None:
-    assert backend._split_head, "a Llama's body + lm_head is its forward"
-    ids = [backend._encode(t)[0] for t in (LONG_TEXT, PROMPTS[1], PROMPTS[2])]
+    assert backend.runtime._split_head, "a Llama's body + lm_head is its forward"
+    ids = [backend.runtime.encode(t)[0] for t in (LONG_TEXT, PROMPTS[1], PROMPTS[2])]
     with backend.as_finetuned():
-        last, tokens = backend._last_logprobs(ids), backend._token_logprobs(ids)
-        monkeypatch.setattr(backend, "_split_head", False)
-        np.testing.assert_allclose(backend._last_logprobs(ids), last, atol=1e-5)
-        for got, want in zip(backend._token_logprobs(ids), tokens, strict=True):
+        last, tokens = backend.runtime.last_logprobs(ids), backend.runtime.token_logprobs(ids)
+        monkeypatch.setattr(backend.runtime, "_split_head", False)
+        np.testing.assert_allclose(backend.runtime.last_logprobs(ids), last, atol=1e-5)
+        for got, want in zip(backend.runtime.token_logprobs(ids), tokens, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -137,8 +102,8 @@ def test_mlx_adapter_loads_through_conversion(tiny_model_dir: Path, tiny_mlx_ada
     weights = read_adapter(tiny_mlx_adapter)
     with HFDifferentialBackend(tiny_model_dir, tiny_mlx_adapter, **EXACT) as b:
         assert b.adapter_hash == weights.content_hash
-        assert {s.path for s in b.slots} == set(weights.modules)
-        for slot in b.slots:
+        assert {s.path for s in b.runtime.slots} == set(weights.modules)
+        for slot in b.runtime.slots:
             module = weights.modules[slot.path]
             np.testing.assert_allclose(slot.a.detach().numpy(), np.asarray(module.a), atol=1e-7)
             np.testing.assert_allclose(slot.b.detach().numpy(), np.asarray(module.b), atol=1e-7)
@@ -154,27 +119,27 @@ def test_set_adapter_swaps_without_reloading_base(
     tiny_model_dir: Path, tiny_peft_adapter: Path, tiny_mlx_adapter: Path
 ) -> None:
     with HFDifferentialBackend(tiny_model_dir, tiny_peft_adapter, **EXACT) as b:
-        base_model = b._causal_lm.model.embed_tokens.weight
+        base_model = b.runtime._causal_lm.model.embed_tokens.weight
         with b.as_base() as v:
             base = _full(v, PROMPTS)
         with b.as_finetuned() as v:
             ft_peft = _full(v, PROMPTS)
         peft_hash = b.adapter_hash
         b.set_adapter(tiny_mlx_adapter)
-        assert b._causal_lm.model.embed_tokens.weight is base_model
-        assert b.adapter_hash != peft_hash and len(b.slots) == 4
-        misses = b._cache.misses
+        assert b.runtime._causal_lm.model.embed_tokens.weight is base_model
+        assert b.adapter_hash != peft_hash and len(b.runtime.slots) == 4
+        misses = b.scorer.cache.misses
         with b.as_base() as v:
             assert np.array_equal(_full(v, PROMPTS), base)
-        assert b._cache.misses == misses, "base-view results must stay cached"
+        assert b.scorer.cache.misses == misses, "base-view results must stay cached"
         with b.as_finetuned() as v:
             ft_mlx = _full(v, PROMPTS)
         assert np.abs(ft_mlx - ft_peft).max() > 1e-4
         b.set_adapter(tiny_peft_adapter)
-        b._cache.clear()
+        b.scorer.cache.clear()
         with b.as_finetuned() as v:
             np.testing.assert_allclose(_full(v, PROMPTS), ft_peft, atol=1e-6)
-        assert len(b.model.peft_config) == 1, "old adapters are deleted"
+        assert len(b.runtime.model.peft_config) == 1, "old adapters are deleted"
 
 
 def test_failed_set_adapter_keeps_the_old_peft_adapter(
@@ -186,12 +151,12 @@ def test_failed_set_adapter_keeps_the_old_peft_adapter(
     key = sorted(k for k in tensors if "lora_A" in k)[0]
     tensors[key] = torch.zeros(4, 7)  # the layer takes 64 inputs
     save_file(tensors, str(bad / "adapter_model.safetensors"))
-    before = (backend.adapter, _lora_tensors(backend))
+    before = (backend.runtime.adapter, _lora_tensors(backend))
     with pytest.raises(Exception):  # noqa: B017 - the reader or PEFT may refuse it first
         backend.set_adapter(bad)
-    assert backend.adapter == before[0]
-    assert list(backend.model.peft_config) == [backend.adapter]
-    assert backend.model.active_adapter == backend.adapter
+    assert backend.runtime.adapter == before[0]
+    assert list(backend.runtime.model.peft_config) == [backend.runtime.adapter]
+    assert backend.runtime.model.active_adapter == backend.runtime.adapter
     assert all(torch.equal(t, before[1][k]) for k, t in _lora_tensors(backend).items())
 
 
@@ -207,14 +172,14 @@ def test_dora_null_magnitudes_and_small_lambda(
     tiny_model_dir: Path, tiny_dora_adapter: Path
 ) -> None:
     with HFDifferentialBackend(tiny_model_dir, tiny_dora_adapter, **EXACT) as b:
-        ids = [b._encode(p)[0] for p in PROMPTS[:3]]
+        ids = [b.runtime.encode(p)[0] for p in PROMPTS[:3]]
         with b.as_base():
-            base = b._last_logprobs(ids)
+            base = b.runtime.last_logprobs(ids)
         with b.as_scaled_adapter(1e-6):
-            np.testing.assert_allclose(b._last_logprobs(ids), base, atol=1e-4)
+            np.testing.assert_allclose(b.runtime.last_logprobs(ids), base, atol=1e-4)
         with pytest.raises(RuntimeError), b.as_null_adapter(2):
             # A DoRA null starts from the base row norms, as an untrained DoRA adapter does.
-            for slot in b.slots:
+            for slot in b.runtime.slots:
                 weight = slot.layer.get_base_layer().weight.detach().float()
                 torch.testing.assert_close(
                     slot.magnitude.detach(), torch.linalg.norm(weight, dim=1)

@@ -277,4 +277,6 @@ def test_dlm_sway_fields_load_with_their_defaults(doc: Path) -> None:
 def _spec(fields: dict) -> LeakageConfig:
     entry = {"name": "leak", "kind": "leakage", **fields}
     data = {"models": {"ft": {"base": "m", "adapter": "a"}}, "suite": [entry]}
-    return parse_spec(data).probes[0]  # type: ignore[return-value]
+    cfg = parse_spec(data).probes[0]
+    assert isinstance(cfg, LeakageConfig)
+    return cfg

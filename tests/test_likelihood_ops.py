@@ -46,7 +46,7 @@ def backend(request, tiny_model_dir: Path, tiny_peft_adapter: Path):
 def test_batched_rolling_equals_one_text_at_a_time(backend) -> None:
     with backend.as_finetuned() as ft:
         batched = ft.rolling_logprob_batch(TEXTS)
-    backend._cache.clear()  # score each text afresh, not from the batch's cache entries
+    backend.scorer.cache.clear()  # score each text afresh, not from the batch's cache entries
     with backend.as_finetuned() as ft:
         alone = [ft.rolling_logprob(t) for t in TEXTS]
     assert batched[0].num_tokens > backend.max_context  # the long text needs several windows

@@ -5,7 +5,6 @@ The contract both backends keep is in ``test_backend_contract.py``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,9 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 import mlx.core as mx  # noqa: E402
-from mlx_lm.models import activations  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
-from sway_mlx.loading import cpu_swiglu  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -40,7 +37,7 @@ def backend(tiny_model_dir: Path, tiny_peft_adapter: Path) -> MLXDifferentialBac
 
 def full_dist(view, prompt: str) -> np.ndarray:
     """The whole next-token log-softmax row, in vocabulary order."""
-    d = view.next_token_dist(prompt, top_k=view.backend.vocab_size)
+    d = view.next_token_dist(prompt, top_k=view.scorer.runtime.vocab_size)
     row = np.empty(d.vocab_size, np.float32)
     row[d.token_ids] = d.logprobs
     return row
@@ -58,24 +55,24 @@ def module_at(model, path: str):
 
 # ------------------------------------------------------------------- views
 def test_null_view_puts_the_same_arrays_back(backend: MLXDifferentialBackend) -> None:
-    arrays = [(s.layer.lora_a, s.layer.lora_b, s.layer.scale) for s in backend.slots]
+    arrays = [(s.layer.lora_a, s.layer.lora_b, s.layer.scale) for s in backend.runtime.slots]
     with pytest.raises(RuntimeError, match="boom"), backend.as_null_adapter(7) as null:
         null.next_token_dist(PROMPTS[0])
-        assert backend.slots[0].layer.lora_a is not arrays[0][0]
+        assert backend.runtime.slots[0].layer.lora_a is not arrays[0][0]
         raise RuntimeError("boom")
     # The very same array objects are back (references kept, so restoring is free).
-    for slot, (a, b, scale) in zip(backend.slots, arrays, strict=True):
+    for slot, (a, b, scale) in zip(backend.runtime.slots, arrays, strict=True):
         assert slot.layer.lora_a is a and slot.layer.lora_b is b and slot.layer.scale is scale
-        assert module_at(backend.model, slot.path) is slot.layer
+        assert module_at(backend.runtime.model, slot.path) is slot.layer
 
 
 def test_base_view_swaps_modules_and_back(backend: MLXDifferentialBackend) -> None:
     with pytest.raises(KeyError), backend.as_base():
-        for slot in backend.slots:
-            assert module_at(backend.model, slot.path) is slot.base
+        for slot in backend.runtime.slots:
+            assert module_at(backend.runtime.model, slot.path) is slot.base
         raise KeyError("x")
-    for slot in backend.slots:
-        assert module_at(backend.model, slot.path) is slot.layer
+    for slot in backend.runtime.slots:
+        assert module_at(backend.runtime.model, slot.path) is slot.layer
 
 
 # ---------------------------------------------------------------- scoring
@@ -83,22 +80,22 @@ def test_full_logits_fallback_agrees(
     backend: MLXDifferentialBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Architectures whose head is not a plain projection get full logits, read the same way."""
-    encoded = [backend._encode(p)[0] for p in PROMPTS]
+    encoded = [backend.runtime.encode(p)[0] for p in PROMPTS]
     with backend.as_finetuned():
-        last = backend._last_logprobs(encoded)
-        tokens = backend._token_logprobs(encoded)
-        monkeypatch.setattr(backend, "_inner", backend.model)
-        monkeypatch.setattr(backend, "_head", lambda logits: logits)
-        np.testing.assert_allclose(backend._last_logprobs(encoded), last, atol=1e-5)
-        for a, b in zip(backend._token_logprobs(encoded), tokens, strict=True):
+        last = backend.runtime.last_logprobs(encoded)
+        tokens = backend.runtime.token_logprobs(encoded)
+        monkeypatch.setattr(backend.runtime, "_inner", backend.runtime.model)
+        monkeypatch.setattr(backend.runtime, "_head", lambda logits: logits)
+        np.testing.assert_allclose(backend.runtime.last_logprobs(encoded), last, atol=1e-5)
+        for a, b in zip(backend.runtime.token_logprobs(encoded), tokens, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_compiled_forward_follows_the_views(backend: MLXDifferentialBackend) -> None:
     """Scales and factors are arrays in the module tree, so a forward compiled once with
     ``inputs=model.state`` sees every view rather than values baked in at trace time."""
-    ids = mx.array([backend._encode(PROMPTS[2])[0]])
-    forward = mx.compile(lambda x: backend.model(x), inputs=backend.model.state)
+    ids = mx.array([backend.runtime.encode(PROMPTS[2])[0]])
+    forward = mx.compile(lambda x: backend.runtime.model(x), inputs=backend.runtime.model.state)
     seen = {}
     for name, opener in (
         ("ft", backend.as_finetuned),
@@ -107,7 +104,7 @@ def test_compiled_forward_follows_the_views(backend: MLXDifferentialBackend) -> 
         ("ft_again", backend.as_finetuned),
     ):
         with opener():
-            compiled, eager = forward(ids), backend.model(ids)
+            compiled, eager = forward(ids), backend.runtime.model(ids)
             np.testing.assert_array_equal(np.array(compiled), np.array(eager))
             seen[name] = np.array(compiled)
     assert np.abs(seen["half"] - seen["ft"]).max() > 1e-3
@@ -120,7 +117,7 @@ def test_native_mlx_adapter_matches_mlx_lm(tiny_model_dir: Path, tiny_mlx_adapte
     """Wrapping by module path gives what mlx-lm's own adapter loading gives."""
     reference, _ = load(str(tiny_model_dir), adapter_path=str(tiny_mlx_adapter))
     with MLXDifferentialBackend(tiny_model_dir, tiny_mlx_adapter, dtype="float32") as b:
-        ids = b._encode(PROMPTS[2])[0]
+        ids = b.runtime.encode(PROMPTS[2])[0]
         with b.as_finetuned() as view:
             row = full_dist(view, PROMPTS[2])
         np.testing.assert_allclose(row, direct_logprobs(reference, ids)[-1], atol=1e-5)
@@ -139,27 +136,3 @@ def test_native_mlx_adapter_matches_mlx_lm(tiny_model_dir: Path, tiny_mlx_adapte
             np.testing.assert_array_equal(full_dist(view, PROMPTS[2]), base_row)
         assert np.abs(ck_row - row).max() > 1e-4
         assert np.abs(ck_row - base_row).max() > 1e-4
-
-
-# ----------------------------------------------------------------- CPU SwiGLU
-def test_cpu_swiglu_is_mlx_lms_to_float32_rounding() -> None:
-    edges = [-100.0, -88.0, -87.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 87.0, 88.0, 100.0]
-    gate = mx.concatenate([mx.random.normal((50_000,), key=mx.random.key(0)) * 8, mx.array(edges)])
-    x = mx.random.normal(gate.shape, key=mx.random.key(1))
-    want, got = activations.swiglu(gate, x), cpu_swiglu(gate, x)
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
-    specials = mx.array([float("nan"), float("inf"), 5.0])
-    assert np.isnan(np.array(cpu_swiglu(specials, mx.ones(3)))[0])
-    assert np.array(cpu_swiglu(specials, mx.ones(3)))[1] == np.inf
-    # Its derivative is silu's, so mlx-lm's trainer could run through it too.
-    grads = [
-        mx.grad(lambda g, v, f=f: f(g, v).sum(), argnums=(0, 1))(gate, x)
-        for f in (cpu_swiglu, activations.swiglu)
-    ]
-    for got_grad, want_grad in zip(*grads, strict=True):
-        np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=1e-4, atol=1e-5)
-
-
-def test_the_backend_runs_the_cpu_swiglu_on_the_cpu_only(backend) -> None:
-    on_cpu = mx.default_device().type == mx.DeviceType.cpu
-    assert (sys.modules[type(backend.model).__module__].swiglu is cpu_swiglu) == on_cpu

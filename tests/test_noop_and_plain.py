@@ -14,7 +14,8 @@ from adapter_variants import edited_peft
 from click.testing import CliRunner
 
 from sway_common.app.cli import app
-from sway_common.backend.dummy import DummyDifferentialBackend
+from sway_common.backend.dummy import DummyDifferentialBackend, DummyRuntime
+from sway_common.backend.model_views import ModelViews
 from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import quick_suite
 from sway_common.types import Verdict
@@ -111,14 +112,14 @@ def test_eval_of_a_zero_b_adapter_exits_one_naming_the_no_op(
     assert "the adapter is a no-op" in " ".join(result.output.split()[-40:])
 
 
-class _Unreachable(DummyDifferentialBackend):
+class _Unreachable(DummyRuntime):
     """ΔW ≠ 0, but the base switch changes nothing: an adapter attached where it never acts."""
 
-    def _install_base(self):
+    def install_base(self):
         return lambda: None
 
 
 def test_an_adapter_that_never_reaches_the_logits_is_a_no_op() -> None:
-    ok, reason = _Unreachable().preflight_noop_check()
+    ok, reason = ModelViews(_Unreachable()).preflight_noop_check()
     assert not ok and "bit for bit" in reason
     assert DummyDifferentialBackend().preflight_noop_check()[0]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from sway_common.adapters import LoraModule
-from sway_common.backend import dispatch
+from sway_common.backend import switch
 from sway_common.backend.dummy import DummyDifferentialBackend
-from sway_common.backend.nulls import check_null_args, module_seed, null_factors
+from sway_common.backend.nulls import NullSpec, module_seed, null_factors
 
 RNG = np.random.default_rng(0)
 MODULES = {
@@ -45,13 +45,13 @@ def test_module_seed_is_a_stable_content_hash() -> None:
 
 def test_draw_is_pinned() -> None:
     """numpy's PCG64 normals: if an upgrade changed them, old reports' nulls would change."""
-    a, b = null_factors(MODULES, 0)["model.layers.0.self_attn.q_proj"]
+    a, b = null_factors(MODULES, NullSpec(0))["model.layers.0.self_attn.q_proj"]
     assert float(a[0, 0]) == pytest.approx(-0.001417228253558278, rel=1e-6)
     assert float(b[0, 0]) == pytest.approx(0.015318094752728939, rel=1e-6)
 
 
 def test_factors_have_the_real_shapes_in_peft_orientation() -> None:
-    factors = null_factors(MODULES, 3)
+    factors = null_factors(MODULES, NullSpec(3))
     assert list(factors) == sorted(MODULES)
     for path, (a, b) in factors.items():
         assert a.shape == MODULES[path].a.shape and b.shape == MODULES[path].b.shape
@@ -61,11 +61,11 @@ def test_factors_have_the_real_shapes_in_peft_orientation() -> None:
 def test_a_module_draw_depends_on_its_path_only() -> None:
     """Adding or removing other modules leaves a module's draw unchanged."""
     path = "model.layers.0.self_attn.v_proj"
-    alone = null_factors({path: MODULES[path]}, 9)[path]
-    together = null_factors(MODULES, 9)[path]
+    alone = null_factors({path: MODULES[path]}, NullSpec(9))[path]
+    together = null_factors(MODULES, NullSpec(9))[path]
     for x, y in zip(alone, together, strict=True):
         np.testing.assert_array_equal(x, y)
-    other = null_factors(MODULES, 10)[path]
+    other = null_factors(MODULES, NullSpec(10))[path]
     assert not np.allclose(alone[0], other[0])
 
 
@@ -74,10 +74,10 @@ def test_variance_is_linear_in_rank_scale() -> None:
     module = MODULES[path]
     var = {}
     for k in (1.0, 2.0, 4.0):
-        a, b = null_factors(MODULES, 5, rank_scale=k)[path]
+        a, b = null_factors(MODULES, NullSpec(5, rank_scale=k))[path]
         var[k] = float(delta(module, a, b).var())
         # Only B carries sqrt(rank_scale): A is the same draw at every rank_scale.
-        np.testing.assert_array_equal(a, null_factors(MODULES, 5)[path][0])
+        np.testing.assert_array_equal(a, null_factors(MODULES, NullSpec(5))[path][0])
     assert var[2.0] / var[1.0] == pytest.approx(2.0, rel=1e-5)
     assert var[4.0] / var[1.0] == pytest.approx(4.0, rel=1e-5)
     # Var(ΔW) = scale² · r · σ_A² · σ_B².
@@ -85,8 +85,8 @@ def test_variance_is_linear_in_rank_scale() -> None:
 
 
 def test_norm_matched_has_each_real_norm_and_the_fixed_direction() -> None:
-    fixed = null_factors(MODULES, 7, mode="fixed")
-    matched = null_factors(MODULES, 7, mode="norm_matched")
+    fixed = null_factors(MODULES, NullSpec(7, mode="fixed"))
+    matched = null_factors(MODULES, NullSpec(7, mode="norm_matched"))
     for path, module in MODULES.items():
         a, b = matched[path]
         np.testing.assert_array_equal(a, fixed[path][0])
@@ -107,29 +107,28 @@ def test_norm_matched_has_each_real_norm_and_the_fixed_direction() -> None:
 )
 def test_meaningless_nulls_are_refused(kw: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):
-        null_factors(MODULES, 0, **kw)
-    args = {"init_scale": 0.02, "rank_scale": 1.0, "mode": "fixed", **kw}
-    with pytest.raises(ValueError, match=word):
-        check_null_args(**args)
+        NullSpec(0, **kw)
+    with pytest.raises(ValueError, match=word), DummyDifferentialBackend().as_null_adapter(0, **kw):
+        pass
 
 
 def test_a_null_is_drawn_once_per_backend_and_the_draws_kept_are_bounded(monkeypatch) -> None:
     backend = DummyDifferentialBackend()
     draws: list[int] = []
-    real = dispatch.null_factors
+    real = switch.null_factors
 
-    def counting(modules, seed, **kw):
-        draws.append(seed)
-        return real(modules, seed, **kw)
+    def counting(modules, spec):
+        draws.append(spec.seed)
+        return real(modules, spec)
 
-    monkeypatch.setattr(dispatch, "null_factors", counting)
+    monkeypatch.setattr(switch, "null_factors", counting)
     for _ in range(3):
         for seed in (1, 2):
             with backend.as_null_adapter(seed, mode="norm_matched"):
                 pass
     assert draws == [1, 2]
-    one = dispatch._nbytes(backend._null_draws[next(iter(backend._null_draws))])
-    monkeypatch.setattr(dispatch, "NULL_DRAWS_KEPT_BYTES", one)
+    one = switch._nbytes(backend.switch._null_draws[next(iter(backend.switch._null_draws))])
+    monkeypatch.setattr(switch, "NULL_DRAWS_KEPT_BYTES", one)
     with backend.as_null_adapter(3, mode="norm_matched"):
         pass
-    assert len(backend._null_draws) == 1 and draws == [1, 2, 3]
+    assert len(backend.switch._null_draws) == 1 and draws == [1, 2, 3]

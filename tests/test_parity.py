@@ -50,7 +50,7 @@ def prefixes(backend, n_max: int = 40) -> list[str]:
     """Every token-boundary prefix of the texts (up to ``n_max`` per text)."""
     out = []
     for text in TEXTS:
-        _, offsets = backend._encode(text)
+        _, offsets = backend.runtime.encode(text)
         ends = sorted({end for _, end in offsets if end > 0})
         out += [text[:e] for e in ends[:n_max]]
     return out
@@ -205,7 +205,7 @@ def test_non_suffix_layers_and_per_module_ranks(tiny_model_dir: Path, tmp_path: 
     try:
         assert mlx_b.info["modules"] == hf_b.info["modules"] == 7
         assert mlx_b.info["rank"] == hf_b.info["rank"] == [2, 4, 6]
-        assert {s.path.split(".")[2] for s in mlx_b.slots} == {"0"}
+        assert {s.path.split(".")[2] for s in mlx_b.runtime.slots} == {"0"}
         for opener in ("as_base", "as_finetuned"):
             assert rolling_gap(mlx_b, hf_b, opener) <= TOL, opener
         with mlx_b.as_base() as v:

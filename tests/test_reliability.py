@@ -166,7 +166,9 @@ class _RecordsTheFineTune(Probe):
         backend = ctx.backend
         with backend.as_finetuned():
             # The hook itself, not the result cache: what the weights compute right now.
-            self.seen.append(backend._last_logprobs([backend._encode(PROMPTS[0])[0]])[0])
+            self.seen.append(
+                backend.runtime.last_logprobs([backend.runtime.encode(PROMPTS[0])[0]])[0]
+            )
         return self.result(cfg, Verdict.PASS)
 
 

@@ -151,14 +151,14 @@ def test_lambda_zero_and_one_reuse_the_base_and_ft_results() -> None:
         v.next_token_dist_batch(PROMPTS, top_k=20)
     with b.as_finetuned() as v:
         v.next_token_dist_batch(PROMPTS, top_k=20)
-    misses = b._cache.misses
+    misses = b.scorer.cache.misses
     for lam in (0.0, 1.0):
         with b.as_scaled_adapter(lam) as v:
             v.next_token_dist_batch(PROMPTS, top_k=20)
-    assert b._cache.misses == misses, "λ = 0 is the base view and λ = 1 the ft view"
+    assert b.scorer.cache.misses == misses, "λ = 0 is the base view and λ = 1 the ft view"
     with b.as_scaled_adapter(0.5) as v:
         v.next_token_dist_batch(PROMPTS, top_k=20)
-    assert b._cache.misses > misses
+    assert b.scorer.cache.misses > misses
 
 
 def test_views_are_exclusive_and_expire() -> None:
@@ -174,13 +174,13 @@ def test_views_are_exclusive_and_expire() -> None:
 def test_null_view_restores_real_adapter_after_exception() -> None:
     b = DummyDifferentialBackend()
     with b.as_finetuned():
-        before = b.delta_weight()
+        before = b.runtime.delta_weight()
     with pytest.raises(RuntimeError), b.as_null_adapter(3):
-        assert not np.array_equal(b.delta_weight(), before)
+        assert not np.array_equal(b.runtime.delta_weight(), before)
         raise RuntimeError("boom")
     assert b.active_view is None
     with b.as_finetuned():
-        assert np.array_equal(b.delta_weight(), before)
+        assert np.array_equal(b.runtime.delta_weight(), before)
 
 
 def test_null_delta_variance_is_linear_in_rank_scale() -> None:
@@ -190,7 +190,7 @@ def test_null_delta_variance_is_linear_in_rank_scale() -> None:
         draws = []
         for seed in range(8):
             with b.as_null_adapter(seed, init_scale=0.1, rank_scale=rank_scale, mode="fixed"):
-                draws.append(b.delta_weight())
+                draws.append(b.runtime.delta_weight())
         variances.append(float(np.var(np.stack(draws))))
     assert variances[1] / variances[0] == pytest.approx(2.0, rel=0.1)
     assert variances[2] / variances[0] == pytest.approx(4.0, rel=0.1)
@@ -202,9 +202,9 @@ def test_null_delta_variance_is_linear_in_rank_scale() -> None:
 def test_norm_matched_null_has_the_real_norm() -> None:
     b = DummyDifferentialBackend()
     with b.as_finetuned():
-        real = np.linalg.norm(b.delta_weight())
+        real = np.linalg.norm(b.runtime.delta_weight())
     with b.as_null_adapter(7, mode="norm_matched"):
-        assert np.linalg.norm(b.delta_weight()) == pytest.approx(real, rel=1e-5)
+        assert np.linalg.norm(b.runtime.delta_weight()) == pytest.approx(real, rel=1e-5)
 
 
 def test_batched_equals_per_prompt_and_cache_is_keyed_by_view() -> None:

@@ -19,14 +19,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import sway_common.backend.multiview as backend_multiview
+import sway_common.backend.stacker as backend_stacker
 from sway_common.backend import limits
-from sway_common.backend.base import DifferentialBackendBase, ViewSpec
 from sway_common.backend.dummy import DummyDifferentialBackend
+from sway_common.backend.model_views import ModelViews
+from sway_common.backend.nulls import NullSpec
 from sway_common.backend.stacking import first_adapted_block, stack_plan
+from sway_common.backend.views import ViewSpec
 from sway_common.null_cache import NullCache
 from sway_common.probes.adapter_ablation import AdapterAblationConfig, AdapterAblationProbe
-from sway_common.probes.base import NullCalibration, RunContext, divergence_key, mean_divergence
+from sway_common.probes.base import mean_divergence
+from sway_common.probes.context import NextTokenDivergence, NullCalibration, RunContext
 from sway_common.protocols import ViewConflictError
 
 KINDS = [pytest.param("mlx", marks=pytest.mark.mlx), pytest.param("hf", marks=pytest.mark.hf)]
@@ -45,12 +48,12 @@ VIEWS = [
     ViewSpec("scaled", lam=0.5),
     ViewSpec("scaled", lam=1.25),
     ViewSpec("scaled", lam=1.0),  # the ft view again: one cache entry
-    ViewSpec("null", seed=3, mode="norm_matched"),
-    ViewSpec("null", seed=4, rank_scale=2.0, init_scale=0.05),
+    ViewSpec("null", null=NullSpec(3, mode="norm_matched")),
+    ViewSpec("null", null=NullSpec(4, rank_scale=2.0, init_scale=0.05)),
 ]
 
 
-def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> DifferentialBackendBase:
+def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> ModelViews:
     if kind == "mlx":
         from sway_mlx.backend import MLXDifferentialBackend
 
@@ -60,14 +63,14 @@ def make_backend(kind: str, model_dir: Path, adapter: Path, **kw: Any) -> Differ
     return HFDifferentialBackend(model_dir, adapter, device="cpu", **kw)
 
 
-def one_view(backend: DifferentialBackendBase, views: list[ViewSpec], prompts: list[str]):
+def one_view(backend: ModelViews, views: list[ViewSpec], prompts: list[str]):
     """The reference: each view opened on its own, from an empty cache."""
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     out = []
     for view in views:
-        with backend._open(view):
-            out.append(backend.next_token_dists(view, prompts, TOP_K))
-    backend._cache.clear()
+        with backend.open(view):
+            out.append(backend.scorer.next_token_dists(view, prompts, TOP_K))
+    backend.scorer.cache.clear()
     return out
 
 
@@ -113,11 +116,11 @@ def upper(kind: str, tiny_model_dir: Path, upper_adapter: Path):
 
 
 @contextlib.contextmanager
-def rows_out_of_block(backend: DifferentialBackendBase, index: int) -> Iterator[list[int]]:
+def rows_out_of_block(backend: ModelViews, index: int) -> Iterator[list[int]]:
     """Records how many rows decoder block ``index`` gives on each forward."""
     rows: list[int] = []
     if backend.info["backend"] == "mlx":
-        block = backend.model.model.layers[index]
+        block = backend.runtime.model.model.layers[index]
         cls, call = type(block), type(block).__call__
 
         def recording(self, *args, **kwargs):
@@ -136,7 +139,7 @@ def rows_out_of_block(backend: DifferentialBackendBase, index: int) -> Iterator[
     def hook(module, args, output):
         rows.append(int((output[0] if isinstance(output, tuple) else output).shape[0]))
 
-    handle = backend._causal_lm.model.layers[index].register_forward_hook(hook)
+    handle = backend.runtime._causal_lm.model.layers[index].register_forward_hook(hook)
     try:
         yield rows
     finally:
@@ -145,40 +148,40 @@ def rows_out_of_block(backend: DifferentialBackendBase, index: int) -> Iterator[
 
 # ------------------------------------------------------------------- equality
 def test_stacked_equals_one_view_for_a_mix_of_views(backend) -> None:
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
     # Block 0 is adapted: only the embedding lies below it, so nothing is shared or checked.
-    assert backend._shared_blocks[backend.adapter_hash] is None
+    assert backend.stacker.shared_blocks[backend.adapter_hash] is None
     assert_same(stacked, one_view(backend, VIEWS, PROMPTS))
 
 
 def test_stacked_results_are_the_one_view_cache_entries(backend, monkeypatch) -> None:
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
 
     def no_forward(batch, top_k):
         raise AssertionError("a stacked result was computed again")
 
-    monkeypatch.setattr(backend, "_last_dists", no_forward)
+    monkeypatch.setattr(backend.runtime, "last_dists", no_forward)
     for view, dists in zip(VIEWS, stacked, strict=True):
-        with backend._open(view):
-            again = backend.next_token_dists(view, PROMPTS, TOP_K)
+        with backend.open(view):
+            again = backend.scorer.next_token_dists(view, PROMPTS, TOP_K)
         assert all(a is d for a, d in zip(again, dists, strict=True))
 
 
 def test_views_missing_different_prompts_are_stacked_per_group(backend) -> None:
     reference = one_view(backend, VIEWS, PROMPTS)
-    with backend._open(VIEWS[2]):
-        backend.next_token_dists(VIEWS[2], PROMPTS[:2], TOP_K)
-    with backend._open(VIEWS[5]):
-        backend.next_token_dists(VIEWS[5], PROMPTS[3:], TOP_K)
+    with backend.open(VIEWS[2]):
+        backend.scorer.next_token_dists(VIEWS[2], PROMPTS[:2], TOP_K)
+    with backend.open(VIEWS[5]):
+        backend.scorer.next_token_dists(VIEWS[5], PROMPTS[3:], TOP_K)
     assert_same(backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K), reference)
 
 
 def test_more_views_than_a_step_holds(backend, monkeypatch) -> None:
-    views = [ViewSpec("base")] + [ViewSpec("null", seed=s) for s in range(6)]
+    views = [ViewSpec("base")] + [ViewSpec("null", null=NullSpec(s)) for s in range(6)]
     monkeypatch.setattr(limits, "LOGIT_BUDGET", 3 * backend.vocab_size)  # 3 rows per step
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     stacked = backend.next_token_dist_views(views, PROMPTS, top_k=TOP_K)
     monkeypatch.undo()
     assert_same(stacked, one_view(backend, views, PROMPTS))
@@ -197,11 +200,11 @@ def test_real_adapter_back_after_stacking(backend) -> None:
 
 # -------------------------------------------------------------- shared prefix
 def test_shared_prefix_runs_lower_blocks_once_per_prompt(upper) -> None:
-    views = [ViewSpec("base"), ViewSpec("ft"), ViewSpec("null", seed=1)]
+    views = [ViewSpec("base"), ViewSpec("ft"), ViewSpec("null", null=NullSpec(1))]
     reference = one_view(upper, views, PROMPTS)
-    upper._shared_blocks.clear()
-    upper._shared_block()  # the one-time check runs its own forwards
-    assert upper._shared_blocks[upper.adapter_hash] == "model.layers.1"
+    upper.stacker.shared_blocks.clear()
+    upper.stacker.shared_block()  # the one-time check runs its own forwards
+    assert upper.stacker.shared_blocks[upper.adapter_hash] == "model.layers.1"
     with rows_out_of_block(upper, 0) as below, rows_out_of_block(upper, 1) as adapted:
         stacked = upper.next_token_dist_views(views, PROMPTS, top_k=TOP_K)
     assert sum(below) == len(PROMPTS)  # each prompt once below the adapted block
@@ -211,12 +214,12 @@ def test_shared_prefix_runs_lower_blocks_once_per_prompt(upper) -> None:
 
 def test_a_wrong_shared_block_is_caught_and_not_used(backend, monkeypatch) -> None:
     # Layer 0 is adapted too: sharing it would give every view the same rows there.
-    monkeypatch.setattr(backend_multiview, "first_adapted_block", lambda paths: "model.layers.1")
-    backend._shared_blocks.clear()
-    assert backend._shared_block() is None
+    monkeypatch.setattr(backend_stacker, "first_adapted_block", lambda paths: "model.layers.1")
+    backend.stacker.shared_blocks.clear()
+    assert backend.stacker.shared_block() is None
     stacked = backend.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
     monkeypatch.undo()
-    backend._shared_blocks.clear()
+    backend.stacker.shared_blocks.clear()
     assert_same(stacked, one_view(backend, VIEWS, PROMPTS))
 
 
@@ -224,27 +227,27 @@ def test_shared_block_outcome_kept_across_runs(upper, tmp_path: Path, monkeypatc
     info = upper.info
     upper.check_store = NullCache(tmp_path)
     try:
-        upper._shared_blocks.clear()
-        checked = upper._shared_block()  # the first run checks, and keeps the outcome
+        upper.stacker.shared_blocks.clear()
+        checked = upper.stacker.shared_block()  # the first run checks, and keeps the outcome
         assert checked == "model.layers.1"
         assert len(list(tmp_path.rglob("*.json"))) == 1
 
         def no_check(self: object, block: str) -> None:
             raise AssertionError("checked again although the outcome was kept")
 
-        monkeypatch.setattr(type(upper), "_check_shared_block", no_check)
-        upper._shared_blocks.clear()  # a new process, as far as the backend knows
-        assert upper._shared_block() == checked
+        monkeypatch.setattr(type(upper.stacker), "check_shared_block", no_check)
+        upper.stacker.shared_blocks.clear()  # a new process, as far as the backend knows
+        assert upper.stacker.shared_block() == checked
         # Another framework version may run other model code: checked afresh.
         monkeypatch.undo()
-        upper.info = {**upper.info, "frameworks": {"mlx": "0.0.0"}}
-        upper._shared_blocks.clear()
-        assert upper._shared_block() == checked
+        upper.runtime.info = {**upper.info, "frameworks": {"mlx": "0.0.0"}}
+        upper.stacker.shared_blocks.clear()
+        assert upper.stacker.shared_block() == checked
         assert len(list(tmp_path.rglob("*.json"))) == 2
     finally:
         upper.check_store = None
-        upper.info = info
-        upper._shared_blocks.clear()
+        upper.runtime.info = info
+        upper.stacker.shared_blocks.clear()
 
 
 # ---------------------------------------------------------------------- DoRA
@@ -253,7 +256,7 @@ def test_dora_falls_back_to_one_view_at_a_time(
 ) -> None:
     b = make_backend(kind, tiny_model_dir, tiny_dora_adapter, batch_size=3)
     try:
-        assert b._install_stacked([], None) is None
+        assert b.runtime.install_stacked([], None) is None
         stacked = b.next_token_dist_views(VIEWS, PROMPTS, top_k=TOP_K)
         assert_same(stacked, one_view(b, VIEWS, PROMPTS), atol=0.0)
     finally:
@@ -263,27 +266,27 @@ def test_dora_falls_back_to_one_view_at_a_time(
 # ---------------------------------------------------------------------- nulls
 def null_rows(backend: Any, stacked: bool) -> tuple[list[list[float]], int]:
     """K × P null divergences through RunContext, and the one-view forwards it ran."""
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     ctx = RunContext(backend, null=NullCalibration(runs=4, mode="norm_matched"))
     if not stacked:
         ctx._stack_null_views = lambda *_: None  # type: ignore[method-assign]
     forwards = 0
-    plain = backend._last_dists
+    plain = backend.runtime.last_dists
 
     def counting(batch, top_k):
         nonlocal forwards
         forwards += backend.active_view is not None
         return plain(batch, top_k)
 
-    backend._last_dists = counting
+    backend.runtime.last_dists = counting
     try:
 
         def measure(b: Any) -> list[float]:
             return mean_divergence(b, PROMPTS, top_k=TOP_K, kind="js")[1]
 
-        _, rows = ctx.null_per_prompt(measure, key=divergence_key("js", TOP_K, PROMPTS))
+        _, rows = ctx.null_per_prompt(measure, key=NextTokenDivergence("js", TOP_K, tuple(PROMPTS)))
     finally:
-        del backend._last_dists
+        del backend.runtime.last_dists
     return rows, forwards
 
 
@@ -306,7 +309,7 @@ def test_null_per_prompt_on_a_backend_that_cannot_stack() -> None:
 class Unstacked:
     """The backend without ``next_token_dist_views``: probes then open one view at a time."""
 
-    def __init__(self, inner: DifferentialBackendBase) -> None:
+    def __init__(self, inner: ModelViews) -> None:
         self._inner = inner
         # Spelled out: from Python 3.12 an isinstance check against a runtime protocol
         # looks the members up statically, past __getattr__.
@@ -322,42 +325,42 @@ class Unstacked:
 
 
 @contextlib.contextmanager
-def view_forwards(backend: DifferentialBackendBase) -> Iterator[list[int]]:
+def view_forwards(backend: ModelViews) -> Iterator[list[int]]:
     """Records the batch size of each forward run inside an open (one-view) view."""
     seen: list[int] = []
-    plain = backend._last_dists
+    plain = backend.runtime.last_dists
 
     def counting(batch, top_k):
         if backend.active_view is not None:
             seen.append(len(batch))
         return plain(batch, top_k)
 
-    backend._last_dists = counting  # type: ignore[method-assign]
+    backend.runtime.last_dists = counting  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        del backend._last_dists
+        del backend.runtime.last_dists
 
 
 def test_mean_divergence_is_stacked_and_equals_one_view(backend) -> None:
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     with view_forwards(backend) as forwards:
         stacked = mean_divergence(backend, PROMPTS, top_k=TOP_K, kind="js")[1]
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     looped = mean_divergence(Unstacked(backend), PROMPTS, top_k=TOP_K, kind="js")[1]
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     assert forwards == []
     np.testing.assert_allclose(stacked, looped, rtol=5e-4, atol=1e-7)
 
 
 def test_adapter_ablation_is_stacked_and_equals_one_view(backend) -> None:
     cfg = AdapterAblationConfig(name="a", kind="adapter_ablation", prompts=PROMPTS, top_k=TOP_K)
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     with view_forwards(backend) as forwards:
         stacked = AdapterAblationProbe().run(cfg, RunContext(backend))
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     looped = AdapterAblationProbe().run(cfg, RunContext(Unstacked(backend)))
-    backend._cache.clear()
+    backend.scorer.cache.clear()
     assert forwards == []  # base and every λ came from stacked batches
     assert stacked.evidence["lambdas"] == looped.evidence["lambdas"]
     assert stacked.evidence["curve"][0] == 0.0  # λ=0 is the base view's own entry

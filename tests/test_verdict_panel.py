@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from sway_common.adapters import read_adapter, write_mlx_adapter  # noqa: E402
 from sway_common.adapters.controls import random_like, shrink_b  # noqa: E402
-from sway_common.app.checkpoints import evaluate_checkpoints  # noqa: E402
+from sway_common.app.checkpoints import CheckpointSetup, evaluate_checkpoints  # noqa: E402
 from sway_common.app.demo import demo_prompts  # noqa: E402
 from sway_common.models import normalize_config  # noqa: E402
 from sway_common.probes.adapter_ablation import AdapterAblationConfig  # noqa: E402
@@ -174,10 +174,9 @@ def test_growing_checkpoints_are_not_called_regressions(
 ) -> None:
     rows = evaluate_checkpoints(
         native_run,
-        model=str(normalize_config(smollm2_dir)),
-        backend="mlx",
-        prompts=_prompts(),
-        runs=4,
+        CheckpointSetup(
+            model=str(normalize_config(smollm2_dir)), prompts=_prompts(), backend="mlx", runs=4
+        ),
     )
     summary = summarize(rows)
     assert [r.step for r in rows] == [10, 20, 30]

@@ -16,7 +16,7 @@ from test_checkpoints import PROMPTS, mlx_tensors, write_mlx_run
 
 from sway_common.adapters import read_adapter
 from sway_common.app import platform
-from sway_common.app.checkpoints import BackendBuildError
+from sway_common.app.checkpoints import BackendBuildError, CheckpointSetup
 from sway_common.app.loop_cli import watch_cmd
 from sway_common.app.watch import append_history, read_history, watch
 from sway_common.suite.trajectory import Checkpoint, CheckpointRow, error_row
@@ -68,8 +68,7 @@ def run_watch(
     kw = {**FAST, **kw}
     return watch(
         run,
-        model="unused",
-        prompts=PROMPTS,
+        CheckpointSetup(model="unused", prompts=PROMPTS),
         history=history,
         evaluate=evaluate,
         stop=lambda: time.monotonic() > deadline or (until is not None and until()),
@@ -247,11 +246,8 @@ def test_watch_with_a_real_backend(
     deadline = time.monotonic() + 120
     rows = watch(
         run,
-        model=str(tiny_model_dir),
-        backend=real_backend,
-        prompts=PROMPTS,
+        CheckpointSetup(model=str(tiny_model_dir), prompts=PROMPTS, backend=real_backend, runs=3),
         history=history,
-        runs=3,
         max_checkpoints=3,
         max_tries=30,
         poll_s=0.05,

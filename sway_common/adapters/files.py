@@ -85,8 +85,9 @@ def _entry(
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in _NUMPY_DTYPES and dtype != "BF16":
         raise AdapterFormatError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-    ints = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-    if not ints or not all(type(v) is int and v >= 0 for v in [*shape, *offsets]):
+    if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2):
+        raise AdapterFormatError(bad)
+    if not all(type(v) is int and v >= 0 for v in [*shape, *offsets]):
         raise AdapterFormatError(bad)
     start, end = offsets
     width = 2 if dtype == "BF16" else np.dtype(_NUMPY_DTYPES[dtype]).itemsize

@@ -79,11 +79,14 @@ class LoraModule:
 
     def frobenius_norm(self) -> float:
         """``‖scale · b @ a‖_F`` without forming the (out, in) matrix."""
-        a = self.a.astype(np.float64)
-        b = self.b.astype(np.float64)
-        # ‖BA‖²_F = tr((BᵀB)(AAᵀ)), an r×r product.
-        sq = float(np.sum((b.T @ b) * (a @ a.T)))
-        return abs(self.scale) * math.sqrt(max(sq, 0.0))
+        return lowrank_norm(self.a, self.b, self.scale)
+
+
+def lowrank_norm(a: NDArray[np.floating], b: NDArray[np.floating], scale: float) -> float:
+    """``‖scale · b @ a‖_F`` in float64 through an r×r product: ‖BA‖²_F = tr((BᵀB)(AAᵀ))."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    sq = float(np.sum((b64.T @ b64) * (a64 @ a64.T)))
+    return abs(scale) * math.sqrt(max(sq, 0.0))
 
 
 def content_hash(modules: dict[str, LoraModule], dora: bool) -> str:

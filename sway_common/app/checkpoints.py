@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,21 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
 
+@dataclass(frozen=True)
+class CheckpointSetup:
+    """How every checkpoint of a run is measured: the base model and the backend it loads
+    on, the prompts, the null adapters drawn (``runs``) and their seed, and whether loading
+    may read pickles or run a model's own code."""
+
+    model: str
+    prompts: Sequence[str]
+    backend: str = "auto"
+    runs: int = 8
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
 class CheckpointEvaluator:
     """Tests checkpoints one at a time against one loaded base model.
 
@@ -42,27 +58,17 @@ class CheckpointEvaluator:
     an ERROR row; only a base model that cannot load raises (:class:`BackendBuildError`).
     """
 
-    def __init__(
-        self,
-        *,
-        model: str,
-        backend: str = "auto",
-        prompts: Sequence[str],
-        runs: int = 8,
-        seed: int = 0,
-        allow_pickle: bool = False,
-        trust_remote_code: bool = False,
-    ) -> None:
-        self.model, self.backend_kind = model, backend
-        self.load_options = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    def __init__(self, setup: CheckpointSetup) -> None:
+        self.setup = setup
+        prompts = setup.prompts
         self.spec = SuiteSpec(
             probes=[
                 NullAdapterConfig(
-                    name="null_baseline", kind="null_adapter", runs=runs, prompts=list(prompts)
+                    name="null_baseline", kind="null_adapter", runs=setup.runs, prompts=[*prompts]
                 ),
-                DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=list(prompts)),
+                DeltaKLConfig(name="delta_kl", kind="delta_kl", prompts=[*prompts]),
             ],
-            defaults=Defaults(seed=seed),
+            defaults=Defaults(seed=setup.seed),
             source="checkpoint trajectory",
         )
         self.backend: Any = None
@@ -72,18 +78,24 @@ class CheckpointEvaluator:
         self, ckpt: Checkpoint, on_probe: Callable[[str], None] | None = None
     ) -> CheckpointRow:
         start = time.perf_counter()
+        setup = self.setup
         try:
             # numpy only: a corrupt file never costs a model load or disturbs the backend.
-            read_adapter(ckpt.path, allow_pickle=self.load_options["allow_pickle"])
+            read_adapter(ckpt.path, allow_pickle=setup.allow_pickle)
         except (OSError, ValueError) as e:
             return error_row(ckpt, f"cannot read the adapter: {_short(e)}")
         if self.backend is None:
-            spec = ModelSpec(base=self.model, adapter=str(ckpt.path), kind=self.backend_kind)
+            spec = ModelSpec(base=setup.model, adapter=str(ckpt.path), kind=setup.backend)
             try:
-                self.backend = platform.build_backend(spec, self.backend_kind, **self.load_options)
+                self.backend = platform.build_backend(
+                    spec,
+                    setup.backend,
+                    allow_pickle=setup.allow_pickle,
+                    trust_remote_code=setup.trust_remote_code,
+                )
             except Exception as e:
                 raise BackendBuildError(
-                    f"cannot load {self.model} with {ckpt.path.name}: {_short(e)}"
+                    f"cannot load {setup.model} with {ckpt.path.name}: {_short(e)}"
                 ) from e
             self.builds += 1
         else:
@@ -114,17 +126,11 @@ class CheckpointEvaluator:
 
 def evaluate_checkpoints(
     run_dir: str | Path,
+    setup: CheckpointSetup,
     *,
-    model: str,
-    backend: str = "auto",
-    prompts: Sequence[str],
-    runs: int = 8,
-    seed: int = 0,
     on_row: Callable[[CheckpointRow], None] | None = None,
     on_status: Callable[[Checkpoint, str], None] | None = None,
     checkpoints: Sequence[Checkpoint] | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
 ) -> list[CheckpointRow]:
     """One :class:`CheckpointRow` per checkpoint in ``run_dir``, in step order.
 
@@ -132,15 +138,7 @@ def evaluate_checkpoints(
     progress display; ``checkpoints`` skips discovery when the caller already did it.
     """
     ckpts = list(checkpoints) if checkpoints is not None else discover_checkpoints(run_dir)
-    evaluator = CheckpointEvaluator(
-        model=model,
-        backend=backend,
-        prompts=prompts,
-        runs=runs,
-        seed=seed,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    )
+    evaluator = CheckpointEvaluator(setup)
     rows: list[CheckpointRow] = []
     try:
         for ckpt in ckpts:

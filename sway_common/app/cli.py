@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from rich.console import Console
@@ -23,20 +23,22 @@ from sway_common.app.export_check import export_check_cmd
 from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
 from sway_common.app.options import (
     DEBUG_KEY,
-    EXIT_INTERRUPTED,
+    SuiteArgs,
     backend_option,
-    err_console,
+    exit_interrupted,
     fail,
+    file_option,
     first_line,
     plot_option,
     read_prompts,
-    report_options,
     require_plotting,
-    safety_options,
+    runs_option,
+    suite_options,
 )
 from sway_common.app.platform import MODEL_BACKEND_KINDS, doctor_report
+from sway_common.app.process import drop_openblas_preload
 from sway_common.app.run import RunOptions, execute, load_spec_or_fail
-from sway_common.blas import preloaded_openblas, without_openblas_preload
+from sway_common.fast_paths import ENV_VAR
 from sway_common.probes import REGISTRY
 from sway_common.suite.spec import ModelSpec, quick_suite
 
@@ -57,11 +59,18 @@ class _App(click.Group):
     """The command group: a usage error or an unexpected error is one line (with --debug,
     the traceback), and Ctrl-C outside a running suite is exit 130, not click's "Aborted!"."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
             fail(f"{e.format_message()}{hint}")
@@ -69,8 +78,7 @@ class _App(click.Group):
             e.show()
             sys.exit(e.exit_code)
         except click.Abort:  # Ctrl-C while click itself was reading input
-            err_console.print(INTERRUPTED_EARLY, highlight=False)
-            sys.exit(EXIT_INTERRUPTED)
+            exit_interrupted(INTERRUPTED_EARLY)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -81,8 +89,7 @@ class _App(click.Group):
         except KeyboardInterrupt:
             if ctx.meta.get(DEBUG_KEY):
                 raise
-            err_console.print(INTERRUPTED_EARLY, highlight=False)
-            sys.exit(EXIT_INTERRUPTED)
+            exit_interrupted(INTERRUPTED_EARLY)
         except Exception as e:
             if ctx.meta.get(DEBUG_KEY):
                 raise
@@ -129,21 +136,13 @@ def app(ctx: click.Context, debug: bool) -> None:
     help="Quick eval: the adapter dir (mlx-lm or PEFT), or an mlx-lm checkpoint file. Repeat it to "
     "test several adapters of one base: the base loads once.",
 )
-@click.option(
+@file_option(
     "--prompts",
     "prompts_file",
-    type=click.Path(dir_okay=False),
-    help="Quick eval: prompts file, one per line (default: generic prompts).",
+    "Quick eval: prompts file, one per line (default: generic prompts).",
 )
-@click.option(
-    "--runs",
-    type=click.IntRange(2, 64),
-    default=8,
-    show_default=True,
-    help="Quick eval: number of null adapters.",
-)
-@report_options
-@safety_options
+@runs_option("Quick eval: number of null adapters.")
+@suite_options
 @click.option(
     "--threshold",
     type=float,
@@ -156,15 +155,7 @@ def eval_cmd(
     adapter_paths: tuple[str, ...],
     prompts_file: str | None,
     runs: int,
-    json_path: str | None,
-    markdown_path: str | None,
-    junit_path: str | None,
-    backend: str,
-    seed: int | None,
-    plot_dir: str | None,
-    no_cache: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
+    args: SuiteArgs,
     threshold: float | None,
 ) -> None:
     """Run a suite and report; exit 0 pass, 1 fail, 2 bad input or error.
@@ -196,62 +187,23 @@ def eval_cmd(
             )
         model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
         spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
-    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    opts = RunOptions(
-        backend,
-        seed,
-        threshold,
-        reports,
-        plot_dir,
-        no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        own_process=owns_process(),
-    )
+    opts = RunOptions(args, threshold=threshold, own_process=owns_process())
     execute(spec, opts, adapter_paths[1:])
 
 
 @app.command("gate")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-@report_options
-@safety_options
+@suite_options
 @click.option(
     "--threshold",
     type=click.FloatRange(0.0, 1.0),
     default=None,
     help="Composite score needed to pass (default: the spec's defaults.coverage_threshold).",
 )
-def gate_cmd(
-    spec_path: str,
-    json_path: str | None,
-    markdown_path: str | None,
-    junit_path: str | None,
-    backend: str,
-    seed: int | None,
-    plot_dir: str | None,
-    no_cache: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
-    threshold: float | None,
-) -> None:
+def gate_cmd(spec_path: str, args: SuiteArgs, threshold: float | None) -> None:
     """CI gate: run SPEC, print one line, exit 0 pass / 1 fail / 2 error."""
     spec = load_spec_or_fail(spec_path)
-    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    execute(
-        spec,
-        RunOptions(
-            backend,
-            seed,
-            threshold,
-            reports,
-            plot_dir,
-            no_cache,
-            quiet=True,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            own_process=owns_process(),
-        ),
-    )
+    execute(spec, RunOptions(args, threshold=threshold, quiet=True, own_process=owns_process()))
 
 
 @app.command("list-probes")
@@ -265,7 +217,9 @@ def list_probes_cmd() -> None:
         for f in dataclasses.fields(cls.Config):
             if f.name in ("name", "kind"):
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
             shown = repr(default)
             console.print(
                 f"    {f.name}: {shown if len(shown) < 60 else shown[:57] + '...'}",
@@ -295,6 +249,8 @@ def doctor_cmd(as_json: bool) -> None:
     console.print(f"mlx on cpu   {report['blas']['mlx_cpu_matmuls']}", highlight=False)
     if report["blas"]["ld_preload_openblas"]:
         console.print("[yellow]LD_PRELOAD names OpenBLAS: torch runs slower under it; unset it[/]")
+    if not report["fast_paths"]:
+        console.print(f"[yellow]fast paths off ({ENV_VAR} is set): upstream code paths run[/]")
     console.print(f"--backend auto picks: [bold]{report['auto_picks']}[/]")
 
 
@@ -304,7 +260,7 @@ def doctor_cmd(as_json: bool) -> None:
 @click.option(
     "--to", "to", type=click.Choice(["mlx", "peft"]), required=True, help="Target format."
 )
-def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
+def convert_adapter_cmd(src: str, dst: str, to: Literal["mlx", "peft"]) -> None:
     """Convert a LoRA adapter between mlx-lm and PEFT layouts (weights bit-exact).
 
     SRC is an adapter directory (or an mlx-lm checkpoint file NNNNNNN_adapters.safetensors);
@@ -321,13 +277,7 @@ def convert_adapter_cmd(src: str, dst: str, to: str) -> None:
 
 @app.command("demo")
 @backend_option(MODEL_BACKEND_KINDS)
-@click.option(
-    "--runs",
-    type=click.IntRange(2, 64),
-    default=8,
-    show_default=True,
-    help="Null adapters per evaluation.",
-)
+@runs_option("Null adapters per evaluation.")
 @plot_option("z against the null band, the ablation curve, per adapter")
 def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
     """Train two adapters on a bundled document and show which one is above noise.
@@ -352,14 +302,7 @@ app.add_command(export_check_cmd)
 
 
 def main() -> None:
-    if preloaded_openblas():
-        # An inherited OpenBLAS preload slows torch down; MLX loads OpenBLAS itself
-        # (sway_mlx), so the preload is never needed: start again without it.
-        os.execve(
-            sys.executable,
-            [sys.executable, "-m", "sway_common.app.cli", *sys.argv[1:]],
-            without_openblas_preload(dict(os.environ)),
-        )
+    drop_openblas_preload(sys.argv[1:])
     app(obj=OWN_PROCESS)
 
 

@@ -19,27 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.text import Text
 
 from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.options import (
-    EXIT_BY_VERDICT,
-    EXIT_ERROR,
-    EXIT_INTERRUPTED,
+    SuiteArgs,
     err_console,
+    exit_code,
+    exit_interrupted,
     fail,
+    file_option,
     first_line,
     null_cache,
     read_prompts,
-    report_options,
     require_plotting,
-    safety_options,
+    runs_option,
+    suite_options,
 )
 from sway_common.app.platform import pick_backend
-from sway_common.app.run import build_or_fail, write_reports
+from sway_common.app.run import build_or_fail, emit, write_reports
 from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
-from sway_common.report import render_terminal
 from sway_common.report.export_plot import EXPORT_PNG, plot_export
 from sway_common.suite.export import check_export, config_mismatch
 from sway_common.suite.export_math import ExportCriteria
@@ -131,26 +130,22 @@ def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
 def _human_bytes(n: int | None) -> str:
     if n is None:
         return "—"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    size = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
-def _emit(
-    result: SuiteResult, reports: dict[str, str | None], plot_dir: str | None, quiet: bool
-) -> None:
-    write_reports(result, reports, plot_dir)
-    if plot_dir and any(p.evidence.get("per_prompt_retention") for p in result.probes):
-        plot_export(result, Path(plot_dir) / EXPORT_PNG)
+def _report(result: SuiteResult, args: SuiteArgs, quiet: bool) -> None:
+    write_reports(result, args.reports, args.plot_dir)
+    if args.plot_dir and any(p.evidence.get("per_prompt_retention") for p in result.probes):
+        plot_export(result, Path(args.plot_dir) / EXPORT_PNG)
     line = f"{result.verdict.value}: {result.meta.get('headline', '')}"
-    if quiet:
-        click.echo(line)
+    console = emit(result, Text(line, style="bold"), quiet=line if quiet else None)
+    if console is None:
         return
-    console = Console()
-    render_terminal(result, console)
-    console.print(Text(line, style="bold"), soft_wrap=True)
     memory = result.meta.get("memory") or {}
     console.print(
         f"peak memory (base + adapter and the export, two models): "
@@ -235,20 +230,13 @@ def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
     help="The exported model: a dir (mlx_lm fuse, mlx_lm convert -q, PEFT "
     "merge_and_unload + save_pretrained) or a .gguf file (needs the gguf extra).",
 )
-@click.option(
+@file_option(
     "--prompts",
     "prompts_file",
-    type=click.Path(dir_okay=False),
-    help="Prompts file, one per line (default: generic prompts). Use prompts the "
+    "Prompts file, one per line (default: generic prompts). Use prompts the "
     "adapter was trained for: that is where it acts.",
 )
-@click.option(
-    "--runs",
-    type=click.IntRange(2, 64),
-    default=8,
-    show_default=True,
-    help="Null adapters that size the adapter's effect.",
-)
+@runs_option("Null adapters that size the adapter's effect.")
 @click.option(
     "--min-retention",
     type=click.FloatRange(0.05, 0.99),
@@ -264,8 +252,7 @@ def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
     help="Largest export-vs-fine-tune distance, in units of the adapter's effect.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
-@report_options
-@safety_options
+@suite_options
 def export_check_cmd(
     model: str,
     adapter: str,
@@ -275,15 +262,7 @@ def export_check_cmd(
     min_retention: float,
     max_residual: float,
     quiet: bool,
-    json_path: str | None,
-    markdown_path: str | None,
-    junit_path: str | None,
-    plot_dir: str | None,
-    backend: str,
-    seed: int | None,
-    no_cache: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
+    args: SuiteArgs,
 ) -> None:
     """Does the exported model still carry the fine-tune? Exit 0 yes, 1 no, 2 bad input.
 
@@ -306,33 +285,31 @@ def export_check_cmd(
           --backend mlx --prompts my_prompts.txt --json export.json --plot plots/
       sway-mlx export-check --model M --adapter-path adapters --export model.gguf -q
     """
-    if backend == "dummy":
+    if args.backend == "dummy":
         fail("export-check needs real models: use --backend auto, mlx or hf")
-    reports = {"json": json_path, "markdown": markdown_path, "junit": junit_path}
-    check_outputs(reports, plot_dir)
-    if plot_dir:
+    check_outputs(args.reports, args.plot_dir)
+    if args.plot_dir:
         require_plotting()
     prompts = read_prompts(prompts_file)
-    check_adapters([adapter], allow_pickle=allow_pickle)
+    check_adapters([adapter], allow_pickle=args.allow_pickle)
     _no_loader_bars()
     job = ExportJob(
-        model,
-        adapter,
-        export,
-        prompts,
-        backend,
-        ExportCriteria(min_retention=min_retention, max_residual=max_residual),
-        runs,
-        0 if seed is None else seed,
-        no_cache,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        model=model,
+        adapter=adapter,
+        export=export,
+        prompts=prompts,
+        backend=args.backend,
+        criteria=ExportCriteria(min_retention=min_retention, max_residual=max_residual),
+        runs=runs,
+        seed=0 if args.seed is None else args.seed,
+        no_cache=args.no_cache,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     try:
         with _progress(quiet) as note:
             result = _run(job, note)
     except KeyboardInterrupt:
-        err_console.print("interrupted: no verdict on the export")
-        sys.exit(EXIT_INTERRUPTED)
-    _emit(result, reports, plot_dir, quiet)
-    sys.exit(EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR))
+        exit_interrupted("interrupted: no verdict on the export")
+    _report(result, args, quiet)
+    sys.exit(exit_code(result.verdict))

@@ -1,16 +1,16 @@
 """`sway-mlx checkpoints` and `sway-mlx watch`: an adapter's signal over its training run.
 
-Registered on the main ``app`` by ``sway_common.app.cli``. Every input is checked (run dir, checkpoints, model, prompts, plotting) before a model
-loads or a file is written; bad input is one line on stderr and exit 2.
+Registered on the main ``app`` by ``sway_common.app.cli``. Every input is checked (run dir,
+checkpoints, model, prompts, plotting) before a model loads or a file is written; bad input
+is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -23,15 +23,18 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from sway_common.app.checkpoints import BackendBuildError, evaluate_checkpoints
+from sway_common.app.checkpoints import BackendBuildError, CheckpointSetup, evaluate_checkpoints
 from sway_common.app.inputs import check_model, check_output
 from sway_common.app.options import (
     EXIT_INTERRUPTED,
     backend_option,
     fail,
+    file_option,
+    option_group,
     plot_option,
     read_prompts,
     require_plotting,
+    runs_option,
     safety_options,
     seed_option,
 )
@@ -77,42 +80,70 @@ def recorded_base_model(run_dir: Path) -> str | None:
     return None
 
 
-def _resolve_inputs(
-    run_dir: str | None,
-    adapter_path: str | None,
-    model: str | None,
-    plot: Path | None,
-    allow_pickle: bool,
-) -> tuple[Path, str]:
-    if run_dir and adapter_path and Path(run_dir) != Path(adapter_path):
-        fail("give the run directory once: as DIR or as --adapter-path, not both")
-    given = run_dir or adapter_path
-    if not given:
-        fail("missing the training run directory: give DIR (or --adapter-path, as for mlx_lm.lora)")
-    path = Path(given).expanduser()
-    if not path.is_dir():
-        fail(f"{path} is not a directory; give the training run's output (adapter) directory")
-    if model is None:
-        model = recorded_base_model(path)
+@dataclass
+class LoopArgs:
+    """The options `checkpoints` and `watch` share (:data:`loop_options`)."""
+
+    run_dir: str | None
+    adapter_path: str | None
+    model: str | None
+    backend: str
+    prompts_file: str | None
+    runs: int
+    seed: int | None
+    plot_dir: str | None
+    no_plot: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    def plot_path(self) -> Path | None:
+        """Where the trajectory PNG goes: --plot DIR, else the run directory."""
+        where = self.plot_dir or self.run_dir or self.adapter_path
+        if self.no_plot or not where:
+            return None
+        return Path(where).expanduser() / TRAJECTORY_PNG
+
+    def resolve(self) -> tuple[Path, str, Path | None]:
+        """The run directory, the base model and the plot path, checked (bad input: exit 2)."""
+        plot = self.plot_path()
+        if self.run_dir and self.adapter_path and Path(self.run_dir) != Path(self.adapter_path):
+            fail("give the run directory once: as DIR or as --adapter-path, not both")
+        given = self.run_dir or self.adapter_path
+        if not given:
+            fail(
+                "missing the training run directory: give DIR (or --adapter-path, as for mlx_lm.lora)"
+            )
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            fail(f"{path} is not a directory; give the training run's output (adapter) directory")
+        model = self.model
         if model is None:
-            fail(f"no --model given and no adapter_config.json in {path} names the base model")
-        Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
-    check_model(model, allow_pickle=allow_pickle)
-    if plot is not None:
-        check_output(str(plot), "--plot")
-        require_plotting("or pass --no-plot")
-    return path, model
+            model = recorded_base_model(path)
+            if model is None:
+                fail(f"no --model given and no adapter_config.json in {path} names the base model")
+            Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
+        check_model(model, allow_pickle=self.allow_pickle)
+        if plot is not None:
+            check_output(str(plot), "--plot")
+            require_plotting("or pass --no-plot")
+        return path, model, plot
+
+    def setup(self, model: str, prompts: list[str]) -> CheckpointSetup:
+        """How each checkpoint is measured (without --seed, a spec's default seed)."""
+        return CheckpointSetup(
+            model=model,
+            prompts=prompts,
+            backend=self.backend,
+            runs=self.runs,
+            seed=Defaults().seed if self.seed is None else self.seed,
+            allow_pickle=self.allow_pickle,
+            trust_remote_code=self.trust_remote_code,
+        )
 
 
-def _plot_path(plot_dir: str | None, given: str | None, no_plot: bool) -> Path | None:
-    """Where the trajectory PNG goes: --plot DIR, else the run directory."""
-    if no_plot or not (plot_dir or given):
-        return None
-    return Path(plot_dir or given).expanduser() / TRAJECTORY_PNG  # type: ignore[arg-type]
-
-
-def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
+loop_options = option_group(
+    LoopArgs,
+    [
         click.argument("run_dir", metavar="[DIR]", required=False, type=click.Path()),
         click.option(
             "--adapter-path",
@@ -124,52 +155,30 @@ def shared_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Base model: local dir or Hugging Face id. Default: the one the run's adapter_config.json records.",
         ),
         backend_option(MODEL_BACKEND_KINDS),
-        click.option(
+        file_option(
             "--prompts",
             "prompts_file",
-            type=click.Path(dir_okay=False),
-            help="Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain.",
+            "Prompts to measure on, one per line (default: 8 generic prompts). Use prompts from your training domain.",
         ),
-        click.option(
-            "--runs",
-            type=click.IntRange(min=2),
-            default=8,
-            show_default=True,
-            help="Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt.",
+        runs_option(
+            "Null adapters drawn per checkpoint (K): more gives a steadier z, costs K forwards per prompt.",
+            most=None,
         ),
         seed_option,
         plot_option(f"{TRAJECTORY_PNG}: z and divergence against step", default="DIR"),
         click.option("--no-plot", is_flag=True, help="Write no PNG."),
         safety_options,
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    ],
+)
+"""DIR, --adapter-path, --model, --backend, --prompts, --runs, --seed, --plot, --no-plot and
+the safety options, handed to the command as one ``args: LoopArgs``."""
 
 
 # ------------------------------------------------------------------ checkpoints
 @click.command("checkpoints")
-@shared_options
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    help="Write the rows and the summary as JSON here.",
-)
-def checkpoints_cmd(
-    run_dir: str | None,
-    adapter_path: str | None,
-    model: str | None,
-    backend: str,
-    prompts_file: str | None,
-    runs: int,
-    seed: int | None,
-    plot_dir: str | None,
-    no_plot: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
-    json_path: str | None,
-) -> None:
+@loop_options
+@file_option("--json", "json_path", "Write the rows and the summary as JSON here.")
+def checkpoints_cmd(args: LoopArgs, json_path: str | None) -> None:
     """Test every checkpoint of a training run against random adapters of its shape.
 
     DIR is the run's output directory: mlx-lm's --adapter-path (NNNNNNN_adapters.safetensors
@@ -190,19 +199,18 @@ def checkpoints_cmd(
     one: norm-matched nulls grow with the adapter. Plots z and divergence against step. Exit 0 when the last checkpoint passes, 1 when
     it does not, 2 on bad input.
     """
-    plot = _plot_path(plot_dir, run_dir or adapter_path, no_plot)
-    path, model = _resolve_inputs(run_dir, adapter_path, model, plot, allow_pickle)
+    path, model, plot = args.resolve()
     check_output(json_path, "--json")
     try:
         ckpts = discover_checkpoints(path)
     except (CheckpointError, OSError) as e:
         fail(str(e))
-    prompts = read_prompts(prompts_file)
-    seed = Defaults().seed if seed is None else seed
+    prompts = read_prompts(args.prompts_file)
+    setup = args.setup(model, prompts)
     console, err = Console(), Console(stderr=True)
     err.print(
         f"{len(ckpts)} checkpoints in {path} ({ckpts[0].label} … {ckpts[-1].label}); "
-        f"{len(prompts)} prompts, {runs} null adapters each",
+        f"{len(prompts)} prompts, {setup.runs} null adapters each",
         highlight=False,
     )
 
@@ -228,14 +236,8 @@ def checkpoints_cmd(
         with progress:
             evaluate_checkpoints(
                 path,
-                model=model,
-                backend=backend,
-                prompts=prompts,
-                runs=runs,
-                seed=seed,
+                setup,
                 checkpoints=ckpts,
-                allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code,
                 on_row=on_row,
                 on_status=lambda c, what: progress.update(task, description=c.label, what=what),
             )
@@ -253,10 +255,10 @@ def checkpoints_cmd(
         run = {
             "run_dir": str(path),
             "model": model,
-            "backend": backend,
+            "backend": setup.backend,
             "prompts": prompts,
-            "runs": runs,
-            "seed": seed,
+            "runs": setup.runs,
+            "seed": setup.seed,
         }
         write_trajectory_json(Path(json_path), run, rows, summary)
         console.print(f"JSON: {json_path}", highlight=False)
@@ -267,12 +269,11 @@ def checkpoints_cmd(
 
 # ------------------------------------------------------------------ watch
 @click.command("watch")
-@shared_options
-@click.option(
+@loop_options
+@file_option(
     "--history",
     "history_path",
-    type=click.Path(dir_okay=False),
-    help=f"JSONL file, one line per tested checkpoint; a restarted watch skips what it holds [default: DIR/{HISTORY_JSONL}].",
+    f"JSONL file, one line per tested checkpoint; a restarted watch skips what it holds [default: DIR/{HISTORY_JSONL}].",
 )
 @click.option(
     "--poll",
@@ -296,17 +297,7 @@ def checkpoints_cmd(
     help="Stop after testing this many new checkpoints (default: run until Ctrl-C).",
 )
 def watch_cmd(
-    run_dir: str | None,
-    adapter_path: str | None,
-    model: str | None,
-    backend: str,
-    prompts_file: str | None,
-    runs: int,
-    seed: int | None,
-    plot_dir: str | None,
-    no_plot: bool,
-    allow_pickle: bool,
-    trust_remote_code: bool,
+    args: LoopArgs,
     history_path: str | None,
     poll_s: float,
     settle_s: float | None,
@@ -329,19 +320,17 @@ def watch_cmd(
     Exit 0 when stopped (Ctrl-C or --max-checkpoints), 2 on bad input or if the base
     model cannot load.
     """
-    plot = _plot_path(plot_dir, run_dir or adapter_path, no_plot)
-    path, model = _resolve_inputs(run_dir, adapter_path, model, plot, allow_pickle)
-    prompts = read_prompts(prompts_file)
+    path, model, plot = args.resolve()
+    setup = args.setup(model, read_prompts(args.prompts_file))
     history = Path(history_path) if history_path else path / HISTORY_JSONL
     check_output(str(history), "--history")
-    seed = Defaults().seed if seed is None else seed
     console, err = Console(), Console(stderr=True)
     try:
         known = len(read_history(history))
     except (OSError, UnicodeDecodeError) as e:
         fail(f"cannot read the history {history}: {getattr(e, 'strerror', None) or e}")
     err.print(
-        f"watching {path} ({len(prompts)} prompts, {runs} null adapters per checkpoint); "
+        f"watching {path} ({len(setup.prompts)} prompts, {setup.runs} null adapters per checkpoint); "
         f"history {history}" + (f" ({known} already tested)" if known else "") + "; Ctrl-C to stop",
         highlight=False,
     )
@@ -355,17 +344,11 @@ def watch_cmd(
         with status:
             watch(
                 path,
-                model=model,
-                backend=backend,
-                prompts=prompts,
+                setup,
                 history=history,
                 poll_s=poll_s,
                 settle_s=settle_s,
                 max_checkpoints=max_checkpoints,
-                runs=runs,
-                seed=seed,
-                allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code,
                 on_row=on_row,
                 on_status=lambda msg: status.update(msg),
             )

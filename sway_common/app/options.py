@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -13,10 +16,11 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from sway_common.app.platform import BACKEND_KINDS, installed
+from sway_common.app.platform import installed
 from sway_common.models import cache_root
 from sway_common.null_cache import NullCache
 from sway_common.probes.base import DEFAULT_PROMPTS
+from sway_common.suite.spec import BACKEND_KINDS
 from sway_common.types import Verdict
 
 EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -46,6 +50,17 @@ def fail(message: str) -> NoReturn:
         traceback.print_exc()
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_ERROR)
+
+
+def exit_code(verdict: Verdict) -> int:
+    """0 for PASS and WARN, 1 for FAIL, 2 for anything else (ERROR, SKIP)."""
+    return EXIT_BY_VERDICT.get(verdict, EXIT_ERROR)
+
+
+def exit_interrupted(message: str) -> NoReturn:
+    """Ctrl-C: one line on stderr saying what became of the work, exit 130."""
+    err_console.print(message, highlight=False)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def first_line(e: BaseException) -> str:
@@ -78,6 +93,18 @@ def require_plotting(alternative: str = "or leave out --plot") -> None:
     """Refuse before any work when plots were asked for and matplotlib is missing."""
     if not installed("matplotlib"):
         fail(f"plots need matplotlib: pip install 'sway-mlx[plot]' ({alternative})")
+
+
+def file_option(flag: str, dest: str, help: str) -> Decorator:
+    """An option naming a file (never a directory), kept in the parameter ``dest``."""
+    return click.option(flag, dest, type=click.Path(dir_okay=False), help=help)
+
+
+def runs_option(help: str, most: int | None = 64) -> Decorator:
+    """--runs: how many null adapters to draw (at least 2: a spread needs two)."""
+    return click.option(
+        "--runs", type=click.IntRange(2, most), default=8, show_default=True, help=help
+    )
 
 
 def backend_option(kinds: tuple[str, ...] = BACKEND_KINDS) -> Decorator:
@@ -139,32 +166,60 @@ def safety_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """--json/--markdown/--junit/--plot, --backend and --seed for the suite commands."""
-    options = [
-        click.option(
+def option_group(cls: type[Any], options: Sequence[Decorator]) -> Decorator:
+    """Add ``options`` to a command and hand their values to it as one ``args: cls``: a
+    dataclass whose field names are the options' parameter names."""
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)  # keeps the command's help and the options declared below
+        def command(*a: Any, **kw: Any) -> Any:
+            return f(*a, args=cls(**{name: kw.pop(name) for name in names}), **kw)
+
+        decorated: Callable[..., Any] = command
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
+
+@dataclass
+class SuiteArgs:
+    """The options every command that reports a suite result shares (:data:`suite_options`)."""
+
+    json_path: str | None
+    markdown_path: str | None
+    junit_path: str | None
+    plot_dir: str | None
+    backend: str
+    seed: int | None
+    no_cache: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    @property
+    def reports(self) -> dict[str, str | None]:
+        """Report kind → the path to write it to, or None."""
+        return {"json": self.json_path, "markdown": self.markdown_path, "junit": self.junit_path}
+
+
+suite_options = option_group(
+    SuiteArgs,
+    [
+        file_option(
             "--json",
             "json_path",
-            type=click.Path(dir_okay=False),
-            help="Write the full result as JSON here (loads back with sway_common.report.load_json).",
+            "Write the full result as JSON here (loads back with sway_common.report.load_json).",
         ),
-        click.option(
-            "--markdown",
-            "markdown_path",
-            type=click.Path(dir_okay=False),
-            help="Write a Markdown report here.",
-        ),
-        click.option(
-            "--junit",
-            "junit_path",
-            type=click.Path(dir_okay=False),
-            help="Write a JUnit XML report here (for CI).",
-        ),
+        file_option("--markdown", "markdown_path", "Write a Markdown report here."),
+        file_option("--junit", "junit_path", "Write a JUnit XML report here (for CI)."),
         plot_option("z per probe against the null band, the ablation curve"),
         backend_option(),
         seed_option,
         no_cache_option,
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+        safety_options,
+    ],
+)
+"""--json/--markdown/--junit/--plot, --backend, --seed, --no-cache and the safety options,
+handed to the command as one ``args: SuiteArgs``."""

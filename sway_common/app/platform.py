@@ -14,10 +14,9 @@ import sys
 from typing import Any
 
 from sway_common.blas import INSTALL_HINT, find_openblas, preloaded_openblas
-from sway_common.suite.spec import ModelSpec
+from sway_common.fast_paths import ENV_VAR, fast_paths_enabled
+from sway_common.suite.spec import BACKEND_KINDS, ModelSpec
 
-# "dummy" is the analytic test backend; it needs no model.
-BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
 # Kinds that load a real model (and can train one).
 MODEL_BACKEND_KINDS = ("auto", "mlx", "hf")
 
@@ -48,21 +47,6 @@ def pick_backend(requested: str = "auto") -> str:
     return "mlx"
 
 
-def keep_torch_out() -> bool:
-    """Make ``import torch`` fail in this process, before mlx-lm is imported; True if done.
-
-    mlx-lm imports transformers for its tokenizers, and transformers imports torch when it
-    is installed (it is: the HF backend needs it): 1-3 s of start-up and a few hundred MB
-    the MLX path never uses. Once hidden, transformers sees no torch for the rest of the
-    process, so only a caller that owns the process and will not need torch (no GGUF to
-    convert, no pickled adapter, no local embedding model) may ask for this.
-    """
-    if "torch" in sys.modules or "transformers" in sys.modules:
-        return False
-    sys.modules["torch"] = None  # type: ignore[assignment]  # import system: "not installed"
-    return True
-
-
 class BackendUnavailableError(RuntimeError):
     pass
 
@@ -79,11 +63,11 @@ def build_backend(
         from sway_common.backend.dummy import DummyDifferentialBackend
 
         presets = {"trained": 1.0, "untrained": 0.0, "nan": 1.0}
-        adapter = model.adapter or "trained"
-        if adapter not in presets:
-            raise ValueError(f"dummy adapter must be one of {', '.join(presets)}, got {adapter!r}")
+        preset = model.adapter or "trained"
+        if preset not in presets:
+            raise ValueError(f"dummy adapter must be one of {', '.join(presets)}, got {preset!r}")
         return DummyDifferentialBackend(
-            adapter_strength=presets[adapter], nan_adapter=adapter == "nan"
+            adapter_strength=presets[preset], nan_adapter=preset == "nan"
         )
     if model.adapter is None and not plain:
         raise ValueError("an adapter path is required (models.ft.adapter or --adapter-path)")
@@ -124,6 +108,8 @@ def blas_report() -> dict[str, Any]:
     openblas = find_openblas()
     if sys.platform == "darwin":
         mlx = "Accelerate"
+    elif openblas is not None and not fast_paths_enabled():
+        mlx = f"reference BLAS: {ENV_VAR} is set, so sway-mlx does not load OpenBLAS"
     elif openblas is not None:
         mlx = "OpenBLAS, loaded by sway-mlx when the MLX backend runs"
     else:
@@ -156,4 +142,5 @@ def doctor_report() -> dict[str, Any]:
     report["cuda"] = cuda_available() if report["backends"]["hf"] == "ok" else False
     report["auto_picks"] = pick_backend("auto")
     report["blas"] = blas_report()
+    report["fast_paths"] = fast_paths_enabled()
     return report

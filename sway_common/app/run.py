@@ -1,8 +1,8 @@
 """Running a suite from the command line: check every input, load once, report, exit.
 
-Shared by `eval` and `gate` (and the report writing by `export-check`). Inputs are
-checked in the order a user fixes them, before any model loads; a report is written
-whole or not at all.
+Shared by `eval` and `gate` (and the writing and printing of results by `export-check`).
+Inputs are checked in the order a user fixes them, before any model loads; a report is
+written whole or not at all.
 """
 
 from __future__ import annotations
@@ -16,19 +16,22 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.options import (
-    EXIT_BY_VERDICT,
     EXIT_ERROR,
-    EXIT_INTERRUPTED,
+    SuiteArgs,
     err_console,
+    exit_code,
+    exit_interrupted,
     fail,
     first_line,
     null_cache,
     require_plotting,
 )
-from sway_common.app.platform import build_backend, keep_torch_out, pick_backend
+from sway_common.app.platform import build_backend, pick_backend
+from sway_common.app.process import keep_torch_out
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
@@ -44,15 +47,9 @@ REPORT_WRITERS = {"json": write_json, "markdown": write_markdown, "junit": write
 class RunOptions:
     """What `eval` and `gate` were asked for, besides the suite itself."""
 
-    backend: str
-    seed: int | None
-    threshold: float | None
-    reports: dict[str, str | None]
-    plot_dir: str | None
-    no_cache: bool
+    args: SuiteArgs
+    threshold: float | None = None
     quiet: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
     own_process: bool = False
     """Started from the command line: nothing else will import torch in this process."""
 
@@ -80,27 +77,27 @@ def build_or_fail(model: Any, backend: str, what: str | None = None, **kw: Any) 
         fail(f"cannot load {what}: {first_line(e)}" if what else first_line(e))
 
 
-def _backend_choice(spec: Any, opts: RunOptions) -> str:
-    return pick_backend(opts.backend if opts.backend != "auto" else spec.model.kind)
+def _backend_choice(spec: Any, args: SuiteArgs) -> str:
+    return pick_backend(args.backend if args.backend != "auto" else spec.model.kind)
 
 
-def _check_inputs(spec: Any, opts: RunOptions, adapters: list[str]) -> None:
+def _check_inputs(spec: Any, args: SuiteArgs, adapters: list[str]) -> None:
     """Everything that can be checked without loading a model, in the order a user fixes it."""
-    check_outputs(opts.reports, opts.plot_dir)
-    if opts.plot_dir:
+    check_outputs(args.reports, args.plot_dir)
+    if args.plot_dir:
         require_plotting()
-    if _backend_choice(spec, opts) == "dummy":
+    if _backend_choice(spec, args) == "dummy":
         return
-    check_model(spec.model.base, allow_pickle=opts.allow_pickle)
-    check_adapters(adapters, allow_pickle=opts.allow_pickle)
+    check_model(spec.model.base, allow_pickle=args.allow_pickle)
+    check_adapters(adapters, allow_pickle=args.allow_pickle)
 
 
-def _needs_torch(spec: Any, opts: RunOptions) -> bool:
+def _needs_torch(spec: Any, args: SuiteArgs) -> bool:
     """Whether an MLX run of ``spec`` would still import torch: to read a GGUF file or a
     pickled adapter, or to run a local embedding model."""
     base = str(spec.model.base or "")
     embeds = any(getattr(p, "embedding_model", None) for p in spec.probes)
-    return opts.allow_pickle or base.endswith(".gguf") or embeds
+    return args.allow_pickle or base.endswith(".gguf") or embeds
 
 
 def _report_path(path: str, label: str | None) -> str:
@@ -125,34 +122,44 @@ def write_reports(
         write_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
 
 
-def _emit(result: SuiteResult, opts: RunOptions, label: str | None) -> None:
-    write_reports(result, opts.reports, opts.plot_dir, label)
-    if opts.quiet:
-        score = result.score if result.score is None else round(result.score, 3)
-        click.echo(f"{result.verdict.value} score={score} threshold={result.threshold}")
-        return
+def emit(
+    result: SuiteResult, line: str | Text, *, quiet: str | None = None, label: str | None = None
+) -> Console | None:
+    """Print a result: the line ``quiet`` alone when given, else the terminal report (under
+    a rule naming ``label``, when given) ending in ``line``. Returns the console, for more
+    lines (None when quiet)."""
+    if quiet is not None:
+        click.echo(quiet)
+        return None
     console = Console()
     if label is not None:
         console.rule(f"adapter: {label}")
     render_terminal(result, console)
-    console.print(f"[bold]{headline(result)}[/]", highlight=False, soft_wrap=True)
+    console.print(line, highlight=False, soft_wrap=True)
+    return console
+
+
+def _score_line(result: SuiteResult) -> str:
+    score = result.score if result.score is None else round(result.score, 3)
+    return f"{result.verdict.value} score={score} threshold={result.threshold}"
 
 
 def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) -> NoReturn:
     """Run ``spec`` (and the same suite on ``more_adapters``, base loaded once), report, exit."""
-    if opts.seed is not None:
-        spec.defaults.seed = opts.seed
+    args = opts.args
+    if args.seed is not None:
+        spec.defaults.seed = args.seed
     adapters = [spec.model.adapter, *more_adapters]
-    _check_inputs(spec, opts, adapters)
-    if opts.own_process and _backend_choice(spec, opts) == "mlx" and not _needs_torch(spec, opts):
+    _check_inputs(spec, args, adapters)
+    if opts.own_process and _backend_choice(spec, args) == "mlx" and not _needs_torch(spec, args):
         keep_torch_out()
     labels = [Path(a).name or str(a) for a in adapters] if more_adapters else [None]
     started = time.perf_counter()
     backend = build_or_fail(
         spec.model,
-        opts.backend,
-        allow_pickle=opts.allow_pickle,
-        trust_remote_code=opts.trust_remote_code,
+        args.backend,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
     loaded = time.perf_counter()
     if problem := context_problem(spec, backend):
@@ -188,10 +195,11 @@ def _run_one(
         backend=backend,
         threshold=opts.threshold,
         progress=suite_progress if sys.stderr.isatty() else None,
-        null_cache=null_cache(opts.no_cache),
+        null_cache=null_cache(opts.args.no_cache),
     )
-    _emit(result, opts, label)
+    write_reports(result, opts.args.reports, opts.args.plot_dir, label)
+    quiet = _score_line(result) if opts.quiet else None
+    emit(result, f"[bold]{headline(result)}[/]", quiet=quiet, label=label)
     if result.meta.get("interrupted"):
-        err_console.print("interrupted: reports hold the probes that finished")
-        sys.exit(EXIT_INTERRUPTED)
-    return EXIT_BY_VERDICT.get(result.verdict, EXIT_ERROR)
+        exit_interrupted("interrupted: reports hold the probes that finished")
+    return exit_code(result.verdict)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sway_common.app.checkpoints import BackendBuildError, CheckpointEvaluator
+from sway_common.app.checkpoints import BackendBuildError, CheckpointEvaluator, CheckpointSetup
 from sway_common.report.files import to_jsonable
 from sway_common.suite.trajectory import (
     Checkpoint,
@@ -168,31 +168,26 @@ def _pending(run_dir: Path, done: dict[str, str | None]) -> list[Checkpoint]:
 
 def watch(
     run_dir: str | Path,
+    setup: CheckpointSetup,
     *,
-    model: str,
-    backend: str = "auto",
-    prompts: list[str],
     history: str | Path,
     poll_s: float = 2.0,
     settle_s: float | None = None,
     stop: Callable[[], bool] | None = None,
     max_checkpoints: int | None = None,
-    runs: int = 8,
-    seed: int = 0,
     max_tries: int = DEFAULT_MAX_TRIES,
     evaluate: Evaluate | None = None,
     on_row: Callable[[CheckpointRow], None] | None = None,
     on_status: Callable[[str], None] | None = None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
 ) -> list[CheckpointRow]:
     """Test each new checkpoint in ``run_dir`` as training writes it; return this session's rows.
 
     Ends when ``stop()`` returns true, after ``max_checkpoints`` rows, or on Ctrl-C
     (KeyboardInterrupt is absorbed: every finished row is already in the history).
     ``settle_s`` defaults to ``poll_s``. ``evaluate`` replaces the real evaluation (a
-    :class:`CheckpointEvaluator` built lazily, at the first ready checkpoint). Only a
-    base model that cannot load (:class:`BackendBuildError`) ends the watch with an error.
+    :class:`CheckpointEvaluator` of ``setup``, whose backend is built at the first ready
+    checkpoint). Only a base model that cannot load (:class:`BackendBuildError`) ends the
+    watch with an error.
     """
     run_dir, history = Path(run_dir).expanduser(), Path(history).expanduser()
     if not run_dir.is_dir():
@@ -202,15 +197,7 @@ def watch(
     done = _history_index(history)
     evaluator = None
     if evaluate is None:
-        evaluator = CheckpointEvaluator(
-            model=model,
-            backend=backend,
-            prompts=prompts,
-            runs=runs,
-            seed=seed,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-        )
+        evaluator = CheckpointEvaluator(setup)
         evaluate = evaluator
     seen: dict[str, _Seen] = {}
     rows: list[CheckpointRow] = []

@@ -3,7 +3,7 @@
 It is a real (tiny) language model, not a table of canned answers: characters are
 tokens, the hidden state is a smoothed average of recent token embeddings, and the
 LM head is ``W + ΔW`` where ``ΔW = scale · B·A`` is a rank-r "adapter". Every view
-goes through :class:`~sway_common.backend.DifferentialBackendBase`, so the dummy
+goes through :class:`~sway_common.backend.model_views.ModelViews`, so the dummy
 exercises the same view, cache, batching and windowing code as the real backends.
 
 The "trained" adapter has a *direction*: it pushes every context towards a few target
@@ -15,14 +15,18 @@ a NaN in B; ``random_adapter_seed`` makes the "trained" adapter itself a random 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.adapters.weights import AdapterWeights, LoraModule
-from sway_common.backend.base import DifferentialBackendBase, Encoding, Restore
 from sway_common.backend.generation import Draws, inverse_cdf_np
-from sway_common.backend.nulls import NullFactors
+from sway_common.backend.model_views import ModelViews
+from sway_common.backend.nulls import PlacedNull
+from sway_common.backend.runtime import Runtime
 from sway_common.backend.scoring import text_hash
+from sway_common.backend.views import Encoding, Restore
 
 _FIRST_CHAR = 32  # printable ASCII: ids 0..94 are ' '..'~'
 _UNKNOWN = ord("?") - _FIRST_CHAR
@@ -32,10 +36,8 @@ HEAD_PATH = "lm_head"
 Factors = tuple[NDArray[np.float32], NDArray[np.float32]]
 
 
-class DummyDifferentialBackend(DifferentialBackendBase):
-    # Its hidden state is a running average with no positions, so a prompt of any length
-    # is fine; max_context only sets its rolling windows.
-    prompt_limit = None
+class DummyRuntime(Runtime):
+    """The dummy character model and its one adapted layer (the LM head)."""
 
     def __init__(
         self,
@@ -88,7 +90,13 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         self.info = {"backend": "dummy", "model": "dummy-char-lm", "adapter": "dummy", "rank": rank}
 
     # -------------------------------------------------------------- model
-    def _encode(self, text: str) -> Encoding:
+    @property
+    def prompt_limit(self) -> int | None:
+        # Its hidden state is a running average with no positions, so a prompt of any
+        # length is fine; max_context only sets its rolling windows.
+        return None
+
+    def encode(self, text: str) -> Encoding:
         ids = [
             ord(c) - _FIRST_CHAR if _FIRST_CHAR <= ord(c) < _FIRST_CHAR + 95 else _UNKNOWN
             for c in text
@@ -113,21 +121,21 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         logits = logits - logits.max(axis=-1, keepdims=True)
         return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
 
-    def _last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
+    def last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
         return np.stack([self._logprobs(self._hidden(ids)[-1:])[0] for ids in batch])
 
-    def _token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
+    def token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
         out = []
         for ids in batch:
             lp = self._logprobs(self._hidden(ids)[:-1])
             out.append(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].astype(np.float32))
         return out
 
-    def _decode_new(self, ids: list[int]) -> str:
+    def decode_new(self, ids: list[int]) -> str:
         # No tokenizer (so no chat template either: chat=True generates from the plain text).
         return "".join(chr(i + _FIRST_CHAR) for i in ids)
 
-    def _generate_tokens(
+    def generate_tokens(
         self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
     ) -> list[list[int]]:
         """Row by row; the dummy has no EOS, so every row runs to ``max_new_tokens``."""
@@ -135,7 +143,7 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         for r, ids in enumerate(batch):
             new: list[int] = []
             for step in range(max_new_tokens):
-                row = self._last_logprobs([ids + new])[0]
+                row = self.last_logprobs([ids + new])[0]
                 if draws is None:
                     new.append(int(np.argmax(row)))
                 else:
@@ -153,14 +161,15 @@ class DummyDifferentialBackend(DifferentialBackendBase):
 
         return restore
 
-    def _install_base(self) -> Restore:
+    def install_base(self) -> Restore:
         return self._swap(None, 1.0)
 
-    def _install_scaled(self, lam: float) -> Restore:
+    def install_scaled(self, lam: float) -> Restore:
         return self._swap(self._real, lam)
 
-    def _install_null(self, factors: dict[str, NullFactors]) -> Restore:
-        return self._swap(factors[HEAD_PATH], 1.0)
+    def install_null(self, placed: PlacedNull) -> Restore:
+        head = placed[HEAD_PATH]
+        return self._swap((head.a, head.b), 1.0)
 
     def delta_weight(self) -> NDArray[np.float32]:
         """ΔW of whatever adapter the open view runs with (zeros in the base view)."""
@@ -169,9 +178,16 @@ class DummyDifferentialBackend(DifferentialBackendBase):
         a, b = self._factors
         return (self._lam * self._scale * b @ a).astype(np.float32)
 
-    def _nonfinite_adapter_tensors(self) -> list[str]:
+    def nonfinite_adapter_tensors(self) -> list[str]:
         a, b = self._real
         return [name for name, t in (("lora_a", a), ("lora_b", b)) if not np.all(np.isfinite(t))]
 
-    def _mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:
+    def mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:
         return np.stack([self._hidden(ids).mean(axis=0) for ids in batch]).astype(np.float32)
+
+
+class DummyDifferentialBackend(ModelViews):
+    """Views of the dummy model; options as :class:`DummyRuntime`'s."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(DummyRuntime(**options))

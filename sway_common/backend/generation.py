@@ -1,6 +1,6 @@
 """The backend-neutral half of text generation: prompts in, texts out.
 
-A backend supplies only its decoding loop (:data:`TokenLoop`: token ids of a padded
+A runtime supplies only its decoding loop (``generate_tokens``: token ids of a padded
 batch in, new token ids per row out, stop token left off). Everything around it lives
 here once, so the backends cannot drift apart on it: the chat template, the check
 against the context window, chunking into the backend's batch size, the random draws
@@ -19,7 +19,7 @@ the same thing on every model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,12 +30,9 @@ from sway_common.backend.scoring import length_buckets
 Draws = list[NDArray[np.float64]]
 """Per row, one uniform in [0, 1) per new token (None in a loop's call: greedy)."""
 
-TokenLoop = Callable[[list[list[int]], int, float, Draws | None], list[list[int]]]
-"""``(batch, max_new_tokens, temperature, draws) -> new ids per row``, stop token left off."""
-
 
 class Generating(Protocol):
-    """What :func:`generate_texts` reads from a backend."""
+    """What :func:`generate_texts` reads from a runtime."""
 
     tokenizer: Any
     batch_size: int
@@ -43,7 +40,13 @@ class Generating(Protocol):
     @property
     def prompt_limit(self) -> int | None: ...
 
-    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+    def generate_tokens(
+        self, batch: list[list[int]], max_new_tokens: int, temperature: float, draws: Draws | None
+    ) -> list[list[int]]: ...
+
+    def decode_new(self, ids: list[int]) -> str: ...
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -64,7 +67,7 @@ def prompt_ids(backend: Generating, prompt: str, chat: bool) -> list[int]:
         )
         ids = list(backend.tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
-        ids = backend._encode(prompt)[0]
+        ids = backend.encode(prompt)[0]
     if not ids:
         raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens; give a non-empty prompt")
     return ids
@@ -128,33 +131,31 @@ def decode_new(tokenizer: Any, ids: list[int]) -> str:
 def generate_texts(
     backend: Generating,
     prompts: Sequence[str],
-    *,
     max_new_tokens: int,
     temperature: float,
     seed: int,
     chat: bool,
-    loop: TokenLoop,
-    decode: Callable[[list[int]], str] | None = None,
 ) -> list[str]:
-    """One continuation per prompt, in order, through the backend's ``loop``.
+    """One continuation per prompt, in order, through the runtime's decoding loop.
 
     Prompts of similar length share a batch (less padding); each batch holds at most
     ``backend.batch_size`` rows. ``temperature <= 0`` is greedy.
     """
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
     if max_new_tokens == 0 or not prompts:
         return [""] * len(prompts)
     batch = [prompt_ids(backend, p, chat) for p in prompts]
     check_room(batch, max_new_tokens, backend.prompt_limit)
     draws = row_draws(seed, len(batch), max_new_tokens) if temperature > 0 else None
-    decode = decode or (lambda ids: decode_new(backend.tokenizer, ids))
     out = [""] * len(batch)
     for rows in length_buckets([len(ids) for ids in batch], backend.batch_size):
-        new = loop(
+        new = backend.generate_tokens(
             [batch[i] for i in rows],
             max_new_tokens,
             float(temperature),
             [draws[i] for i in rows] if draws is not None else None,
         )
         for i, ids in zip(rows, new, strict=True):
-            out[i] = decode(ids[:max_new_tokens])
+            out[i] = backend.decode_new(ids[:max_new_tokens])
     return out

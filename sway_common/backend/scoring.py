@@ -11,7 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,6 +21,8 @@ from sway_common.types import TokenDist
 # Below this the leftover mass is not worth reporting: it is under float32 resolution
 # of the slice's own probabilities.
 TAIL_FLOOR = 1e-30
+
+T = TypeVar("T")
 
 
 def text_hash(*parts: str) -> str:
@@ -183,3 +185,11 @@ class ResultCache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def filled(values: list[T | None]) -> list[T]:
+    """``values`` with every slot filled: a hole left by a scoring loop is a bug, not input."""
+    out = [v for v in values if v is not None]
+    if len(out) != len(values):
+        raise RuntimeError("a scoring result went missing")
+    return out

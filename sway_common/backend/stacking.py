@@ -19,11 +19,12 @@ rows one step may hold. The backends' ``lora.py`` install the layers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sway_common.backend import limits
+from sway_common.backend.nulls import PlacedNull
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +32,12 @@ class StackedView:
     """One row group of a stacked batch.
 
     ``scale`` multiplies each module's trained scale (0: the base model, λ: a scaled
-    view, 1: the fine-tune or a null); ``factors`` are a null's factors by module path,
-    as the backend placed them (``_place_null``), or None for the trained ones.
+    view, 1: the fine-tune or a null); ``factors`` are a null's factors as the runtime
+    placed them (``Runtime.place_null``), or None for the trained ones.
     """
 
     scale: float
-    factors: Mapping[str, Any] | None = None
+    factors: PlacedNull | None = None
 
 
 # A module path inside a numbered list of decoder blocks: "model.layers.22.self_attn.q_proj".

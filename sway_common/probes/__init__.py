@@ -15,7 +15,8 @@ from . import (  # noqa: F401  (registration)
     section_internalization,
     style_fingerprint,
 )
-from .base import REGISTRY, NullCalibration, Probe, ProbeConfig, RunContext
+from .base import REGISTRY, Probe, ProbeConfig
+from .context import NullCalibration, RunContext
 from .null_proxy import NullCalibrationBackendProxy
 
 __all__ = [

@@ -23,6 +23,7 @@ from sway_common.stats import linear_fit
 from sway_common.types import ProbeResult, Verdict
 
 from .base import DivergenceConfig, Probe, RunContext, judge_divergence, register
+from .common import judged_result
 from .views import next_token_dists_in_views
 
 # A fall this small between neighbouring λ is numerical noise, not a non-monotone curve.
@@ -149,6 +150,7 @@ class AdapterAblationProbe(Probe):
             cfg, ctx, self.kind, at_one, per_prompt, top_k, unit=" nats at λ=1"
         )
         shape = judge_shape(lams, curve, cfg)
+        verdict: Verdict
         if sig.verdict is not Verdict.PASS:
             verdict, message = sig.verdict, f"curve not judged: {sig.message}"
         elif shape.problems:
@@ -162,15 +164,14 @@ class AdapterAblationProbe(Probe):
             )
         # A curve only earns credit once the adapter is distinguishable from noise.
         score = max(0.0, 1 - len(shape.problems) / 3) if sig.verdict is Verdict.PASS else 0.0
-        return self.result(
+        return judged_result(
+            self,
             cfg,
             verdict,
+            sig,
+            null,
             score=score,
             raw=at_one,
-            z=sig.z,
-            p_value=sig.p,
-            effect_ratio=sig.ratio,
-            null=null,
             message=message,
             evidence={
                 "lambdas": lams,

@@ -219,14 +219,10 @@ class AdapterRevertProbe(Probe):
             )
         if rate >= cfg.assert_revert_rate_lt:
             return Verdict.FAIL, f"{head}: needs < {cfg.assert_revert_rate_lt:.0%}; {cmp.text}"
-        if cmp.null is not None and cmp.z is None:
-            return Verdict.WARN, f"{head}, but {cmp.text}"
-        if cmp.null is not None and not cmp.beats(cfg.assert_z_gte):
-            return (
-                Verdict.FAIL,
-                f"{head}, but random adapters of its size hold the gold as well "
-                f"(margin sim(gold) - sim(base)): {cmp.text}",
-            )
+        as_well = "hold the gold as well (margin sim(gold) - sim(base))"
+        noise = cmp.against_nulls(head, cfg.assert_z_gte, as_well)
+        if noise is not None:
+            return noise
         if broken:
             return (
                 Verdict.WARN,

@@ -1,4 +1,4 @@
-"""What every probe shares: its config shape, the registry, the run context, judging.
+"""What every probe shares: its config shape, the registry, judging against nulls.
 
 A probe kind is a :class:`Probe` subclass with a dataclass ``Config``; the spec loader
 validates suite entries against that dataclass, so a new probe needs no spec changes.
@@ -6,19 +6,17 @@ validates suite entries against that dataclass, so a new probe needs no spec cha
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from sway_common.backend.base import ViewSpec
-from sway_common.divergence import divergence
-from sway_common.null_cache import NullCache
-from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
+from sway_common.backend.views import ViewSpec
+from sway_common.divergence import DivergenceKind, divergence
+from sway_common.protocols import DifferentialBackend
 from sway_common.stats import format_z, log_values, null_stats, p_value, paired_ratio, z_score
 from sway_common.types import NullStats, ProbeResult, Verdict
 
-from .null_proxy import NullCalibrationBackendProxy
+from .context import NextTokenDivergence, RunContext
 from .views import next_token_dists_in_views
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -50,7 +48,7 @@ class DivergenceConfig(ProbeConfig):
     """Fields of the probes that judge a mean next-token divergence against the null."""
 
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    divergence: Literal["js", "kl"] = "js"
+    divergence: DivergenceKind = "js"
     top_k: int | None = None
     assert_z_gte: float = 3.0
     assert_mean_gte: float = 0.02
@@ -62,127 +60,15 @@ class DivergenceConfig(ProbeConfig):
     size (norm-matched nulls): below it the *direction* is not what moves the model."""
 
 
-@dataclass(frozen=True)
-class NullCalibration:
-    """How null adapters are drawn for this run."""
-
-    runs: int = 8
-    init_scale: float = 0.02
-    seed_base: int = 1000
-    rank_multipliers: tuple[float, ...] = (1.0,)
-    mode: NullMode = "norm_matched"
-    calibrate_kinds: tuple[str, ...] = ()
-    """Probe kinds to calibrate; empty means all calibrated kinds."""
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed_base + i for i in range(self.runs)]
-
-
-@dataclass
-class RunContext:
-    backend: Any
-    seed: int = 0
-    top_k: int = 256
-    null: NullCalibration | None = None
-    """None when the backend cannot draw null adapters: probes fall back to fixed thresholds."""
-    progress: Callable[[str], None] = field(default=lambda _msg: None)
-    null_cache: NullCache | None = None
-    """Null measurements kept across runs; None computes every null forward."""
-
-    def calibrates(self, kind: str) -> bool:
-        if self.null is None or not isinstance(self.backend, NullCalibratedBackend):
-            return False
-        return not self.null.calibrate_kinds or kind in self.null.calibrate_kinds
-
-    def null_stats_for(
-        self,
-        measure: Callable[[DifferentialBackend], float],
-        rank_scale: float = 1.0,
-        key: Sequence[Any] = (),
-    ) -> NullStats:
-        """Run ``measure`` under each null seed at one rank scale.
-
-        ``key`` names the measurement (probe kind, prompts, options); with it, results
-        are kept in the null cache across runs.
-        """
-        return null_stats([float(v) for v in self._under_nulls(measure, rank_scale, key)])
-
-    def null_per_prompt(
-        self,
-        measure: Callable[[DifferentialBackend], Sequence[float]],
-        rank_scale: float = 1.0,
-        key: Sequence[Any] = (),
-    ) -> tuple[NullStats, list[list[float]]]:
-        """Run a per-prompt ``measure`` under each null seed: (stats of the means, K x P values)."""
-        self._stack_null_views(rank_scale, key)
-        rows = [list(map(float, r)) for r in self._under_nulls(measure, rank_scale, key)]
-        return null_stats([sum(r) / len(r) for r in rows]), rows
-
-    def _stack_null_views(self, rank_scale: float, key: Sequence[Any]) -> None:
-        """Score the base view and every uncached null of a next-token divergence at once.
-
-        A measure named by :func:`divergence_key` reads next-token distributions of its
-        prompts in the base view and each null view; a backend with stacked views gives
-        all of them in shared batches instead of K + 1 forwards, into its result cache,
-        where the per-seed loop then finds them. Other measures and backends: no-op.
-        """
-        stacked = getattr(self.backend, "next_token_dist_views", None)
-        named = len(key) == 4 and key[0] == "next_token_divergence"
-        if stacked is None or self.null is None or not named:
-            return
-        _, _, top_k, prompts = key
-        init_scale, mode = self.null.init_scale, self.null.mode
-        views = [ViewSpec("base")]
-        for seed in self.null.seeds:
-            draw = {"seed": seed, "init_scale": init_scale, "rank_scale": rank_scale, "mode": mode}
-            cache_key = self._cache_key(draw, key)
-            if cache_key and self.null_cache and self.null_cache.get(cache_key) is not None:
-                continue  # kept from an earlier run: no forward at all
-            views.append(
-                ViewSpec("null", seed=seed, init_scale=init_scale, rank_scale=rank_scale, mode=mode)
-            )
-        if len(views) > 1:
-            self.progress(f"{len(views) - 1} null views stacked (rank×{rank_scale:g})")
-            stacked(views, list(prompts), top_k=top_k)
-
-    def _under_nulls(
-        self, measure: Callable[[DifferentialBackend], Any], rank_scale: float, key: Sequence[Any]
-    ) -> list[Any]:
-        assert self.null is not None
-        values = []
-        for seed in self.null.seeds:
-            draw = {
-                "seed": seed,
-                "init_scale": self.null.init_scale,
-                "rank_scale": rank_scale,
-                "mode": self.null.mode,
-            }
-            cache_key = self._cache_key(draw, key)
-            cached = self.null_cache.get(cache_key) if cache_key and self.null_cache else None
-            if cached is not None:
-                values.append(cached)
-                continue
-            self.progress(f"null seed {seed} (rank×{rank_scale:g})")
-            proxy = NullCalibrationBackendProxy(
-                self.backend,
-                seed=seed,
-                init_scale=self.null.init_scale,
-                rank_scale=rank_scale,
-                mode=self.null.mode,
-            )
-            values.append(measure(proxy))
-            if cache_key and self.null_cache:
-                self.null_cache.put(cache_key, values[-1])
-        return values
-
-    def _cache_key(self, draw: dict[str, Any], key: Sequence[Any]) -> str | None:
-        if self.null_cache is None or not key:
-            return None
-        return self.null_cache.key(dict(getattr(self.backend, "info", {}) or {}), draw, key)
-
-
 class Probe:
+    """One kind of check of an adapter. Subclasses set ``kind`` (the spec's ``kind:``),
+    a dataclass ``Config`` (the fields a suite entry may carry) and :meth:`run`, which
+    measures on ``ctx.backend``, judges against the nulls and returns one result.
+
+    ``category`` groups results in reports; ``gating``: whether a FAIL fails the suite
+    by default (a config's ``gate`` overrides it).
+    """
+
     kind: ClassVar[str]
     category: ClassVar[str] = "adherence"
     gating: ClassVar[bool] = True
@@ -246,22 +132,14 @@ def register(cls: type[Probe]) -> type[Probe]:
 
 # ------------------------------------------------------------------ shared measures
 def mean_divergence(
-    backend: DifferentialBackend, prompts: Sequence[str], *, top_k: int, kind: str
+    backend: DifferentialBackend, prompts: Sequence[str], *, top_k: int, kind: DivergenceKind
 ) -> tuple[float, list[float]]:
     """Mean next-token divergence between the base and fine-tuned views over prompts."""
     p, q = next_token_dists_in_views(
         backend, [ViewSpec("base"), ViewSpec("ft")], prompts, top_k=top_k
     )
-    per_prompt = [divergence(a, b, kind=kind) for a, b in zip(p, q, strict=True)]  # type: ignore[arg-type]
+    per_prompt = [divergence(a, b, kind=kind) for a, b in zip(p, q, strict=True)]
     return sum(per_prompt) / len(per_prompt), per_prompt
-
-
-def divergence_key(kind: str, top_k: int, prompts: Sequence[str]) -> tuple[Any, ...]:
-    """Names a per-prompt next-token divergence measurement for the null cache.
-
-    The same key from two probes means the same numbers, so they share cached nulls.
-    """
-    return ("next_token_divergence", kind, top_k, list(prompts))
 
 
 def judge_divergence(
@@ -273,23 +151,18 @@ def judge_divergence(
     top_k: int,
     unit: str,
 ) -> tuple[Judgement, NullStats | None]:
-    """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt."""
-    if not ctx.calibrates(kind):
-        return judge_against_null(
-            raw,
-            None,
-            z_min=cfg.assert_z_gte,
-            floor=cfg.min_effect,
-            fixed_threshold=cfg.assert_mean_gte,
-            unit=unit,
-        ), None
+    """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt
+    (without nulls, against the config's fixed threshold)."""
+    null: NullStats | None = None
+    paired = None
+    if ctx.calibrates(kind):
 
-    def measure(backend: DifferentialBackend) -> list[float]:
-        return mean_divergence(backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)[1]
+        def measure(backend: DifferentialBackend) -> list[float]:
+            return mean_divergence(backend, cfg.prompts, top_k=top_k, kind=cfg.divergence)[1]
 
-    key = divergence_key(cfg.divergence, top_k, cfg.prompts)
-    null, rows = ctx.null_per_prompt(measure, key=key)
-    paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
+        request = NextTokenDivergence(cfg.divergence, top_k, tuple(cfg.prompts))
+        null, rows = ctx.null_per_prompt(measure, key=request)
+        paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
     j = judge_against_null(
         raw,
         null,
@@ -358,16 +231,26 @@ def judge_against_null(
         (null_stats(log_values(null.values)), log_values([raw])[0]) if log_scale else (null, raw)
     )
     z, p = z_score(x, tested), p_value(x, tested)
-    extra = {
-        "z_linear": z_score(raw, null) if log_scale else None,
-        "ratio_interval": paired[1:] if paired is not None else None,
-    }
+
+    def judged(verdict: Verdict, msg: str, score: float, reason: str | None = None) -> Judgement:
+        return Judgement(
+            verdict,
+            msg,
+            z,
+            p if z is not None else None,
+            ratio,
+            score,
+            ratio_interval=(paired[1], paired[2]) if paired is not None else None,
+            z_linear=z_score(raw, null) if log_scale else None,
+            fail_reason=reason,
+        )
+
     if z is None:
         if raw < floor:
             msg = f"no measurable effect ({shown}); null draws are degenerate too"
-            return Judgement(Verdict.FAIL, msg, None, None, ratio, 0.0, **extra)
+            return judged(Verdict.FAIL, msg, 0.0)
         msg = f"{shown}, but the null draws are degenerate (all ≈ {null.mean:.3g}): no z-score"
-        return Judgement(Verdict.WARN, msg, None, None, ratio, 0.0, **extra)
+        return judged(Verdict.WARN, msg, 0.0)
     significance = z * z / (z * z + z_min * z_min) if z > 0 else 0.0
     z_txt = f"z={format_z(z, null.n)} (p={p:.2g})"
     ratio_txt = f", {ratio:.3g}× a null adapter" if ratio is not None else ""
@@ -375,40 +258,20 @@ def judge_against_null(
         ratio_txt += f" [{paired[1]:.3g}×–{paired[2]:.3g}× over prompts]"
     if z < z_min or (p is not None and p > p_max):
         msg = f"indistinguishable from a null adapter: {z_txt}{ratio_txt}"
-        return Judgement(
-            Verdict.FAIL, msg, z, p, ratio, significance, **extra, fail_reason="significance"
-        )
+        return judged(Verdict.FAIL, msg, significance, "significance")
     if raw < floor:
         msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}"
-        return Judgement(
-            Verdict.FAIL, msg, z, p, ratio, significance * raw / floor, **extra, fail_reason="floor"
-        )
+        return judged(Verdict.FAIL, msg, significance * raw / floor, "floor")
     if ratio is not None and ratio < min_ratio:
         msg = (
             f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
             f"(needs {min_ratio:g}×): its direction is not what moves the model"
         )
-        return Judgement(
-            Verdict.FAIL,
-            msg,
-            z,
-            p,
-            ratio,
-            significance * ratio / min_ratio,
-            **extra,
-            fail_reason="ratio",
-        )
+        return judged(Verdict.FAIL, msg, significance * ratio / min_ratio, "ratio")
     if paired is not None and paired[1] <= 1.0:
         msg = (
             f"{shown}, {z_txt}, but the effect does not carry over prompts: "
             f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×"
         )
-        return Judgement(
-            Verdict.FAIL, msg, z, p, ratio, significance * 0.5, **extra, fail_reason="prompts"
-        )
-    msg = f"{shown}, {z_txt}{ratio_txt}"
-    return Judgement(Verdict.PASS, msg, z, p, ratio, significance, **extra)
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
+        return judged(Verdict.FAIL, msg, significance * 0.5, "prompts")
+    return judged(Verdict.PASS, f"{shown}, {z_txt}{ratio_txt}", significance)

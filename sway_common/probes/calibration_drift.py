@@ -19,8 +19,8 @@ import numpy as np
 from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult
 
-from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import Regression, judge_regression, logprob_delta
+from .base import ProbeConfig, RunContext, register
+from .likelihood import Regression, RegressionProbe, judge_regression, logprob_delta
 from .packs import BUILTIN, Item, is_named_file, load_items, spread
 
 WORST_SHOWN = 5
@@ -48,10 +48,8 @@ def selected_items(cfg: CalibrationDriftConfig) -> list[Item]:
 
 
 @register
-class CalibrationDriftProbe(Probe):
+class CalibrationDriftProbe(RegressionProbe):
     kind = "calibration_drift"
-    category = "regression"
-    gating = True
     Config = CalibrationDriftConfig
 
     def check(self, cfg: CalibrationDriftConfig) -> list[str]:
@@ -95,7 +93,14 @@ class CalibrationDriftProbe(Probe):
             f"{cfg.regression_nats:g} nats, mean change {mean_delta:+.3g} nats"
         )
         reg = Regression(
-            mean_delta, problems, kept, float(np.abs(delta).mean()), "these items", " nats"
+            mean_delta,
+            problems,
+            kept,
+            float(np.abs(delta).mean()),
+            "these items",
+            " nats",
+            min_effect=cfg.min_effect,
+            z_min=cfg.assert_z_gte,
         )
         evidence = self._evidence(items, delta, fraction)
         return judge_regression(self, cfg, ctx, reg, measure, (prompts, golds), evidence)

@@ -20,16 +20,9 @@ import numpy as np
 
 from sway_common.types import ProbeResult, Verdict
 
-from .base import (
-    DEFAULT_PROMPTS,
-    DivergenceConfig,
-    Probe,
-    RunContext,
-    judge_divergence,
-    mean_divergence,
-    register,
-)
+from .base import DEFAULT_PROMPTS, DivergenceConfig, Probe, RunContext, register
 from .clusters import embed, kmeans
+from .common import finding_verdict, judged_mean_divergence, judged_result
 from .packs import BUILTIN, load_items, spread
 
 DEFAULT_SIZE = 24
@@ -94,41 +87,33 @@ class ClusterKLProbe(Probe):
             return self.result(cfg, Verdict.SKIP, message=f"no embeddings: {source}")
         k = max(2, min(cfg.num_clusters, n // 2))  # a cluster of one prompt says nothing
         labels = kmeans(vectors, k, seed=ctx.seed)
-        top_k = cfg.top_k or ctx.top_k
-        raw, per_prompt = mean_divergence(
-            ctx.backend, cfg.prompts, top_k=top_k, kind=cfg.divergence
-        )
-        j, null = judge_divergence(
-            cfg, ctx, self.kind, raw, per_prompt, top_k, unit=f" nats mean {cfg.divergence.upper()}"
-        )
-        spec, top, means = specificity(per_prompt, labels)
+        d = judged_mean_divergence(cfg, ctx, self.kind)
+        j = d.judgement
+        spec, top, means = specificity(d.per_prompt, labels)
         top_prompts = [p for p, c in zip(cfg.prompts, labels, strict=True) if c == top]
         where = f"most shifted topic ({len(top_prompts)} prompts, e.g. {top_prompts[0]!r}) {means[top]:.3g}"
-        if j.verdict is not Verdict.PASS:
-            verdict, msg = j.verdict, f"no shift to localise: {j.message}"
-        elif spec < cfg.assert_specificity_gte:
-            # A broad shift (style, format) can be what the author wanted: a finding to look
-            # at, not evidence that the adapter is broken.
-            verdict, msg = (
-                Verdict.WARN,
-                (
-                    f"a real shift, spread over topics: specificity {spec:.2f} < "
-                    f"{cfg.assert_specificity_gte:g}; {where}"
-                ),
-            )
-        else:
-            verdict, msg = Verdict.PASS, f"specificity {spec:.2f}: {where}; {j.message}"
-        return self.result(
+        # A broad shift (style, format) can be what the author wanted: a finding to look
+        # at, not evidence that the adapter is broken.
+        spread = (
+            f"a real shift, spread over topics: specificity {spec:.2f} < "
+            f"{cfg.assert_specificity_gte:g}; {where}"
+        )
+        verdict, msg, score = finding_verdict(
+            j,
+            "no shift to localise",
+            (Verdict.WARN, spread) if spec < cfg.assert_specificity_gte else None,
+            f"specificity {spec:.2f}: {where}; {j.message}",
+        )
+        return judged_result(
+            self,
             cfg,
             verdict,
-            score=j.score * (1.0 if verdict is Verdict.PASS else 0.5),
+            j,
+            d.null,
+            score=score,
             raw=spec,
-            z=j.z,
-            p_value=j.p,
-            effect_ratio=j.ratio,
-            null=null,
             message=msg,
-            evidence=self._evidence(cfg, labels, per_prompt, means, k, source, raw),
+            evidence=self._evidence(cfg, labels, d.per_prompt, means, k, source, d.raw),
         )
 
     @staticmethod

@@ -16,14 +16,8 @@ from dataclasses import dataclass
 
 from sway_common.types import ProbeResult
 
-from .base import (
-    DivergenceConfig,
-    Probe,
-    RunContext,
-    judge_divergence,
-    mean_divergence,
-    register,
-)
+from .base import DivergenceConfig, Probe, RunContext, register
+from .common import judged_mean_divergence, judged_result
 
 
 @dataclass
@@ -38,29 +32,23 @@ class DeltaKLProbe(Probe):
     Config = DeltaKLConfig
 
     def run(self, cfg: DeltaKLConfig, ctx: RunContext) -> ProbeResult:
-        top_k = cfg.top_k or ctx.top_k
-        raw, per_prompt = mean_divergence(
-            ctx.backend, cfg.prompts, top_k=top_k, kind=cfg.divergence
-        )
-        j, null = judge_divergence(
-            cfg, ctx, self.kind, raw, per_prompt, top_k, unit=f" nats mean {cfg.divergence.upper()}"
-        )
-        return self.result(
+        d = judged_mean_divergence(cfg, ctx, self.kind)
+        j = d.judgement
+        return judged_result(
+            self,
             cfg,
             j.verdict,
+            j,
+            d.null,
             score=j.score,
-            raw=raw,
-            z=j.z,
-            p_value=j.p,
-            effect_ratio=j.ratio,
-            null=null,
+            raw=d.raw,
             message=j.message,
             evidence={
                 "divergence": cfg.divergence,
-                "top_k": top_k,
-                "per_prompt": per_prompt,
+                "top_k": d.top_k,
+                "per_prompt": d.per_prompt,
                 "prompts": list(cfg.prompts),
-                "max": max(per_prompt),
+                "max": max(d.per_prompt),
                 "z_scale": "log",
                 "z_linear": j.z_linear,
                 "effect_ratio_interval": j.ratio_interval,

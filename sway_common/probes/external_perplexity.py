@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult
 
-from .base import Probe, ProbeConfig, RunContext, register
-from .likelihood import Regression, judge_regression, per_token, rolling_gain
+from .base import ProbeConfig, RunContext, register
+from .likelihood import Regression, RegressionProbe, judge_regression, per_token, rolling_gain
 from .packs import BUILTIN, chunks, is_named_file, load_corpus, spread
 
 
@@ -45,10 +45,8 @@ def mean_gain(backend: DifferentialBackend, texts: list[str]) -> float:
 
 
 @register
-class ExternalPerplexityProbe(Probe):
+class ExternalPerplexityProbe(RegressionProbe):
     kind = "external_perplexity"
-    category = "regression"
-    gating = True
     Config = ExternalPerplexityConfig
 
     def check(self, cfg: ExternalPerplexityConfig) -> list[str]:
@@ -83,7 +81,14 @@ class ExternalPerplexityProbe(Probe):
             f"(perplexity {ppl_change:+.1%})"
         )
         reg = Regression(
-            raw, problems, kept, float(abs(per_chunk).mean()), "this prose", " nats/token"
+            raw,
+            problems,
+            kept,
+            float(abs(per_chunk).mean()),
+            "this prose",
+            " nats/token",
+            min_effect=cfg.min_effect,
+            z_min=cfg.assert_z_gte,
         )
         evidence = {
             "chunks": len(texts),

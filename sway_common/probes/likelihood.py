@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common.protocols import DifferentialBackend
+from sway_common.protocols import DifferentialBackend, ScoringBackend
 from sway_common.stats import format_z, p_value, z_score
 from sway_common.types import NullStats, ProbeResult, RollingLogprob, Verdict
 
@@ -26,22 +26,22 @@ P_MAX = 0.05
 
 
 def logprobs_in(
-    view: object, prompts: Sequence[str], completions: Sequence[str]
+    view: ScoringBackend, prompts: Sequence[str], completions: Sequence[str]
 ) -> NDArray[np.float64]:
     """log p(completion | prompt) for each pair, in one batched call where the view has one."""
     batch = getattr(view, "logprob_of_batch", None)
     if batch is not None:
         values = batch(list(prompts), list(completions))
     else:  # a third-party view without the batch op: the protocol's single-item form
-        values = [view.logprob_of(p, c) for p, c in zip(prompts, completions, strict=True)]  # type: ignore[attr-defined]
+        values = [view.logprob_of(p, c) for p, c in zip(prompts, completions, strict=True)]
     return np.asarray(values, dtype=np.float64)
 
 
-def rolling_in(view: object, texts: Sequence[str]) -> list[RollingLogprob]:
+def rolling_in(view: ScoringBackend, texts: Sequence[str]) -> list[RollingLogprob]:
     batch = getattr(view, "rolling_logprob_batch", None)
     if batch is not None:
         return list(batch(list(texts)))
-    return [view.rolling_logprob(t) for t in texts]  # type: ignore[attr-defined]
+    return [view.rolling_logprob(t) for t in texts]
 
 
 def logprob_delta(
@@ -120,6 +120,18 @@ class Comparison:
     def beats(self, z_min: float) -> bool:
         return self.significant and self.z is not None and self.z >= z_min
 
+    def against_nulls(self, head: str, z_min: float, as_well: str) -> tuple[Verdict, str] | None:
+        """The verdict where the nulls leave the metric unproven, else None (no nulls drawn,
+        or it beats them): WARN when their draws are degenerate (no z), FAIL when random
+        adapters of its size do ``as_well`` (what they do, as a phrase)."""
+        if self.null is None:
+            return None
+        if self.z is None:
+            return Verdict.WARN, f"{head}, but {self.text}"
+        if not self.beats(z_min):
+            return Verdict.FAIL, f"{head}, but random adapters of its size {as_well}: {self.text}"
+        return None
+
 
 def compare(raw: float, null: NullStats | None, unit: str) -> Comparison:
     if null is None:
@@ -168,7 +180,8 @@ def regression_verdict(
 @dataclass
 class Regression:
     """A regression probe's measurement, before the nulls: a signed change (larger = better
-    kept), the limits it broke, and how it reads when nothing regressed."""
+    kept), the limits it broke, and how it reads when nothing regressed; with the config's
+    effect floor and z bar it is judged by."""
 
     raw: float
     problems: list[str]
@@ -177,6 +190,9 @@ class Regression:
     unchanged: str
     """What the adapter leaves unchanged when it moves nothing ("these items")."""
     unit: str
+    min_effect: float
+    """Mean |change| below which the adapter is taken to leave these texts alone."""
+    z_min: float
 
 
 def judge_regression(
@@ -190,16 +206,22 @@ def judge_regression(
 ) -> ProbeResult:
     """The result of a regression probe: nulls drawn only for a kept, moving adapter."""
     inert = (
-        f"the adapter leaves {reg.unchanged} unchanged (mean |Δ| < {cfg.min_effect:g})"
-        if reg.mean_abs_change < cfg.min_effect
+        f"the adapter leaves {reg.unchanged} unchanged (mean |Δ| < {reg.min_effect:g})"
+        if reg.mean_abs_change < reg.min_effect
         else None
     )
     # Nulls answer "better kept than noise?", a question only a kept, moving adapter raises.
     null = None if reg.problems or inert else null_values(ctx, probe.kind, measure, *key)
     cmp = compare(reg.raw, null, reg.unit)
-    verdict, message, score = regression_verdict(
-        reg.problems, reg.kept, inert, cmp, cfg.assert_z_gte
-    )
+    verdict, message, score = regression_verdict(reg.problems, reg.kept, inert, cmp, reg.z_min)
     return compared_result(
         probe, cfg, verdict, cmp, score=score, raw=reg.raw, message=message, evidence=evidence
     )
+
+
+class RegressionProbe(Probe):
+    """A probe of what the adapter must not break (general knowledge, held-out prose),
+    judged by :func:`judge_regression`: gating, since lost knowledge is never averaged away."""
+
+    category = "regression"
+    gating = True

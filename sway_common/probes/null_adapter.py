@@ -10,31 +10,30 @@ It never gates the suite: its job is calibration, not judgment.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-from sway_common.protocols import NullCalibratedBackend
+from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
 from sway_common.stats import z_score
 from sway_common.types import ProbeResult, Verdict
 
 from .base import (
     DEFAULT_PROMPTS,
-    NullCalibration,
     Probe,
     ProbeConfig,
     RunContext,
-    divergence_key,
     mean_divergence,
     register,
 )
+from .context import NextTokenDivergence, NullCalibration
 
 
 @dataclass
 class NullAdapterConfig(ProbeConfig):
-    runs: int = 8
-    init_scale: float = 0.02
-    seed_base: int = 1000
+    # The spec's fields of NullCalibration, with its defaults.
+    runs: int = NullCalibration.runs
+    init_scale: float = NullCalibration.init_scale
+    seed_base: int = NullCalibration.seed_base
     rank_multipliers: list[float] = field(default_factory=lambda: [1.0])
-    mode: Literal["fixed", "norm_matched"] = "norm_matched"
+    mode: NullMode = NullCalibration.mode
     calibrate_kinds: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     """Where the null level is measured; empty: the prompts of the suite's first divergence
@@ -80,12 +79,12 @@ class NullAdapterProbe(Probe):
 
         prompts = cfg.prompts or list(DEFAULT_PROMPTS)
 
-        def measure(backend: object) -> list[float]:
-            return mean_divergence(backend, prompts, top_k=ctx.top_k, kind="js")[1]  # type: ignore[arg-type]
+        def measure(backend: DifferentialBackend) -> list[float]:
+            return mean_divergence(backend, prompts, top_k=ctx.top_k, kind="js")[1]
 
         real, _ = mean_divergence(ctx.backend, prompts, top_k=ctx.top_k, kind="js")
         profile = {}
-        key = divergence_key("js", ctx.top_k, prompts)
+        key = NextTokenDivergence("js", ctx.top_k, tuple(prompts))
         for m in ctx.null.rank_multipliers:
             stats, _ = ctx.null_per_prompt(measure, rank_scale=m, key=key)
             profile[f"{m:g}"] = {

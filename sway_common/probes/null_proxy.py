@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sway_common.backend.nulls import DEFAULT_INIT_SCALE, NullSpec
 from sway_common.protocols import NullCalibratedBackend, NullMode, ScoringModel
 
 
@@ -26,15 +27,17 @@ class NullCalibrationBackendProxy:
         inner: NullCalibratedBackend,
         *,
         seed: int,
-        init_scale: float = 0.02,
+        init_scale: float = DEFAULT_INIT_SCALE,
         rank_scale: float = 1.0,
         mode: NullMode = "fixed",
     ) -> None:
         self._inner = inner
-        self.seed = seed
-        self.init_scale = init_scale
-        self.rank_scale = rank_scale
-        self.mode: NullMode = mode
+        self.null = NullSpec(seed, init_scale, rank_scale, mode)
+
+    @classmethod
+    def of(cls, inner: NullCalibratedBackend, null: NullSpec) -> NullCalibrationBackendProxy:
+        """The proxy whose fine-tuned view is ``null``."""
+        return cls(inner, **null.draw())
 
     @contextmanager
     def as_base(self) -> Iterator[ScoringModel]:
@@ -43,7 +46,8 @@ class NullCalibrationBackendProxy:
 
     @contextmanager
     def as_finetuned(self) -> Iterator[ScoringModel]:
+        null = self.null
         with self._inner.as_null_adapter(
-            self.seed, init_scale=self.init_scale, rank_scale=self.rank_scale, mode=self.mode
+            null.seed, init_scale=null.init_scale, rank_scale=null.rank_scale, mode=null.mode
         ) as view:
             yield view

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN = "builtin"
@@ -41,7 +41,7 @@ def read_text(path: str | Path) -> str:
         raise ValueError(f"{p}: cannot read the file: {e.strerror or e}") from None
 
 
-def is_named_file(value: str | None) -> bool:
+def is_named_file(value: str | None) -> TypeGuard[str]:
     """True for a value that should name a local file (not the built-in pack or 'none')."""
     return bool(value) and value not in (BUILTIN, NONE)
 

@@ -21,6 +21,7 @@ from sway_common.protocols import DifferentialBackend
 from sway_common.types import ProbeResult, Verdict
 
 from .base import DivergenceConfig, Probe, RunContext, judge_divergence, mean_divergence, register
+from .common import finding_verdict, judged_result
 from .likelihood import rolling_in
 from .packs import BUILTIN, load_corpus, paragraphs
 
@@ -112,27 +113,24 @@ class PromptCollapseProbe(Probe):
             " (extrapolated)" if extrapolated else ""
         )
         curve_txt = ", ".join(f"{v:.3g}@{t}" for t, v in zip(tokens, curve, strict=True))
-        if j.verdict is not Verdict.PASS:
-            verdict, msg = j.verdict, f"no influence to follow: {j.message}"
-        elif life < cfg.assert_half_life_tokens:
-            verdict, msg = (
-                Verdict.FAIL,
-                (
-                    f"influence halves after {shown} tokens of unrelated context "
-                    f"(needs {cfg.assert_half_life_tokens:g}); curve {curve_txt}"
-                ),
-            )
-        else:
-            verdict, msg = Verdict.PASS, f"half-life {shown} tokens; curve {curve_txt}; {j.message}"
-        return self.result(
+        collapse = (
+            f"influence halves after {shown} tokens of unrelated context "
+            f"(needs {cfg.assert_half_life_tokens:g}); curve {curve_txt}"
+        )
+        verdict, msg, score = finding_verdict(
+            j,
+            "no influence to follow",
+            (Verdict.FAIL, collapse) if life < cfg.assert_half_life_tokens else None,
+            f"half-life {shown} tokens; curve {curve_txt}; {j.message}",
+        )
+        return judged_result(
+            self,
             cfg,
             verdict,
-            score=j.score if verdict is Verdict.PASS else 0.5 * j.score,
+            j,
+            null,
+            score=score,
             raw=life if math.isfinite(life) else None,
-            z=j.z,
-            p_value=j.p,
-            effect_ratio=j.ratio,
-            null=null,
             message=msg,
             evidence={
                 "context_tokens": tokens,

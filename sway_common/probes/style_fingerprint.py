@@ -78,7 +78,7 @@ class StyleFingerprintProbe(Probe):
             problems.append("doc: give doc_reference (text) or doc (a file), not both")
         if is_named_file(cfg.doc):
             try:
-                read_text(cfg.doc)  # type: ignore[arg-type]
+                read_text(cfg.doc)
             except ValueError as e:
                 problems.append(f"doc: {e}")
         if not 0 < cfg.assert_shift_gte <= 1:
@@ -229,13 +229,9 @@ class StyleFingerprintProbe(Probe):
             if shift < -0.1:
                 where = "moved away from the document"
             return Verdict.FAIL, f"{head}: {where} (needs {cfg.assert_shift_gte:g}); {cmp.text}"
-        if cmp.null is not None and cmp.z is None:
-            return Verdict.WARN, f"{head}, but {cmp.text}"
-        if cmp.null is not None and not cmp.beats(cfg.assert_z_gte):
-            return (
-                Verdict.FAIL,
-                f"{head}, but random adapters of its size move the style as far: {cmp.text}",
-            )
+        noise = cmp.against_nulls(head, cfg.assert_z_gte, "move the style as far")
+        if noise is not None:
+            return noise
         if interval is not None and interval[0] <= 0:
             beyond = sum(d > 0 for d in diffs)
             return (

@@ -16,11 +16,14 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sway_common.stats import format_z
 from sway_common.suite.trajectory import CheckpointRow, summarize
 from sway_common.types import ProbeResult, SuiteResult, Verdict
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 PathLike = str | os.PathLike[str]
 DPI = 120
@@ -35,7 +38,7 @@ COLORS = {
 }
 NULL_COLOR = "#9e9e9e"
 LINE_COLOR = "#1565c0"
-RC = {
+RC: dict[RcKeyType, Any] = {
     "font.size": 11,
     "axes.titlesize": 13,
     "axes.titleweight": "bold",
@@ -82,6 +85,11 @@ def _z_scale(axis: Any, set_scale: Any, values: Sequence[float]) -> None:
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_minor_locator(FixedLocator([]))
     axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+
+
+def _note_across(ax: Any, text: str, color: str) -> None:
+    """A message in the middle of an axes that has nothing to show."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color=color)
 
 
 def _legend_outside(ax: Any, **kw: Any) -> None:
@@ -142,15 +150,7 @@ def plot_ablation(result: SuiteResult, path: PathLike) -> Path:
         if at_one is not None:
             ax.plot([1.0], [at_one], "o", ms=11, mfc="none", mec=color, mew=2.2, zorder=5)
         if max(curve) <= 1e-12:
-            ax.text(
-                0.5,
-                0.5,
-                "no measurable change from the base at any λ",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color=COLORS[Verdict.FAIL],
-            )
+            _note_across(ax, "no measurable change from the base at any λ", COLORS[Verdict.FAIL])
         ax.set_xlabel("adapter scale λ (0 = base model, 1 = as trained)")
         ax.set_ylabel(f"mean next-token {kind} from base (nats)")
         ax.set_ylim(bottom=0)
@@ -258,30 +258,24 @@ def plot_trajectory(
         top.axhline(
             z_threshold, color="black", ls="--", lw=1.2, label=f"PASS needs z ≥ {z_threshold:g}"
         )
+        zs = [r.z for r in scored if r.z is not None]
         if scored:
-            top.plot(
-                [r.step for r in scored],
-                [r.z for r in scored],
-                "-",
-                color=LINE_COLOR,
-                lw=1.8,
-                zorder=3,
-            )
+            z_steps = [r.step for r in scored]
+            top.plot(z_steps, zs, "-", color=LINE_COLOR, lw=1.8, zorder=3)
             top.scatter(
-                [r.step for r in scored],
-                [r.z for r in scored],
+                z_steps,
+                zs,
                 s=42,
                 zorder=4,
                 c=[COLORS.get(r.verdict, LINE_COLOR) for r in scored],
                 edgecolors="white",
             )
-        zs = [r.z for r in scored if r.z is not None]
         top.set_ylim(min([-3.0, *zs]) * 1.1, max([z_threshold * 1.8, *zs]) * 1.15)
         _z_scale(top.yaxis, top.set_yscale, zs)
         # Explicit limits: vertical markers (errors, regressions) do not widen the axis.
-        lo, hi = rows[0].step, rows[-1].step
-        pad = max(0.5, 0.04 * (hi - lo))
-        bottom.set_xlim(lo - pad, hi + pad)
+        first_step, last_step = rows[0].step, rows[-1].step
+        pad = max(0.5, 0.04 * (last_step - first_step))
+        bottom.set_xlim(first_step - pad, last_step + pad)
         if len(rows) <= 12:
             bottom.set_xticks([r.step for r in rows])
         for r in errors:
@@ -333,22 +327,23 @@ def plot_trajectory(
         top.set_title(summary.line, fontsize=9.5, fontweight="normal", color="#424242", wrap=True)
 
         div = [r for r in rows if r.divergence is not None]
-        band = [r for r in div if r.null_mean is not None and r.null_std is not None]
+        band = [
+            (r.step, r.null_mean, r.null_std)
+            for r in div
+            if r.null_mean is not None and r.null_std is not None
+        ]
         if band:
-            lo = [max(0.0, r.null_mean - 2 * r.null_std) for r in band]  # type: ignore[operator]
-            hi = [r.null_mean + 2 * r.null_std for r in band]  # type: ignore[operator]
+            band_steps = [step for step, _, _ in band]
             bottom.fill_between(
-                [r.step for r in band],
-                lo,
-                hi,
+                band_steps,
+                [max(0.0, mean - 2 * std) for _, mean, std in band],
+                [mean + 2 * std for _, mean, std in band],
                 color=NULL_COLOR,
                 alpha=0.3,
                 lw=0,
                 label="null adapters (mean ± 2σ)",
             )
-            bottom.plot(
-                [r.step for r in band], [r.null_mean for r in band], color="#616161", lw=1, ls="--"
-            )
+            bottom.plot(band_steps, [mean for _, mean, _ in band], color="#616161", lw=1, ls="--")
         if div:
             bottom.plot(
                 [r.step for r in div],
@@ -360,15 +355,7 @@ def plot_trajectory(
                 label="real adapter",
             )
         else:
-            bottom.text(
-                0.5,
-                0.5,
-                "no checkpoint could be evaluated",
-                transform=bottom.transAxes,
-                ha="center",
-                va="center",
-                color=COLORS[Verdict.ERROR],
-            )
+            _note_across(bottom, "no checkpoint could be evaluated", COLORS[Verdict.ERROR])
         bottom.set_ylim(bottom=0)
         bottom.set_xlabel("training step")
         bottom.set_ylabel("mean next-token JS\nfrom base (nats)")

@@ -29,7 +29,9 @@ from typing import Any, Protocol
 from sway_common import __version__
 from sway_common.divergence import divergence
 from sway_common.null_cache import NullCache
-from sway_common.probes.base import DivergenceConfig, NullCalibration, RunContext, judge_divergence
+from sway_common.probes.base import DivergenceConfig, judge_divergence
+from sway_common.probes.context import NullCalibration, RunContext
+from sway_common.probes.likelihood import logprobs_in
 from sway_common.protocols import PreflightCheckable, ScoringModel
 from sway_common.stats import format_z
 from sway_common.suite.export_math import (
@@ -119,7 +121,7 @@ def _logprobs(
     completions: Sequence[str],
 ) -> list[float]:
     with opener() as view:
-        return [float(x) for x in view.logprob_of_batch(prompts, completions)]
+        return [float(x) for x in logprobs_in(view, prompts, completions)]
 
 
 def _js(a: Sequence[TokenDist], b: Sequence[TokenDist]) -> list[float]:
@@ -288,7 +290,7 @@ def check_export(
     failed = preflight(backend) or _export_broken(export)
     if failed is not None:
         return _finish([failed], meta, criteria, started, backend, export)
-    seed_everything(seed, backend)
+    seed_everything(seed)
 
     progress("next tokens: base and fine-tune")
     base_d = _dists(backend.as_base, prompts, top_k)

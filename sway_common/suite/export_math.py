@@ -67,16 +67,22 @@ def _interval(num: np.ndarray, den: np.ndarray, seed: int) -> tuple[float, float
         rows = idx.astype(np.int64)
         return float(num[rows].sum() / max(den[rows].sum(), _TINY))
 
-    return bootstrap_ci(np.arange(num.size, dtype=np.float64), stat=ratio, seed=seed)
+    return bootstrap_ci(range(num.size), stat=ratio, seed=seed)
+
+
+def _three_arrays(what: str, *values: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three equally long, non-empty float64 arrays, or a ValueError naming ``what``."""
+    a, b, c = (np.asarray(v, dtype=np.float64) for v in values)
+    if not a.size == b.size == c.size or a.size == 0:
+        raise ValueError(f"{what} needs three equal, non-empty lists")
+    return a, b, c
 
 
 def next_token_retention(
     js_bf: Sequence[float], js_be: Sequence[float], js_ef: Sequence[float], *, seed: int = 0
 ) -> Retention:
     """Projection retention of next-token distributions (see the module docstring)."""
-    bf, be, ef = (np.asarray(v, dtype=np.float64) for v in (js_bf, js_be, js_ef))
-    if not bf.size == be.size == ef.size or bf.size == 0:
-        raise ValueError("next_token_retention needs three equal, non-empty lists")
+    bf, be, ef = _three_arrays("next_token_retention", js_bf, js_be, js_ef)
     total = float(bf.sum())
     if total <= _TINY:
         raise ValueError(
@@ -103,9 +109,7 @@ def logprob_retention(
     lp_b: Sequence[float], lp_f: Sequence[float], lp_e: Sequence[float], *, seed: int = 0
 ) -> Retention:
     """Retention of the log-prob the views give the fine-tune's own completions."""
-    b, f, e = (np.asarray(v, dtype=np.float64) for v in (lp_b, lp_f, lp_e))
-    if not b.size == f.size == e.size or b.size == 0:
-        raise ValueError("logprob_retention needs three equal, non-empty lists")
+    b, f, e = _three_arrays("logprob_retention", lp_b, lp_f, lp_e)
     gain, kept = f - b, e - b
     scale = float(np.abs(gain).sum())
     if scale <= _TINY:

@@ -27,7 +27,7 @@ from sway_common.probes.base import DivergenceConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
 from sway_common.suite.inputs import context_check
-from sway_common.suite.spec import ForeignProbeConfig, SuiteSpec
+from sway_common.suite.spec import SuiteSpec
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
 DEFAULT_WEIGHTS = {"adherence": 1.0, "ablation": 1.0}
@@ -50,12 +50,10 @@ class SuiteProgress(Protocol):
         """The running probe finished."""
 
 
-def seed_everything(seed: int, backend: Any = None) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's and numpy's global random generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    hook = getattr(backend, "seed_everything", None)
-    if callable(hook):
-        hook(seed)
 
 
 def preflight(backend: Any) -> ProbeResult | None:
@@ -98,26 +96,16 @@ def _ordered(spec: SuiteSpec, calibrated: bool) -> list[Any]:
 
 def _run_one(cfg: Any, ctx: RunContext) -> ProbeResult:
     start = time.perf_counter()
-    if isinstance(cfg, ForeignProbeConfig):
-        result = ProbeResult(
-            name=cfg.name,
-            kind=cfg.kind,
-            verdict=Verdict.SKIP,
-            category="other",
-            gating=False,
-            message=f"probe kind {cfg.kind!r} is not implemented by sway-mlx",
-        )
+    probe = REGISTRY[cfg.kind]()
+    if not cfg.enabled:
+        result = probe.result(cfg, Verdict.SKIP, message="disabled in the spec")
     else:
-        probe = REGISTRY[cfg.kind]()
-        if not cfg.enabled:
-            result = probe.result(cfg, Verdict.SKIP, message="disabled in the spec")
-        else:
-            try:
-                result = probe.run(cfg, ctx)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as e:
-                result = probe.result(cfg, Verdict.ERROR, message=f"{type(e).__name__}: {e}")
+        try:
+            result = probe.run(cfg, ctx)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            result = probe.result(cfg, Verdict.ERROR, message=f"{type(e).__name__}: {e}")
     result.duration_s = time.perf_counter() - start
     return result
 
@@ -193,7 +181,7 @@ def run_suite(
     if failed is not None:
         return finish([failed])
 
-    seed_everything(spec.defaults.seed, backend)
+    seed_everything(spec.defaults.seed)
     if hasattr(backend, "check_store"):  # the model checks that no prompt decides
         backend.check_store = null_cache
     calibrated = isinstance(backend, NullCalibratedBackend)

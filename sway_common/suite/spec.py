@@ -8,29 +8,24 @@ typo should cost a second, not a model download.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sway_common.probes import REGISTRY, ProbeConfig
 from sway_common.probes.adapter_ablation import AdapterAblationConfig
-from sway_common.probes.base import NullCalibration
 from sway_common.probes.calibration_drift import CalibrationDriftConfig
+from sway_common.probes.context import NullCalibration
 from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.external_perplexity import ExternalPerplexityConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
+from sway_common.suite.fields import build_dataclass, did_you_mean, unknown_keys
 
 SUPPORTED_VERSION = 1
+# The backends a spec's ``kind`` (and ``--backend``) may name; "dummy" is the analytic
+# test backend, which needs no model.
 BACKEND_KINDS = ("auto", "mlx", "hf", "dummy")
-# Probe kinds of dlm-sway that sway-mlx does not implement yet (they generate text): such
-# entries run as SKIP so an existing suite still loads, while a kind nobody knows is a typo
-# and an error.
-FOREIGN_KINDS: tuple[str, ...] = ()
 # Probe fields that name local files: relative to the spec file, like the model paths.
 PATH_FIELDS = ("doc", "corpus", "pack", "embedding_model")
 # Values of those fields that name built-in data, not files.
@@ -70,11 +65,6 @@ class Defaults:
 
 
 @dataclass
-class ForeignProbeConfig(ProbeConfig):
-    """An entry of a probe kind this tool does not implement; it reports SKIP."""
-
-
-@dataclass
 class SuiteSpec:
     probes: list[ProbeConfig]
     defaults: Defaults = field(default_factory=Defaults)
@@ -87,102 +77,6 @@ class SuiteSpec:
             if isinstance(cfg, NullAdapterConfig) and cfg.enabled:
                 return cfg.calibration()
         return NullCalibration()
-
-
-# --------------------------------------------------------------------------- checks
-def _did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _unknown_keys(
-    data: dict[str, Any], allowed: typing.Iterable[str], path: str, problems: list[str]
-) -> None:
-    allowed = list(allowed)
-    for key in data:
-        if key not in allowed:
-            problems.append(
-                f"{path}.{key}: unknown field{_did_you_mean(str(key), allowed)}"
-                f" (allowed: {', '.join(allowed)})"
-            )
-
-
-def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
-    """Check ``value`` against a type hint; return it converted, or record a problem."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], path, problems)
-    if origin is Literal:
-        if value not in args:
-            problems.append(
-                f"{path}: {value!r} is not one of {', '.join(map(repr, args))}"
-                f"{_did_you_mean(str(value), map(str, args))}"
-            )
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            problems.append(f"{path}: expected a list, got {type(value).__name__}")
-            return value
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
-                return value
-            return tuple(
-                _coerce(v, a, f"{path}[{i}]", problems)
-                for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected a mapping, got {type(value).__name__}")
-            return value
-        return {k: _coerce(v, args[1], f"{path}.{k}", problems) for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            problems.append(f"{path}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"{path}: expected a number, got {value!r}")
-            return value
-        if not math.isfinite(value):
-            problems.append(f"{path}: expected a finite number, got {value!r}")
-            return value
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
-    if not isinstance(data, dict):
-        problems.append(f"{path}: expected a mapping, got {type(data).__name__}")
-        return None
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _unknown_keys(data, fields, path, problems)
-    before = len(problems)
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{path}.{name}", problems)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            problems.append(f"{path}.{name}: required field is missing")
-    if len(problems) > before:
-        return None
-    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -199,16 +93,14 @@ def _parse_probe(
     if not isinstance(kind, str):
         problems.append(f"{path}.kind: required; one of {', '.join(sorted(REGISTRY))}")
         return None
-    if kind in FOREIGN_KINDS:
-        return ForeignProbeConfig(name=str(name or kind), kind=kind)
     if kind not in REGISTRY:
         problems.append(
-            f"{path}.kind: unknown probe kind {kind!r}{_did_you_mean(kind, REGISTRY)}"
+            f"{path}.kind: unknown probe kind {kind!r}{did_you_mean(kind, REGISTRY)}"
             f" (known: {', '.join(sorted(REGISTRY))})"
         )
         return None
     probe_cls = REGISTRY[kind]
-    cfg = _build_dataclass(probe_cls.Config, entry, path, problems)
+    cfg = build_dataclass(probe_cls.Config, entry, path, problems)
     if cfg is not None:
         escaped = _confine_probe_paths(cfg, base_dir) if base_dir is not None else []
         problems.extend(f"{path}.{p}" for p in escaped)
@@ -218,11 +110,11 @@ def _parse_probe(
 
 
 def _parse_model(data: Any, path: str, problems: list[str]) -> ModelSpec | None:
-    spec = _build_dataclass(ModelSpec, data, path, problems)
+    spec = build_dataclass(ModelSpec, data, path, problems)
     if spec is not None and spec.kind not in BACKEND_KINDS:
         problems.append(
             f"{path}.kind: {spec.kind!r} is not one of {', '.join(BACKEND_KINDS)}"
-            f"{_did_you_mean(spec.kind, BACKEND_KINDS)}"
+            f"{did_you_mean(spec.kind, BACKEND_KINDS)}"
         )
     return spec
 
@@ -232,7 +124,7 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
     problems: list[str] = []
     if not isinstance(data, dict):
         raise SpecError(source, ["the document must be a mapping with version, models, suite"])
-    _unknown_keys(data, ("version", "models", "defaults", "suite", "dlm_source"), "", problems)
+    unknown_keys(data, ("version", "models", "defaults", "suite", "dlm_source"), "", problems)
     if data.get("version", SUPPORTED_VERSION) != SUPPORTED_VERSION:
         problems.append(
             f"version: {data.get('version')!r} is not supported (this build reads 1); set version: 1"
@@ -243,7 +135,7 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
     if not isinstance(models, dict):
         problems.append("models: required mapping with 'ft' (base + adapter)")
     else:
-        _unknown_keys(models, ("base", "ft"), "models", problems)
+        unknown_keys(models, ("base", "ft"), "models", problems)
         ft = _parse_model(models.get("ft"), "models.ft", problems) if "ft" in models else None
         base = _parse_model(models["base"], "models.base", problems) if "base" in models else None
         if "ft" not in models:
@@ -260,7 +152,7 @@ def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None)
             model = _resolve_paths(model, base_dir)
 
     defaults = (
-        _build_dataclass(Defaults, data.get("defaults", {}), "defaults", problems) or Defaults()
+        build_dataclass(Defaults, data.get("defaults", {}), "defaults", problems) or Defaults()
     )
     if not defaults.differential:
         problems.append(

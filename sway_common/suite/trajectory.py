@@ -292,20 +292,12 @@ def held_out_regressions(rows: Sequence[CheckpointRow]) -> list[Regression]:
 
 def effect_trend(rows: Sequence[CheckpointRow]) -> str:
     """The adapter's effect over the run, plainly: first and last divergence and the direction."""
-    measured = [r for r in rows if r.divergence is not None]
+    measured = [(r.label, r.divergence) for r in rows if r.divergence is not None]
     if len(measured) < 2:
         return ""
-    a, b = measured[0], measured[-1]
-    direction = (
-        "rising"
-        if b.divergence > a.divergence
-        else "falling"
-        if b.divergence < a.divergence
-        else "flat"
-    )
-    return (
-        f"effect {a.divergence:.3g} → {b.divergence:.3g} nats ({direction}, {a.label} → {b.label})"
-    )
+    (a, first), (b, last) = measured[0], measured[-1]
+    direction = "rising" if last > first else "falling" if last < first else "flat"
+    return f"effect {first:.3g} → {last:.3g} nats ({direction}, {a} → {b})"
 
 
 def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
