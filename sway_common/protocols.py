@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -172,6 +172,23 @@ class PreflightCheckable(Protocol):
     """
 
     def preflight_finite_check(self) -> tuple[bool, str]: ...
+
+
+@runtime_checkable
+class NoopCheckable(Protocol):
+    """A backend that can tell whether its adapter changes the model at all: ``(ok, reason)``.
+    A no-op adapter is a verdict on the adapter (FAIL), not a broken run."""
+
+    def preflight_noop_check(self) -> tuple[bool, str]: ...
+
+
+@runtime_checkable
+class DescribedBackend(Protocol):
+    """A backend that says what it has loaded (model, adapter, dtype, framework versions):
+    reported with every result, and part of the null cache's keys."""
+
+    @property
+    def info(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable

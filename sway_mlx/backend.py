@@ -256,7 +256,7 @@ class MLXRuntime(Runtime):
         return int(mx.get_peak_memory())
 
     def release(self) -> None:
-        if getattr(self, "slots", None):
+        if self.slots:
             assert self.model is not None  # release empties the slots as it drops the model
             lora.detach(self.model, self.slots)
         self.slots = []

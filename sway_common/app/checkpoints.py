@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sway_common.adapters import read_adapter
 from sway_common.app import platform
+from sway_common.backend.model_views import ModelViews
 from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
 from sway_common.suite.runner import run_suite
@@ -71,7 +71,7 @@ class CheckpointEvaluator:
             defaults=Defaults(seed=setup.seed),
             source="checkpoint trajectory",
         )
-        self.backend: Any = None
+        self.backend: ModelViews | None = None
         self.builds = 0
 
     def __call__(
@@ -118,9 +118,8 @@ class CheckpointEvaluator:
         return row_from_result(ckpt, result, time.perf_counter() - start)
 
     def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if callable(close):
-            close()
+        if self.backend is not None:
+            self.backend.close()
         self.backend = None
 
 

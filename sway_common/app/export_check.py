@@ -38,6 +38,7 @@ from sway_common.app.options import (
 )
 from sway_common.app.platform import pick_backend
 from sway_common.app.run import build_or_fail, emit, write_reports
+from sway_common.backend.model_views import ModelViews
 from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
 from sway_common.report.export_plot import EXPORT_PNG, plot_export
 from sway_common.suite.export import check_export, config_mismatch
@@ -156,11 +157,10 @@ def _report(result: SuiteResult, args: SuiteArgs, quiet: bool) -> None:
     )
 
 
-def _close(*backends: Any) -> None:
+def _close(*backends: ModelViews | None) -> None:
     for b in backends:
-        close = getattr(b, "close", None)
-        if callable(close):
-            close()
+        if b is not None:
+            b.close()
 
 
 @dataclass
@@ -196,7 +196,7 @@ def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
         exported = build_or_fail(
             ModelSpec(base=str(export_dir)), job.backend, "the export", plain=True, **safety
         )
-        meta = {"export": job.export, "export_info": dict(getattr(exported, "info", {}) or {})}
+        meta = {"export": job.export, "export_info": dict(exported.info)}
         return check_export(
             main,
             exported,

@@ -13,6 +13,7 @@ import platform
 import sys
 from typing import Any
 
+from sway_common.backend.model_views import ModelViews
 from sway_common.blas import INSTALL_HINT, find_openblas, preloaded_openblas
 from sway_common.fast_paths import ENV_VAR, fast_paths_enabled
 from sway_common.suite.spec import BACKEND_KINDS, ModelSpec
@@ -53,7 +54,7 @@ class BackendUnavailableError(RuntimeError):
 
 def build_backend(
     model: ModelSpec, backend: str = "auto", *, plain: bool = False, **kw: Any
-) -> Any:
+) -> ModelViews:
     """Construct the differential backend for ``model`` (base + adapter).
 
     ``plain``: the model alone, no adapter (only its base view), e.g. an exported model.

@@ -32,12 +32,13 @@ from sway_common.app.options import (
 )
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.app.process import keep_torch_out
+from sway_common.backend.model_views import ModelViews
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
 from sway_common.suite.inputs import context_problem
 from sway_common.suite.runner import run_suite
-from sway_common.suite.spec import SpecError, load_spec
+from sway_common.suite.spec import ModelSpec, SpecError, load_spec
 from sway_common.types import SuiteResult
 
 REPORT_WRITERS = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
@@ -69,7 +70,7 @@ def load_spec_or_fail(spec_path: str) -> Any:
         sys.exit(EXIT_ERROR)
 
 
-def build_or_fail(model: Any, backend: str, what: str | None = None, **kw: Any) -> Any:
+def build_or_fail(model: ModelSpec, backend: str, what: str | None = None, **kw: Any) -> ModelViews:
     """The backend for ``model``, or one line naming why it cannot load (exit 2)."""
     try:
         return build_backend(model, backend, **kw)
@@ -171,9 +172,7 @@ def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) ->
             for adapter, label in zip(adapters, labels, strict=False)
         ]
     finally:
-        close = getattr(backend, "close", None)
-        if callable(close):
-            close()
+        backend.close()
     if more_adapters:
         each = (time.perf_counter() - loaded) / len(adapters)
         err_console.print(

@@ -59,6 +59,10 @@ class Runtime(ABC):
     when loaded without one (``adapter_path=None``): only the base view."""
     frameworks: tuple[str, ...] = ()
     """The packages whose versions decide this runtime's numbers (reported in ``info``)."""
+    model_dir: Path | None = None
+    """Where the model's files are (None: not loaded from files, as the dummy)."""
+    adapter_path: Path | None = None
+    """Where the adapter was read from (None: the model alone)."""
 
     def __init__(self) -> None:
         self.info: dict[str, Any] = {}

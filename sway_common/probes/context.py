@@ -15,7 +15,12 @@ from typing import Any
 from sway_common.backend.nulls import CALIBRATION_MODE, DEFAULT_INIT_SCALE, NullSpec
 from sway_common.backend.views import ViewSpec
 from sway_common.null_cache import NullCache
-from sway_common.protocols import DifferentialBackend, NullCalibratedBackend, NullMode
+from sway_common.protocols import (
+    DescribedBackend,
+    DifferentialBackend,
+    NullCalibratedBackend,
+    NullMode,
+)
 from sway_common.stats import null_stats
 from sway_common.types import NullStats
 
@@ -151,5 +156,6 @@ class RunContext:
         measurement = key.key() if isinstance(key, NextTokenDivergence) else key
         if self.null_cache is None or not measurement:
             return None
-        info = dict(getattr(self.backend, "info", {}) or {})
+        backend = self.backend
+        info = dict(backend.info) if isinstance(backend, DescribedBackend) else {}
         return self.null_cache.key(info, null.draw(), measurement)

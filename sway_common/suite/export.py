@@ -27,6 +27,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from sway_common import __version__
+from sway_common.backend.model_views import ModelViews
 from sway_common.divergence import divergence
 from sway_common.null_cache import NullCache
 from sway_common.probes.base import DivergenceConfig, judge_divergence
@@ -55,25 +56,26 @@ class ExportModel(Protocol):
     def as_base(self) -> AbstractContextManager[ScoringModel]: ...
 
 
-def peak_memory(*backends: Any) -> dict[str, int | None]:
+def peak_memory(*backends: object) -> dict[str, int | None]:
     """Peak resident memory of this process and the framework's own allocator peak."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is bytes on macOS, KiB on Linux.
     rss_bytes = int(rss if sys.platform == "darwin" else rss * 1024)
     framework = None
     for b in backends:
-        hook = getattr(b, "peak_memory_bytes", None)
-        value = hook() if callable(hook) else None
+        value = b.peak_memory_bytes() if isinstance(b, ModelViews) else None
         framework = value if value is not None else framework
     return {"peak_rss_bytes": rss_bytes, "framework_peak_bytes": framework}
 
 
-def check_same_tokens(backend: Any, export: Any, texts: Sequence[str]) -> None:
+def check_same_tokens(backend: ModelViews, export: ExportModel, texts: Sequence[str]) -> None:
     """Raise ValueError when the two models cannot be compared token for token."""
-    va, vb = getattr(backend, "vocab_size", 0), getattr(export, "vocab_size", 0)
+    if not isinstance(export, ModelViews):
+        return  # a stand-in export: nothing to compare
+    va, vb = backend.vocab_size, export.vocab_size
     if va and vb and va != vb:
         raise ValueError(f"the export's vocabulary has {vb} tokens, the base model's {va}")
-    ta, tb = getattr(backend, "tokenizer", None), getattr(export, "tokenizer", None)
+    ta, tb = backend.tokenizer, export.tokenizer
     if ta is None or tb is None:
         return
     for text in texts:
@@ -261,7 +263,7 @@ def _export_broken(export: Any) -> ProbeResult | None:
 
 
 def check_export(
-    backend: Any,
+    backend: ModelViews,
     export: ExportModel,
     prompts: Sequence[str],
     *,
@@ -281,7 +283,7 @@ def check_export(
         "command": "export-check",
         "seed": seed,
         "sway_version": __version__,
-        **dict(getattr(backend, "info", {}) or {}),
+        **backend.info,
         **(meta or {}),
     }
     prompts = list(prompts)

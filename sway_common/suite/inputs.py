@@ -10,8 +10,8 @@ are scored in windows.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
+from sway_common.backend.model_views import ModelViews
 from sway_common.suite.spec import SuiteSpec
 from sway_common.types import ProbeResult, Verdict
 
@@ -24,14 +24,13 @@ def suite_prompts(spec: SuiteSpec) -> Iterator[tuple[str, str]]:
             yield from ((cfg.name, p) for p in prompts if isinstance(p, str))
 
 
-def context_problem(spec: SuiteSpec, backend: Any) -> str | None:
+def context_problem(spec: SuiteSpec, backend: object) -> str | None:
     """One line naming the first prompt longer than the context window, and the fix."""
-    count = getattr(backend, "token_count", None)
-    limit = getattr(backend, "prompt_limit", None)
-    if not callable(count) or not isinstance(limit, int) or limit < 1:
+    limit = backend.prompt_limit if isinstance(backend, ModelViews) else None
+    if not isinstance(backend, ModelViews) or limit is None or limit < 1:
         return None
     for name, prompt in suite_prompts(spec):
-        n = count(prompt)
+        n = backend.token_count(prompt)
         if n > limit:
             shown = prompt[:40].replace("\n", " ") + ("…" if len(prompt) > 40 else "")
             return (
@@ -42,7 +41,7 @@ def context_problem(spec: SuiteSpec, backend: Any) -> str | None:
     return None
 
 
-def context_check(spec: SuiteSpec, backend: Any) -> ProbeResult | None:
+def context_check(spec: SuiteSpec, backend: object) -> ProbeResult | None:
     """:func:`context_problem` as the one ERROR result of a run that cannot start."""
     problem = context_problem(spec, backend)
     if problem is None:

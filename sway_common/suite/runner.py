@@ -21,11 +21,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from sway_common import __version__
+from sway_common.backend.model_views import ModelViews
 from sway_common.null_cache import NullCache
 from sway_common.probes import REGISTRY, RunContext
 from sway_common.probes.base import DivergenceConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
-from sway_common.protocols import NullCalibratedBackend, PreflightCheckable
+from sway_common.protocols import (
+    DescribedBackend,
+    DifferentialBackend,
+    NoopCheckable,
+    NullCalibratedBackend,
+    PreflightCheckable,
+)
 from sway_common.suite.inputs import context_check
 from sway_common.suite.spec import SuiteSpec
 from sway_common.types import ProbeResult, SuiteResult, Verdict
@@ -56,17 +63,16 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def preflight(backend: Any) -> ProbeResult | None:
+def preflight(backend: object) -> ProbeResult | None:
     """One result when the backend is broken (ERROR) or its adapter is a no-op (FAIL)."""
     if not isinstance(backend, PreflightCheckable):
         return None
     verdict = Verdict.ERROR
     try:
         ok, reason = backend.preflight_finite_check()
-        noop = getattr(backend, "preflight_noop_check", None)
-        if ok and callable(noop):
+        if ok and isinstance(backend, NoopCheckable):
             # A no-op adapter is a verdict on the adapter (FAIL), not a broken run (ERROR).
-            ok, reason = noop()
+            ok, reason = backend.preflight_noop_check()
             verdict = Verdict.FAIL
     except Exception as e:  # a crash in the check is as disqualifying as a failed check
         ok, reason, verdict = False, f"preflight crashed: {type(e).__name__}: {e}", Verdict.ERROR
@@ -146,7 +152,7 @@ def overall_verdict(results: list[ProbeResult], score: float | None, threshold: 
 def run_suite(
     spec: SuiteSpec,
     *,
-    backend: Any,
+    backend: DifferentialBackend,
     threshold: float | None = None,
     progress: Callable[[int], AbstractContextManager[SuiteProgress]] | None = None,
     on_result: Callable[[ProbeResult], None] | None = None,
@@ -159,7 +165,7 @@ def run_suite(
         "seed": spec.defaults.seed,
         "sway_version": __version__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        **dict(getattr(backend, "info", {}) or {}),
+        **(backend.info if isinstance(backend, DescribedBackend) else {}),
     }
 
     def finish(results: list[ProbeResult], **extra: Any) -> SuiteResult:
@@ -182,7 +188,7 @@ def run_suite(
         return finish([failed])
 
     seed_everything(spec.defaults.seed)
-    if hasattr(backend, "check_store"):  # the model checks that no prompt decides
+    if isinstance(backend, ModelViews):  # the model checks that no prompt decides
         backend.check_store = null_cache
     calibrated = isinstance(backend, NullCalibratedBackend)
     null = spec.null_calibration() if calibrated else None
