@@ -188,7 +188,7 @@ def check_model_dir(model_dir: Path, *, allow_pickle: bool = False) -> None:
     the missing piece instead of a loader's traceback.
     """
     try:
-        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise ModelFormatError(
             f"cannot read {model_dir / 'config.json'} ({e}); re-download the model"
@@ -329,7 +329,7 @@ def _dequantize_gguf(gguf: Path, dst: Path) -> None:
     tokenizer.save_pretrained(str(dst))
 
     cfg_path = dst / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8-sig"))
     cfg.pop("quantization_config", None)
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
     if theta is None:

@@ -113,7 +113,8 @@ class ProbeResult:
     z: float | None = None
     p_value: float | None = None
     effect_ratio: float | None = None
-    """raw / null mean: "N× a random adapter of the same size"."""
+    """The effect as a multiple of the nulls' ("N× a random adapter of the same size"); for
+    a JS divergence on its bounded scale (``divergence.bounded_effect``)."""
     null: NullStats | None = None
     message: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)

@@ -110,6 +110,16 @@ def _poisoned(src: Path, dst: Path, value: float) -> Path:
     return edited_peft(src, dst, edit)
 
 
+def _integer_factors(src: Path, dst: Path) -> Path:
+    """Factors saved as integers (a quantised or mis-cast export): not a LoRA adapter."""
+
+    def edit(t: dict[str, np.ndarray]) -> None:
+        for k in [k for k in t if "lora_" in k]:
+            t[k] = np.round(t[k] * 100).astype(np.int32)
+
+    return edited_peft(src, dst, edit)
+
+
 def _other_base(src: Path, dst: Path) -> Path:
     """The adapter as if trained on a model of hidden size 48: every lora_A is (4, 48)."""
 
@@ -173,6 +183,7 @@ def env(
         adapter_other_base=_other_base(a, root / "a-otherbase"),
         adapter_nan=_poisoned(a, root / "a-nan", float("nan")),
         adapter_inf=_poisoned(a, root / "a-inf", float("inf")),
+        adapter_integer=_integer_factors(a, root / "a-int"),
         read_only=_read_only_dir(root),
     )
     e.made["adapter_empty"].mkdir()
@@ -329,6 +340,11 @@ CASES = [
         ("NaN/Inf", "lora_B", "earlier checkpoint"),
     ),
     Case("adapter-inf", quick(adapter=made("adapter_inf")), ("NaN/Inf", "retrain")),
+    Case(
+        "adapter-integer-factors",
+        quick(adapter=made("adapter_integer")),
+        ("int32 values", "floating point", "re-save"),
+    ),
     # ----------------------------------------------------------------- the spec
     Case(
         "spec-missing",

@@ -156,20 +156,22 @@ def test_missing_dir_is_a_checkpoint_error(tmp_path: Path) -> None:
 def test_summary_first_pass_best_and_held_out_regressions_only() -> None:
     P, F, E = Verdict.PASS, Verdict.FAIL, Verdict.ERROR
     rows = [
-        row(100, 0.5, F),
-        row(200, 4.0, P),
-        row(300, 40.0, P),
-        row(400, 30.0, P),
-        row(500, 12.0, P),
+        row(100, 0.5, F, 0.01),
+        row(200, 4.0, P, 0.05),
+        row(300, 40.0, P, 0.20),
+        row(400, 30.0, P, 0.30),
+        row(500, 12.0, P, 0.35),
         row(600, None, E, None),
-        row(700, 1.0, F),
-        row(800, 45.0, P),
+        row(700, 1.0, F, 0.50),
+        row(800, 45.0, P, 0.60),
     ]
     rows[4].held_out = {"drift": "PASS"}
     rows[6].held_out = {"drift": "FAIL"}
     rows[7].held_out = {"drift": "FAIL"}  # still failing: one regression, not two
     s = summarize(list(reversed(rows)))  # order of the input does not matter
-    assert s.first_pass.step == 200 and s.best.step == 800 and s.last.step == 800
+    # Best: the largest effect that kept what the base knew, not the highest z (800 lost it).
+    assert s.first_pass.step == 200 and s.best.step == 500 and s.last.step == 800
+    assert "best: step 500 (0.35 nats)" in s.line
     # A falling z (300 → 500) and a lost pass (700) are not regressions; the held-out FAIL is.
     assert [g.step for g in s.regressions] == [700] and "drift" in s.regressions[0].reason
     assert [r.step for r in s.below_noise] == [600, 700]
@@ -190,7 +192,7 @@ def test_growing_adapter_whose_z_falls_is_not_a_regression() -> None:
 
 
 def test_summary_without_a_pass_and_without_rows() -> None:
-    s = summarize([row(1, 0.3, Verdict.FAIL), row(2, 1.9, Verdict.FAIL)])
+    s = summarize([row(1, 0.3, Verdict.FAIL, 0.02), row(2, 1.9, Verdict.FAIL, 0.04)])
     assert s.first_pass is None and s.best.step == 2 and not s.regressions and not s.last_passes
     assert "no checkpoint rose above noise" in s.line
     empty = summarize([])

@@ -225,3 +225,11 @@ def test_a_second_run_reads_the_nulls_from_the_cache(
     for p, q, r in zip(a.probes, b.probes, c.probes, strict=True):
         assert p.raw == q.raw == r.raw and p.z == q.z == r.z and p.verdict is q.verdict is r.verdict
     assert len(list((tmp_path / "nulls").rglob("*.json"))) == first
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path: Path) -> None:
+    from sway_common.app.options import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffA glimmer lasts\nThe keeper said\n".encode())
+    assert read_prompts(str(path)) == ["A glimmer lasts", "The keeper said"]

@@ -23,6 +23,7 @@ from sway_common.report import (
     write_junit,
     write_markdown,
 )
+from sway_common.suite.runner import overall_verdict
 from sway_common.types import SCHEMA_VERSION, NullStats, ProbeResult, SuiteResult, Verdict
 
 
@@ -366,6 +367,25 @@ def test_terminal_shows_every_verdict():
     assert "Overall: FAIL" in text and "composite 0.550 < threshold 0.600" in text
     assert "attribution 0.500" in text
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_the_overall_line_names_what_decided_it():
+    def suite(*verdicts: Verdict, score: float = 0.75) -> SuiteResult:
+        probes = [
+            ProbeResult(name=f"p{i}", kind="delta_kl", verdict=v, gating=i < 2)
+            for i, v in enumerate(verdicts)
+        ]
+        verdict = overall_verdict(probes, score, 0.5)
+        return SuiteResult(probes=probes, verdict=verdict, score=score, threshold=0.5)
+
+    # A gating FAIL decides although the composite clears its threshold.
+    text = _render(suite(Verdict.PASS, Verdict.FAIL, Verdict.PASS))
+    assert "Overall: FAIL  gating p1 failed · composite 0.750 ≥ threshold 0.500" in text
+    text = _render(suite(Verdict.PASS, Verdict.PASS, Verdict.WARN))
+    assert "Overall: WARN  every gating probe passed; p2 did not" in text
+    text = _render(suite(Verdict.PASS, Verdict.PASS, score=0.25))
+    assert "the composite did not · composite 0.250 < threshold 0.500" in text
+    assert "every probe passed · composite" in _render(suite(Verdict.PASS, Verdict.PASS))
 
 
 def test_terminal_colours_verdicts():

@@ -99,6 +99,7 @@ def test_every_problem_is_reported_at_once_with_suggestions() -> None:
         ({"name": "dk", "kind": "delta_kl", "divergence": "tv"}, "is not one of 'js', 'kl'"),
         ({"name": "n", "kind": "null_adapter", "runs": 1}, "at least 2 null draws"),
         ({"name": "n", "kind": "null_adapter", "rank_multipliers": [1.0, 0.0]}, "rank_multipliers"),
+        ({"name": "n", "kind": "null_adapter", "rank_multipliers": [1.0, 4.0]}, "mode: fixed"),
         ({"name": "a", "kind": "adapter_ablation", "lambdas": [0.0, 1.0]}, "at least 3 distinct"),
         (
             {"name": "a", "kind": "adapter_ablation", "assert_saturation_between": [0.3]},

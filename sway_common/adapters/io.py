@@ -48,7 +48,7 @@ from sway_common.adapters.weights import (
 # ------------------------------------------------------------------ detection
 def _load_config(path: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
         raise AdapterFormatError(f"cannot read {path}: {e}; re-save the adapter") from e
     if not isinstance(cfg, dict):
@@ -118,6 +118,12 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> AdapterWeig
     name = PEFT_WEIGHTS if fmt == "peft" else MLX_WEIGHTS
     weights = weights or _weights_file(root, name, allow_pickle)
     tensors = load_pickled(weights) if weights.suffix == ".bin" else load_safetensors(weights)
+    integral = sorted(k for k, t in tensors.items() if not np.issubdtype(t.dtype, np.floating))
+    if integral:  # cast to float they would read as a (usually zero) adapter: say what it is
+        raise AdapterFormatError(
+            f"{weights}: tensor {integral[0]} holds {tensors[integral[0]].dtype} values; LoRA "
+            "factors are floating point (float32, float16 or bfloat16): re-save the adapter"
+        )
     try:
         modules, dora = (read_peft if fmt == "peft" else read_mlx)(cfg, tensors)
     except AdapterFormatError as e:

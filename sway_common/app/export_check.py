@@ -49,7 +49,7 @@ from sway_common.types import SuiteResult
 
 def _config(model_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         fail(f"cannot read {model_dir / 'config.json'}: {first_line(e)}")
     if not isinstance(data, dict):

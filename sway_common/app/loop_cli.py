@@ -67,7 +67,7 @@ def recorded_base_model(run_dir: Path) -> str | None:
         *sorted(run_dir.glob("checkpoint-*/adapter_config.json")),
     ]:
         try:
-            data = json.loads(cfg.read_text(encoding="utf-8"))
+            data = json.loads(cfg.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError):
             continue
         name = (

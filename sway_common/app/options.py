@@ -76,7 +76,8 @@ def read_prompts(path: str | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (as some editors write) is not part of the first prompt.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         fail(f"the prompts file {path} is not UTF-8 text; save it as UTF-8")
     except OSError as e:

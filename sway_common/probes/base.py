@@ -11,13 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from sway_common.backend.views import ViewSpec
-from sway_common.divergence import DivergenceKind, divergence
+from sway_common.divergence import DivergenceKind, bounded_effect, divergence
 from sway_common.protocols import DifferentialBackend
 from sway_common.stats import format_z, log_values, null_stats, p_value, paired_ratio, z_score
 from sway_common.types import NullStats, ProbeResult, Verdict
 
 from .context import NextTokenDivergence, RunContext
 from .views import next_token_dists_in_views
+
+# Below this many prompts a bootstrap over them cannot bound the effect ratio (its lower
+# bound lands above 1× for a true 1× far more often than its nominal 2.5%): such a
+# probe decides on z and the ratio alone, and says so.
+MIN_PROMPTS_FOR_INTERVAL = 6
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The most important thing to remember is",
@@ -154,7 +159,7 @@ def judge_divergence(
     """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt
     (without nulls, against the config's fixed threshold)."""
     null: NullStats | None = None
-    paired = None
+    paired = effect = None
     if ctx.calibrates(kind):
 
         def measure(backend: DifferentialBackend) -> list[float]:
@@ -162,7 +167,13 @@ def judge_divergence(
 
         request = NextTokenDivergence(cfg.divergence, top_k, tuple(cfg.prompts))
         null, rows = ctx.null_per_prompt(measure, key=request)
-        paired = paired_ratio(per_prompt, rows, seed=ctx.seed) if len(per_prompt) > 1 else None
+        # The effect ratio on a scale JS's bound cannot cap (KL has none: as measured).
+        scale = bounded_effect if cfg.divergence == "js" else float
+        mine = [scale(x) for x in per_prompt]
+        theirs = [[scale(x) for x in row] for row in rows]
+        effect = (sum(mine) / len(mine), null_stats([sum(r) / len(r) for r in theirs]))
+        if len(mine) >= MIN_PROMPTS_FOR_INTERVAL:
+            paired = paired_ratio(mine, theirs, seed=ctx.seed)
     j = judge_against_null(
         raw,
         null,
@@ -173,7 +184,13 @@ def judge_divergence(
         log_scale=True,
         min_ratio=cfg.min_effect_ratio,
         paired=paired,
+        effect=effect,
     )
+    if null is not None and paired is None:
+        j.message += (
+            f"; {len(per_prompt)} prompts are too few for an interval over prompts "
+            f"(needs {MIN_PROMPTS_FOR_INTERVAL}): decided on z and the ratio"
+        )
     return j, null
 
 
@@ -205,6 +222,7 @@ def judge_against_null(
     log_scale: bool = False,
     min_ratio: float = 1.0,
     paired: tuple[float, float, float] | None = None,
+    effect: tuple[float, NullStats] | None = None,
 ) -> Judgement:
     """PASS needs significance against the null, an effect above ``floor`` and, for ratio
     metrics, ``min_ratio`` times the null's mean with a prompt-bootstrap interval above 1×.
@@ -212,8 +230,10 @@ def judge_against_null(
     ``log_scale`` tests log(metric) against the logs of the null draws: a divergence is
     positive and right-skewed across null seeds, and on the raw scale a few draws
     under-estimate that tail (a random adapter then looks significant). ``paired`` is
-    :func:`~sway_common.stats.paired_ratio`'s (ratio, low, high). Without a null
-    (the backend cannot draw one) the fixed threshold decides.
+    :func:`~sway_common.stats.paired_ratio`'s (ratio, low, high). ``effect``: the adapter's
+    value and the nulls' on the scale the effect ratio is taken on, when it is not the
+    metric's own (a bounded divergence; :func:`~sway_common.divergence.bounded_effect`).
+    Without a null (the backend cannot draw one) the fixed threshold decides.
     """
     shown = f"{raw:.3g}{unit}"
     if null is None:
@@ -226,7 +246,8 @@ def judge_against_null(
             None,
             min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
         )
-    ratio = raw / null.mean if null.mean > 0 else None
+    effect_raw, effect_null = effect if effect is not None else (raw, null)
+    ratio = effect_raw / effect_null.mean if effect_null.mean > 0 else None
     tested, x = (
         (null_stats(log_values(null.values)), log_values([raw])[0]) if log_scale else (null, raw)
     )
@@ -264,8 +285,9 @@ def judge_against_null(
         return judged(Verdict.FAIL, msg, significance * raw / floor, "floor")
     if ratio is not None and ratio < min_ratio:
         msg = (
-            f"{shown}, {z_txt}, but only {ratio:.2f}× a random adapter of its size "
-            f"(needs {min_ratio:g}×): its direction is not what moves the model"
+            f"{shown}, {z_txt}, but random adapters of its size already move the model by "
+            f"{null.mean:.3g}{unit}: only {ratio:.2f}× theirs (needs {min_ratio:g}×), so its "
+            "direction is not what moves the model"
         )
         return judged(Verdict.FAIL, msg, significance * ratio / min_ratio, "ratio")
     if paired is not None and paired[1] <= 1.0:

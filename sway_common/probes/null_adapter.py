@@ -67,6 +67,13 @@ class NullAdapterProbe(Probe):
             problems.append("init_scale: must be > 0")
         if not cfg.rank_multipliers or any(m <= 0 for m in cfg.rank_multipliers):
             problems.append("rank_multipliers: must be a non-empty list of numbers > 0")
+        elif cfg.mode == "norm_matched" and any(m != 1.0 for m in cfg.rank_multipliers):
+            # Norm matching rescales each null to the adapter's norm, which cancels the rank's
+            # larger variance: every multiplier would draw the same null level.
+            problems.append(
+                "rank_multipliers: norm-matched nulls are rescaled to the adapter's norm, so "
+                "a rank multiplier changes nothing; set mode: fixed to compare ranks"
+            )
         return problems
 
     def run(self, cfg: NullAdapterConfig, ctx: RunContext) -> ProbeResult:

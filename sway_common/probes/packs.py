@@ -34,7 +34,7 @@ def read_text(path: str | Path) -> str:
     """A user's text file, with one clear message for a missing or non-UTF-8 file."""
     p = Path(path).expanduser()
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:

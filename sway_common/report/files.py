@@ -20,6 +20,7 @@ import numpy as np
 from sway_common.atomic import atomic_write, atomic_write_text
 from sway_common.report.headline import headline
 from sway_common.stats import format_z
+from sway_common.suite.runner import decide
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
 PathLike = str | os.PathLike[str]
@@ -85,13 +86,17 @@ def format_duration(seconds: Any) -> str:
 
 
 def composite_line(result: SuiteResult) -> str:
-    """'composite 0.820 ≥ threshold 0.600', the comparison the verdict rests on."""
+    """What decided the verdict, then the composite against its threshold: 'gating
+    delta_kl failed · composite 0.749 ≥ threshold 0.500'."""
     score = result.score
     if score is None or not math.isfinite(float(score)):
         op = "vs"
     else:
         op = "≥" if float(score) >= result.threshold else "<"
-    return f"composite {format_score(score)} {op} threshold {format_score(result.threshold)}"
+    line = f"composite {format_score(score)} {op} threshold {format_score(result.threshold)}"
+    verdict, reason = decide(result.probes, score, result.threshold)
+    # An interrupted run, or export-check's own rule, is decided elsewhere: the numbers only.
+    return f"{reason} · {line}" if verdict is result.verdict and result.probes else line
 
 
 # --------------------------------------------------------------------------- atomic writes

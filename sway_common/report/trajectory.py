@@ -14,7 +14,12 @@ from sway_common.report.files import atomic_write_text, format_effect, format_me
 from sway_common.report.plots import plot_trajectory
 from sway_common.report.terminal import VERDICT_STYLES
 from sway_common.stats import format_z
-from sway_common.suite.trajectory import CheckpointRow, TrajectorySummary, effect_trend
+from sway_common.suite.trajectory import (
+    CheckpointRow,
+    TrajectorySummary,
+    effect_text,
+    effect_trend,
+)
 from sway_common.types import Verdict
 
 
@@ -68,7 +73,7 @@ def print_summary(console: Console, rows: list[CheckpointRow], summary: Trajecto
         )
     if summary.best is not None and summary.best is not first:
         console.print(
-            f"Best: {summary.best.label} (z={format_z(summary.best.z, summary.best.null_n)}).",
+            f"Best: {summary.best.label} ({effect_text(summary.best)}).",
             highlight=False,
         )
     if trend := effect_trend(rows):

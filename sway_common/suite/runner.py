@@ -134,19 +134,30 @@ def composite(
     return score, cats
 
 
-def overall_verdict(results: list[ProbeResult], score: float | None, threshold: float) -> Verdict:
+def decide(
+    results: list[ProbeResult], score: float | None, threshold: float
+) -> tuple[Verdict, str]:
+    """The suite's verdict and what decided it, in words ("gating delta_kl failed")."""
     gating = [r for r in results if r.gating]
-    if any(r.verdict is Verdict.ERROR for r in gating):
-        return Verdict.ERROR
-    if any(r.verdict is Verdict.FAIL for r in gating):
-        return Verdict.FAIL
+
+    def named(verdicts: tuple[Verdict, ...], among: list[ProbeResult]) -> str:
+        return ", ".join(r.name for r in among if r.verdict in verdicts)
+
+    if errored := named((Verdict.ERROR,), gating):
+        return Verdict.ERROR, f"gating {errored} errored"
+    if failed := named((Verdict.FAIL,), gating):
+        return Verdict.FAIL, f"gating {failed} failed"
     if score is not None and score < threshold:
-        return Verdict.FAIL
+        return Verdict.FAIL, "every gating probe passed, the composite did not"
     if not any(r.verdict is Verdict.PASS for r in gating):
-        return Verdict.WARN  # nothing gating actually passed (all skipped or warned)
-    if any(r.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR) for r in results):
-        return Verdict.WARN
-    return Verdict.PASS
+        return Verdict.WARN, "no gating probe passed (all skipped or warned)"
+    if flagged := named((Verdict.WARN, Verdict.FAIL, Verdict.ERROR), results):
+        return Verdict.WARN, f"every gating probe passed; {flagged} did not"
+    return Verdict.PASS, "every probe passed"
+
+
+def overall_verdict(results: list[ProbeResult], score: float | None, threshold: float) -> Verdict:
+    return decide(results, score, threshold)[0]
 
 
 def run_suite(

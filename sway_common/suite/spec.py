@@ -225,7 +225,7 @@ def _confine_probe_paths(cfg: ProbeConfig, base_dir: Path) -> list[str]:
 
 def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except IsADirectoryError:
         raise SpecError(str(path), ["is a directory; give the spec file (sway.yaml)"]) from None
     except UnicodeDecodeError as e:

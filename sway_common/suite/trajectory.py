@@ -271,6 +271,24 @@ def _z(row: CheckpointRow) -> str:
     return "no z" if row.z is None else f"z={format_z(row.z, row.null_n)}"
 
 
+def effect_text(row: CheckpointRow) -> str:
+    """The checkpoint's effect as the ranking reads it: a multiple of its nulls, else nats."""
+    if row.effect_ratio is not None:
+        return f"{row.effect_ratio:.3g}× a random adapter of its size"
+    return "no effect measured" if row.divergence is None else f"{row.divergence:.3g} nats"
+
+
+def _rank(row: CheckpointRow) -> tuple[bool, bool, float]:
+    """Best first: kept what the base knew, above noise, then the largest effect.
+
+    Not z: with norm-matched nulls z falls as the effect grows (the nulls grow with the
+    adapter's norm), so the checkpoint with the highest z is often an early, weak one.
+    """
+    kept = all(v != Verdict.FAIL.value for v in row.held_out.values())
+    effect = row.effect_ratio if row.effect_ratio is not None else (row.divergence or 0.0)
+    return kept, row.verdict is Verdict.PASS, effect
+
+
 def held_out_regressions(rows: Sequence[CheckpointRow]) -> list[Regression]:
     """A held-out probe that FAILs at a checkpoint after it passed (or warned) at an earlier one."""
     found: list[Regression] = []
@@ -310,11 +328,7 @@ def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
     rows = sorted(rows, key=lambda r: r.step)
     scored = [r for r in rows if r.verdict is not Verdict.ERROR]
     first = next((r for r in rows if r.verdict is Verdict.PASS), None)
-    best = max(
-        scored,
-        key=lambda r: (r.z is not None, r.z if r.z is not None else (r.divergence or 0.0)),
-        default=None,
-    )
+    best = max(scored, key=_rank, default=None)
     regressions = held_out_regressions(rows)
     below = [
         r
@@ -326,12 +340,12 @@ def summarize(rows: Sequence[CheckpointRow]) -> TrajectorySummary:
         line = "no checkpoints evaluated"
     elif first is None:
         line = "no checkpoint rose above noise" + (
-            f" (best: {best.label}, {_z(best)})" if best else ""
+            f" (best: {best.label}, {effect_text(best)})" if best else ""
         )
     else:
         parts = [f"first above noise: {first.label} ({_z(first)})"]
         if best is not None and best is not first:
-            parts.append(f"best: {best.label} ({_z(best)})")
+            parts.append(f"best: {best.label} ({effect_text(best)})")
         if trend := effect_trend(scored):
             parts.append(trend)
         parts.append(

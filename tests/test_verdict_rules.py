@@ -1,0 +1,71 @@
+"""The effect rule at saturation: a divergence's bound must not decide the effect ratio."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sway_common.divergence import LN2, bounded_effect
+from sway_common.probes.base import judge_against_null
+from sway_common.stats import null_stats
+from sway_common.types import Verdict
+
+# Random adapters at a large trained norm already move the model by ~0.40 nats of JS.
+NULL_JS = [0.38, 0.40, 0.42, 0.39, 0.41, 0.40, 0.43, 0.37]
+RULE = {"z_min": 3.0, "floor": 1e-3, "fixed_threshold": 0.02, "log_scale": True, "min_ratio": 2.0}
+
+
+def judged(raw: float, *, bounded: bool):
+    effect = (bounded_effect(raw), null_stats([bounded_effect(v) for v in NULL_JS]))
+    return judge_against_null(raw, null_stats(NULL_JS), **RULE, effect=effect if bounded else None)
+
+
+def test_the_bounded_scale_is_js_over_ln2_for_small_effects_and_unbounded_at_ln2() -> None:
+    assert bounded_effect(1e-4) == pytest.approx(1e-4 / LN2, rel=1e-4)
+    assert bounded_effect(0.0) == 0.0
+    assert math.isfinite(bounded_effect(LN2)) and bounded_effect(LN2) > 25
+    assert bounded_effect(0.64) / bounded_effect(0.40) == pytest.approx(2.98, abs=0.01)
+
+
+@given(st.floats(0.0, 0.69), st.floats(0.0, 0.69))
+def test_the_bounded_scale_keeps_the_order(a: float, b: float) -> None:
+    assert (bounded_effect(a) < bounded_effect(b)) == (a < b) or a == b
+
+
+def test_a_large_trained_adapter_beyond_every_null_is_not_failed_for_the_bound() -> None:
+    on_js = judged(0.64, bounded=False)
+    assert on_js.verdict is Verdict.FAIL and on_js.fail_reason == "ratio"  # 1.6×: unreachable 2×
+    bounded = judged(0.64, bounded=True)
+    assert bounded.verdict is Verdict.PASS, bounded.message
+    assert bounded.ratio == pytest.approx(2.98, abs=0.05)
+
+
+@pytest.mark.parametrize("raw", [0.36, 0.40, 0.45, 0.50])
+def test_a_random_adapter_at_that_norm_still_fails(raw: float) -> None:
+    j = judged(raw, bounded=True)
+    assert j.verdict is Verdict.FAIL
+    assert j.ratio is not None and j.ratio < 2.0
+
+
+def test_the_ratio_message_says_what_random_adapters_already_do() -> None:
+    j = judged(0.55, bounded=True)  # significant, yet 1.8× on the bounded scale
+    assert j.verdict is Verdict.FAIL and j.fail_reason == "ratio", j.message
+    assert "random adapters of its size already move the model by 0.4" in j.message
+    assert "1.83× theirs (needs 2×)" in j.message
+
+
+@pytest.mark.parametrize(("n", "interval"), [(3, False), (6, True)])
+def test_below_six_prompts_no_interval_is_claimed(n: int, interval: bool) -> None:
+    from sway_common.backend.dummy import DummyDifferentialBackend
+    from sway_common.probes import NullCalibration, RunContext
+    from sway_common.probes.delta_kl import DeltaKLConfig, DeltaKLProbe
+
+    prompts = [f"The keeper wrote entry {i}" for i in range(n)]
+    cfg = DeltaKLConfig(name="kl", kind="delta_kl", prompts=prompts)
+    ctx = RunContext(DummyDifferentialBackend(), null=NullCalibration(runs=4))
+    result = DeltaKLProbe().run(cfg, ctx)
+    assert (result.evidence["effect_ratio_interval"] is not None) == interval
+    assert ("too few for an interval" in result.message) != interval, result.message
