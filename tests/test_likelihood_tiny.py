@@ -116,11 +116,22 @@ def test_runs_on_both_backends_with_the_same_verdict(verdicts, kind: str) -> Non
         assert mlx.verdict is hf.verdict, f"{label}: mlx {mlx.message} / hf {hf.message}"
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_an_adapter_with_b_near_zero_passes_nothing(verdicts, kind: str) -> None:
+# Harm probes PASS an adapter that did no damage: true of one that changes nothing.
+HARM = ("calibration_drift", "external_perplexity")
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in HARM])
+def test_an_adapter_with_b_near_zero_passes_no_effect_probe(verdicts, kind: str) -> None:
     for backend in ("mlx", "hf"):
         r = verdicts[backend, "untrained"][kind]
         assert r.verdict is not Verdict.PASS, f"{backend}: {r.message}"
+
+
+@pytest.mark.parametrize("kind", HARM)
+def test_an_adapter_with_b_near_zero_is_not_failed_for_harm(verdicts, kind: str) -> None:
+    for backend in ("mlx", "hf"):
+        r = verdicts[backend, "untrained"][kind]
+        assert r.verdict is Verdict.PASS, f"{backend}: {r.message}"
 
 
 def test_the_trained_adapter_internalises_its_document(verdicts) -> None:

@@ -69,3 +69,37 @@ def test_below_six_prompts_no_interval_is_claimed(n: int, interval: bool) -> Non
     result = DeltaKLProbe().run(cfg, ctx)
     assert (result.evidence["effect_ratio_interval"] is not None) == interval
     assert ("too few for an interval" in result.message) != interval, result.message
+
+
+# ------------------------------------------------------------------ harm: nulls + tolerance
+def harm(raw: float, nulls: list[float], problems: tuple[str, ...] = ()):
+    from sway_common.probes.likelihood import Regression, compare, regression_verdict
+
+    reg = Regression(
+        raw, list(problems), "kept", abs(raw), "these items", " nats", 1e-3, 3.0, tolerance=0.03
+    )
+    return regression_verdict(reg, None, compare(raw, null_stats(nulls), " nats"))
+
+
+NULL_LOSS = [-0.002, 0.001, -0.001, 0.0, 0.002, -0.003, 0.001, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("raw", "verdict", "words"),
+    [
+        (0.0005, Verdict.PASS, "no more lost than by noise"),  # a neutral adapter
+        (0.02, Verdict.PASS, "better kept than by noise"),
+        (-0.012, Verdict.PASS, "but within the tolerance of 0.03 nats"),  # a light, real cost
+        (-0.14, Verdict.FAIL, "lost more than random adapters of its size would"),
+    ],
+)
+def test_harm_fails_only_beyond_the_nulls_and_the_tolerance(
+    raw: float, verdict: Verdict, words: str
+) -> None:
+    got, message, _ = harm(raw, NULL_LOSS)
+    assert got is verdict and words in message, message
+
+
+def test_damage_past_the_absolute_limit_fails_whatever_the_nulls() -> None:
+    got, message, score = harm(-0.6, [-0.7, -0.5, -0.6, -0.65], problems=("mean change -0.6",))
+    assert got is Verdict.FAIL and message.startswith("regressed:") and score == 0.0

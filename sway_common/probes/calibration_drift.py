@@ -4,9 +4,9 @@ For each general-knowledge item (a prompt and its gold answer: the built-in pack
 written for sway-mlx, a JSONL ``pack`` file, and the spec's own ``items``) the change in
 log p(gold | prompt) from the base to the fine-tuned view. A gating regression FAILs when
 more than ``assert_fraction_regressed_lt`` of the items lost over ``regression_nats`` or
-the mean change is below ``assert_mean_delta_gte``. Kept knowledge PASSes only when it is
-better kept than by random adapters of the same size (z of the mean change against the
-nulls); an adapter that changes nothing here, or no more than noise does, WARNs.
+the mean change is below ``assert_mean_delta_gte``, or when the mean change is
+significantly worse than random adapters of its size give (z against the nulls) and
+worse than ``-tolerance``. Any other adapter PASSes, and the message says which it is.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class CalibrationDriftConfig(ProbeConfig):
     assert_fraction_regressed_lt: float = 0.15
     assert_mean_delta_gte: float = -0.5
     assert_z_gte: float = 3.0
+    tolerance: float = 0.1
+    """Mean nats per item an adapter may lose beyond its nulls' without a FAIL."""
     min_effect: float = 1e-3
     """Mean |change| in nats below which the adapter is taken to leave the items alone."""
 
@@ -67,6 +69,8 @@ class CalibrationDriftProbe(RegressionProbe):
             problems.append("regression_nats: must be > 0")
         if not 0 < cfg.assert_fraction_regressed_lt <= 1:
             problems.append("assert_fraction_regressed_lt: must lie in (0, 1]")
+        if cfg.tolerance < 0:
+            problems.append("tolerance: must be >= 0")
         return problems
 
     def run(self, cfg: CalibrationDriftConfig, ctx: RunContext) -> ProbeResult:
@@ -101,6 +105,7 @@ class CalibrationDriftProbe(RegressionProbe):
             " nats",
             min_effect=cfg.min_effect,
             z_min=cfg.assert_z_gte,
+            tolerance=cfg.tolerance,
         )
         evidence = self._evidence(items, delta, fraction)
         return judge_regression(self, cfg, ctx, reg, measure, (prompts, golds), evidence)

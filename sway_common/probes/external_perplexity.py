@@ -3,9 +3,11 @@
 Chunks of general prose the adapter never saw (the built-in corpus written for sway-mlx,
 or a local text file named by ``corpus``) are scored token by token in the base and the
 fine-tuned views; the metric is the change in mean log-prob per token over all chunks
-(negative: perplexity went up). A gating regression FAILs below ``assert_mean_delta_gte``.
-Prose kept PASSes only when it is better kept than by random adapters of the same size
-(z against the nulls); an adapter that changes nothing, or no more than noise does, WARNs.
+(negative: perplexity went up). A gating regression FAILs below ``assert_mean_delta_gte``
+(damage so large no null matters), or when the adapter lost significantly more than
+random adapters of its size (z against the nulls) and more than ``tolerance``; any other
+adapter PASSes, and the message says whether it lost nothing, no more than noise, or a
+tolerated amount more.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class ExternalPerplexityConfig(ProbeConfig):
     assert_mean_delta_gte: float = -0.1
     """Nats per token; -0.1 is a perplexity about 10.5% higher."""
     assert_z_gte: float = 3.0
+    tolerance: float = 0.03
+    """Nats per token (about 3% perplexity) an adapter may lose beyond its nulls' without
+    a FAIL: significance alone would fail any measurable cost."""
     min_effect: float = 1e-4
     """Mean |change| per token below which the adapter is taken to leave the prose alone."""
 
@@ -61,6 +66,8 @@ class ExternalPerplexityProbe(RegressionProbe):
                     problems.append(f"corpus: {cfg.corpus} holds no text")
             except ValueError as e:
                 problems.append(f"corpus: {e}")
+        if cfg.tolerance < 0:
+            problems.append("tolerance: must be >= 0")
         return problems
 
     def run(self, cfg: ExternalPerplexityConfig, ctx: RunContext) -> ProbeResult:
@@ -89,6 +96,7 @@ class ExternalPerplexityProbe(RegressionProbe):
             " nats/token",
             min_effect=cfg.min_effect,
             z_min=cfg.assert_z_gte,
+            tolerance=cfg.tolerance,
         )
         evidence = {
             "chunks": len(texts),

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.protocols import DifferentialBackend, ScoringBackend
-from sway_common.stats import format_z, p_value, z_score
+from sway_common.stats import format_z, null_stats, p_value, z_score
 from sway_common.types import NullStats, ProbeResult, RollingLogprob, Verdict
 
 from .base import Probe, ProbeConfig, RunContext
@@ -112,6 +112,8 @@ class Comparison:
     p: float | None
     null: NullStats | None
     text: str
+    p_below: float | None = None
+    """The p-value of the other tail: that noise would do this badly or worse."""
 
     @property
     def significant(self) -> bool:
@@ -119,6 +121,11 @@ class Comparison:
 
     def beats(self, z_min: float) -> bool:
         return self.significant and self.z is not None and self.z >= z_min
+
+    def trails(self, z_min: float) -> bool:
+        """Significantly below the nulls: worse than random adapters of its size."""
+        below = self.p_below is not None and self.p_below <= P_MAX
+        return below and self.z is not None and self.z <= -z_min
 
     def against_nulls(self, head: str, z_min: float, as_well: str) -> tuple[Verdict, str] | None:
         """The verdict where the nulls leave the metric unproven, else None (no nulls drawn,
@@ -141,8 +148,11 @@ def compare(raw: float, null: NullStats | None, unit: str) -> Comparison:
         return Comparison(
             None, None, null, f"null draws degenerate (all ≈ {null.mean:.3g}{unit}): no z"
         )
-    text = f"z={format_z(z, null.n)} (p={p:.2g}) against random adapters of its size (null mean {null.mean:+.3g}{unit})"
-    return Comparison(z, p, null, text)
+    p_below = p_value(-raw, null_stats([-v for v in null.values]))
+    # The p of the tail z points into: a loss is read against "noise does this badly".
+    shown = p if z >= 0 or p_below is None else p_below
+    text = f"z={format_z(z, null.n)} (p={shown:.2g}) against random adapters of its size (null mean {null.mean:+.3g}{unit})"
+    return Comparison(z, p, null, text, p_below)
 
 
 def compared_result(
@@ -153,28 +163,31 @@ def compared_result(
 
 
 def regression_verdict(
-    problems: list[str], kept: str, inert: str | None, cmp: Comparison, z_min: float
+    reg: Regression, inert: str | None, cmp: Comparison
 ) -> tuple[Verdict, str, float]:
-    """The rule both regression probes share.
+    """The rule both regression probes share: did the adapter do damage beyond what its
+    size explains, and by more than the tolerance?
 
-    FAIL on any regression (gating: lost knowledge is never averaged away). Knowledge
-    kept is a PASS only when it is better kept than random adapters of the adapter's size
-    would keep it; an adapter that changes nothing, or no more than noise, WARNs, since
-    the probe then vouches for nothing about the adapter's direction.
+    FAIL past an absolute limit (damage so large no null matters), or when it lost
+    significantly more than random adapters of its size would *and* more than the
+    tolerance. Anything else PASSes, saying which it is: nothing changed, no worse than
+    noise, better kept than noise, or worse than noise but within the tolerance.
     """
-    if problems:
-        return Verdict.FAIL, "regressed: " + "; ".join(problems), 0.0
+    if reg.problems:
+        return Verdict.FAIL, "regressed: " + "; ".join(reg.problems), 0.0
     if inert is not None:
-        return Verdict.WARN, f"{kept}, but {inert}: nothing to judge", 0.5
-    if cmp.null is None:
-        return Verdict.PASS, f"{kept} ({cmp.text})", 1.0
-    if cmp.beats(z_min):
-        return Verdict.PASS, f"{kept}; better kept than by noise: {cmp.text}", 1.0
-    return (
-        Verdict.WARN,
-        f"{kept}, but no better than a random adapter of its size would: {cmp.text}",
-        0.5,
-    )
+        return Verdict.PASS, f"{reg.kept}: {inert}", 1.0
+    if cmp.null is None or cmp.z is None:
+        return Verdict.PASS, f"{reg.kept} ({cmp.text})", 1.0
+    if cmp.beats(reg.z_min):
+        return Verdict.PASS, f"{reg.kept}; better kept than by noise: {cmp.text}", 1.0
+    if not cmp.trails(reg.z_min):
+        return Verdict.PASS, f"{reg.kept}; no more lost than by noise: {cmp.text}", 1.0
+    worse = f"lost more than random adapters of its size would ({cmp.text})"
+    tolerance = f"the tolerance of {reg.tolerance:g}{reg.unit}"
+    if reg.raw < -reg.tolerance:
+        return Verdict.FAIL, f"{reg.kept}, but it {worse}, beyond {tolerance}", 0.0
+    return Verdict.PASS, f"{reg.kept}; it {worse}, but within {tolerance}", 0.75
 
 
 @dataclass
@@ -193,6 +206,8 @@ class Regression:
     min_effect: float
     """Mean |change| below which the adapter is taken to leave these texts alone."""
     z_min: float
+    tolerance: float
+    """A loss (``-raw``) up to this is tolerated even when it is beyond the nulls'."""
 
 
 def judge_regression(
@@ -210,10 +225,10 @@ def judge_regression(
         if reg.mean_abs_change < reg.min_effect
         else None
     )
-    # Nulls answer "better kept than noise?", a question only a kept, moving adapter raises.
+    # Nulls answer "lost more than noise?", a question only a kept, moving adapter raises.
     null = None if reg.problems or inert else null_values(ctx, probe.kind, measure, *key)
     cmp = compare(reg.raw, null, reg.unit)
-    verdict, message, score = regression_verdict(reg.problems, reg.kept, inert, cmp, reg.z_min)
+    verdict, message, score = regression_verdict(reg, inert, cmp)
     return compared_result(
         probe, cfg, verdict, cmp, score=score, raw=reg.raw, message=message, evidence=evidence
     )
