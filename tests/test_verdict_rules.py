@@ -103,3 +103,14 @@ def test_harm_fails_only_beyond_the_nulls_and_the_tolerance(
 def test_damage_past_the_absolute_limit_fails_whatever_the_nulls() -> None:
     got, message, score = harm(-0.6, [-0.7, -0.5, -0.6, -0.65], problems=("mean change -0.6",))
     assert got is Verdict.FAIL and message.startswith("regressed:") and score == 0.0
+
+
+def test_every_probe_says_what_its_pass_claims() -> None:
+    from click.testing import CliRunner
+
+    from sway_common.app.cli import app
+    from sway_common.probes import REGISTRY
+
+    assert len(REGISTRY) == 13 and all(cls.claim for cls in REGISTRY.values())
+    out = CliRunner().invoke(app, ["list-probes"]).output
+    assert out.count("PASS claims:") == 13

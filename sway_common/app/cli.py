@@ -214,6 +214,7 @@ def list_probes_cmd() -> None:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         gate = "gating" if cls.gating else "non-gating"
         console.print(f"[bold]{kind}[/]  ({cls.category}, {gate})  {doc}", highlight=False)
+        console.print(f"    PASS claims: {cls.claim}", highlight=False, markup=False)
         for f in dataclasses.fields(cls.Config):
             if f.name in ("name", "kind"):
                 continue

@@ -6,9 +6,10 @@ then bends toward saturation, so the reference shape is a power law, not a line.
 healthy adapter gives a curve that rises monotonically, with a log–log exponent in
 [``exponent_min``, ``exponent_max``] fitted well (R² >= ``assert_linearity_gte``), reaches
 90% of its λ=1 value late (saturation λ in ``assert_saturation_between``), and still moves
-past λ=1 (overshoot d(1.25)/d(1) >= ``assert_overshoot_gte``). A shape means nothing when
-the adapter is indistinguishable from noise, so the λ=1 point must also beat the nulls
-as delta_kl does; a random adapter traces the same shape and is stopped there.
+past λ=1 (overshoot d(1.25)/d(1) >= ``assert_overshoot_gte``). The verdict is the λ=1
+point's against the nulls, as delta_kl judges it; the shape is reported beside it, not
+judged: a random adapter at a trained norm traces a healthy shape too, and a strong
+trained one saturates, so the shape alone tells neither apart.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def judge_shape(lams: list[float], curve: list[float], cfg: AdapterAblationConfi
 @register
 class AdapterAblationProbe(Probe):
     kind = "adapter_ablation"
+    claim = "at λ=1 the adapter moves next-token distributions beyond random adapters of its size, as delta_kl claims; the λ curve's shape is reported, not claimed"
     category = "ablation"
     Config = AdapterAblationConfig
 
@@ -150,15 +152,19 @@ class AdapterAblationProbe(Probe):
             cfg, ctx, self.kind, at_one, per_prompt, top_k, unit=" nats at λ=1"
         )
         shape = judge_shape(lams, curve, cfg)
-        verdict: Verdict
+        # The verdict is the effect's. The curve's shape is reported, not judged: random
+        # adapters at a trained norm give "healthy" curves too, and a strong trained one
+        # saturates (no overshoot), so the shape alone tells neither apart.
+        verdict = sig.verdict
         if sig.verdict is not Verdict.PASS:
-            verdict, message = sig.verdict, f"curve not judged: {sig.message}"
+            message = f"curve not judged: {sig.message}"
         elif shape.problems:
-            verdict, message = Verdict.FAIL, "; ".join(shape.problems)
+            message = f"{sig.message}; curve shape (reported, not judged): " + "; ".join(
+                shape.problems
+            )
         else:
-            verdict = Verdict.PASS
             message = (
-                f"healthy response: grows like λ^{shape.exponent:.2f}, saturation λ={shape.saturation:.2f}"
+                f"grows like λ^{shape.exponent:.2f}, saturation λ={shape.saturation:.2f}"
                 + (f", overshoot {shape.overshoot:.2f}" if shape.overshoot is not None else "")
                 + f"; {sig.message}"
             )

@@ -75,6 +75,7 @@ def margins(
 @register
 class AdapterRevertProbe(Probe):
     kind = "adapter_revert"
+    claim = "asked in other words, the adapter answers closer to the gold than to the base's answer, more than random adapters of its size would"
     category = "adherence"
     Config = AdapterRevertConfig
 

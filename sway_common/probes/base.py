@@ -75,6 +75,8 @@ class Probe:
     """
 
     kind: ClassVar[str]
+    claim: ClassVar[str] = ""
+    """What a PASS of this kind claims about the adapter, in one sentence (list-probes)."""
     category: ClassVar[str] = "adherence"
     gating: ClassVar[bool] = True
     Config: ClassVar[type[ProbeConfig]] = ProbeConfig

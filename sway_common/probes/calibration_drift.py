@@ -52,6 +52,7 @@ def selected_items(cfg: CalibrationDriftConfig) -> list[Item]:
 @register
 class CalibrationDriftProbe(RegressionProbe):
     kind = "calibration_drift"
+    claim = "the adapter lost no general knowledge beyond what random adapters of its size lose, or a loss within the tolerance, and no absolute limit was crossed"
     Config = CalibrationDriftConfig
 
     def check(self, cfg: CalibrationDriftConfig) -> list[str]:

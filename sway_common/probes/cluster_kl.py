@@ -59,6 +59,7 @@ def specificity(
 @register
 class ClusterKLProbe(Probe):
     kind = "cluster_kl"
+    claim = "the adapter's shift is beyond random adapters of its size and concentrated on some topics of the prompts"
     category = "adherence"
     Config = ClusterKLConfig
 

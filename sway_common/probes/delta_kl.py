@@ -28,6 +28,7 @@ class DeltaKLConfig(DivergenceConfig):
 @register
 class DeltaKLProbe(Probe):
     kind = "delta_kl"
+    claim = "on these prompts the adapter moves next-token distributions beyond random adapters of its size (significant, above the effect floor, at least min_effect_ratio times theirs)"
     category = "adherence"
     Config = DeltaKLConfig
 

@@ -52,6 +52,7 @@ def mean_gain(backend: DifferentialBackend, texts: list[str]) -> float:
 @register
 class ExternalPerplexityProbe(RegressionProbe):
     kind = "external_perplexity"
+    claim = "held-out prose is no less likely than random adapters of its size leave it, or less likely within the tolerance, and no absolute limit was crossed"
     Config = ExternalPerplexityConfig
 
     def check(self, cfg: ExternalPerplexityConfig) -> list[str]:

@@ -183,6 +183,7 @@ def null_lifts(
 @register
 class LeakageProbe(Probe):
     kind = "leakage"
+    claim = "the adapter does not robustly recite its training document beyond what the base and random adapters of its size do"
     category = "privacy"
     Config = LeakageConfig
 

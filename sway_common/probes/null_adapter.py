@@ -53,6 +53,7 @@ class NullAdapterConfig(ProbeConfig):
 @register
 class NullAdapterProbe(Probe):
     kind = "null_adapter"
+    claim = "nothing: it measures how much random adapters of this shape move the model"
     category = "calibration"
     gating = False
     Config = NullAdapterConfig

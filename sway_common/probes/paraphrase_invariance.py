@@ -50,6 +50,7 @@ def _pairs(cases: list[dict[str, Any]]) -> tuple[list[str], list[str], list[int]
 @register
 class ParaphraseInvarianceProbe(Probe):
     kind = "paraphrase_invariance"
+    claim = "what the adapter learned lifts the gold answers beyond random adapters of its size and carries over to reworded questions"
     category = "adherence"
     Config = ParaphraseInvarianceConfig
 

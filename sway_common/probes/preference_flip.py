@@ -57,6 +57,7 @@ def margins(
 @register
 class PreferenceFlipProbe(Probe):
     kind = "preference_flip"
+    claim = "the adapter now prefers the chosen answers where the base preferred the rejected ones, with a margin gain beyond random adapters of its size"
     category = "adherence"
     Config = PreferenceFlipConfig
 

@@ -78,6 +78,7 @@ def half_life(tokens: Sequence[int], influence: Sequence[float]) -> tuple[float,
 @register
 class PromptCollapseProbe(Probe):
     kind = "prompt_collapse"
+    claim = "the adapter's influence is beyond random adapters of its size and survives a long unrelated context"
     category = "adherence"
     Config = PromptCollapseConfig
 

@@ -59,6 +59,7 @@ def specific_gains(
 @register
 class SectionInternalizationProbe(Probe):
     kind = "section_internalization"
+    claim = "the adapter took in at least half of its document's sections, beyond held-out prose and beyond random adapters of its size"
     category = "adherence"
     Config = SectionInternalizationConfig
 

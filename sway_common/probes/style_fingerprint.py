@@ -67,6 +67,7 @@ def _null_rows(shifts: list[float | None]) -> list[float]:
 @register
 class StyleFingerprintProbe(Probe):
     kind = "style_fingerprint"
+    claim = "the adapter's continuations moved toward its document's writing habits, further than random adapters of its size move them"
     category = "adherence"
     Config = StyleFingerprintConfig
 
