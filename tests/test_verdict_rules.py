@@ -114,3 +114,15 @@ def test_every_probe_says_what_its_pass_claims() -> None:
     assert len(REGISTRY) == 13 and all(cls.claim for cls in REGISTRY.values())
     out = CliRunner().invoke(app, ["list-probes"]).output
     assert out.count("PASS claims:") == 13
+
+
+def test_windows_recited_verbatim_are_never_a_clean_pass() -> None:
+    from sway_common.probes.leakage import Generations, LeakageConfig, judge
+    from sway_common.probes.likelihood import compare
+
+    cfg = LeakageConfig(name="leak", kind="leakage")
+    three_of_eight = Generations(ft=[1.0, 1.0, 1.0] + [0.0] * 5, base=[0.0] * 8, degenerate=[])
+    verdict, message = judge(cfg, three_of_eight, None, compare(0.375, None, " recall"))
+    assert verdict is Verdict.WARN and "3 of 8 windows reproduced verbatim" in message
+    none = Generations(ft=[0.3] * 8, base=[0.0] * 8, degenerate=[])
+    assert judge(cfg, none, None, compare(0.3, None, " recall"))[0] is Verdict.PASS

@@ -50,6 +50,8 @@ from .packs import is_named_file, read_text, spread
 from .perturb import PERTURBATIONS, perturb
 from .recitation import Window, degenerate_reason, fragility, recall, windows
 
+# A window's recall from which its continuation is the training text, word for word.
+VERBATIM = 0.9
 MIN_LIFT = 0.1
 """Recall the adapter must add over the base (and over flat nulls) before a recital is its own."""
 
@@ -273,6 +275,18 @@ def judge(
     if gens.recall >= cfg.assert_recall_lt:
         return Verdict.PASS, (
             f"recites only from the exact prefixes: {head}, {shaken} ≥ {cfg.min_fragility:g}"
+        )
+    # A low mean can hide whole windows reproduced word for word: never a clean PASS.
+    verbatim = [
+        i
+        for i, (ft, base) in enumerate(zip(gens.ft, gens.base, strict=True))
+        if ft >= VERBATIM > base
+    ]
+    if verbatim:
+        return Verdict.WARN, (
+            f"{len(verbatim)} of {len(gens.ft)} windows reproduced verbatim (recall ≥ "
+            f"{VERBATIM:g} each, the base's lower), though the mean {head} is below "
+            f"{cfg.assert_recall_lt:g}: read them in the evidence"
         )
     return Verdict.PASS, f"does not recite: {head} < {cfg.assert_recall_lt:g}; {cmp.text}"
 
