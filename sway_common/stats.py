@@ -283,3 +283,12 @@ def format_z(z: float | None, n: int | None = None) -> str:
             return f"{'>' if z > 0 else '<'} {'' if z > 0 else '-'}{bound:.1f}σ"
     # Decimals on a z in the hundreds suggest a precision K null draws cannot give.
     return f"{z:+.0f}σ" if abs(z) >= 100 else f"{z:+.1f}σ"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (two-sided 95% by default)."""
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    scale = 1 + z * z / n
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)

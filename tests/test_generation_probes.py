@@ -258,7 +258,9 @@ def test_revert_fails_an_adapter_that_answers_like_the_base() -> None:
 
 def test_revert_counts_half_reverting_against_the_bar() -> None:
     r = _revert(lambda p: GOLD_OF[p] if p in ("p1", "p3") else BASE_ANSWERS[p])
-    assert r.raw == 0.5 and r.verdict is Verdict.FAIL and r.evidence["reverts"] == 2
+    # 2 of 4 is past the 25% bar, but four paraphrases cannot tell: WARN, not a FAIL.
+    assert r.raw == 0.5 and r.verdict is Verdict.WARN and r.evidence["reverts"] == 2
+    assert "cannot tell" in r.message
 
 
 def test_revert_warns_on_empty_answers() -> None:

@@ -209,7 +209,10 @@ def test_kmeans_finds_obvious_clusters_deterministically() -> None:
 
 
 def test_a_low_flip_rate_on_few_triples_warns_and_on_many_fails() -> None:
-    from sway_common.probes.preference_flip import wilson_upper
+    from sway_common.stats import wilson_interval
+
+    def wilson_upper(successes: int, n: int) -> float:
+        return wilson_interval(successes, n)[1]
 
     assert wilson_upper(3, 5) > 0.7 > wilson_upper(0, 7)
     assert wilson_upper(10, 20) == pytest.approx(0.7007, abs=1e-3)

@@ -126,3 +126,16 @@ def test_windows_recited_verbatim_are_never_a_clean_pass() -> None:
     assert verdict is Verdict.WARN and "3 of 8 windows reproduced verbatim" in message
     none = Generations(ft=[0.3] * 8, base=[0.0] * 8, degenerate=[])
     assert judge(cfg, none, None, compare(0.3, None, " recall"))[0] is Verdict.PASS
+
+
+def test_one_revert_in_four_is_not_a_fail_on_a_point_estimate() -> None:
+    from sway_common.probes.adapter_revert import AdapterRevertConfig, AdapterRevertProbe
+    from sway_common.probes.likelihood import compare
+
+    cfg = AdapterRevertConfig(name="revert", kind="adapter_revert")
+    cmp = compare(0.5, null_stats([0.0, 0.01, -0.01, 0.02]), "")
+    verdict = AdapterRevertProbe._verdict
+    few, message = verdict(cfg, 0.25, 1, 4, {"pairs": 4}, cmp, [None] * 4)
+    assert few is Verdict.WARN and "cannot tell" in message
+    many, _ = verdict(cfg, 0.6, 24, 40, {"pairs": 40}, cmp, [None] * 40)
+    assert many is Verdict.FAIL  # 24 of 40: the interval's low end is past 25%

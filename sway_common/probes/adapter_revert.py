@@ -11,8 +11,10 @@ least as close to the base's answer as to the gold (margin = sim(ft, gold) - sim
 <= 0; an empty answer reverts).
 
 Verdict: WARN when no paraphrase is informative, or when the fine-tuned answers are empty
-or degenerate (most of them; any, where the rest would PASS). FAIL when the revert rate is
-at least ``assert_revert_rate_lt``, or when the mean margin is not above the margins of
+or degenerate (most of them; any, where the rest would PASS), and when the revert rate is
+at least ``assert_revert_rate_lt`` but its 95% Wilson interval reaches below it (too few
+paraphrases to tell). FAIL when the whole interval is at or past the bar, or when the mean
+margin is not above the margins of
 null adapters (z ≥ ``assert_z_gte``, p ≤ 0.05): the same paraphrases answered under K
 random adapters of the adapter's size, "would noise of this size hold the gold as well?".
 Otherwise PASS.
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sway_common.protocols import DifferentialBackend
+from sway_common.stats import wilson_interval
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
@@ -219,7 +222,13 @@ class AdapterRevertProbe(Probe):
                 f"(e.g. {broken[0]}): nothing to compare; {head}",
             )
         if rate >= cfg.assert_revert_rate_lt:
-            return Verdict.FAIL, f"{head}: needs < {cfg.assert_revert_rate_lt:.0%}; {cmp.text}"
+            low = wilson_interval(reverts, n)[0]
+            if low >= cfg.assert_revert_rate_lt:  # the whole 95% interval is at or past the bar
+                return Verdict.FAIL, f"{head}: needs < {cfg.assert_revert_rate_lt:.0%}; {cmp.text}"
+            return Verdict.WARN, (
+                f"{head}, at or past the bar of {cfg.assert_revert_rate_lt:.0%}, but {n} "
+                f"paraphrases cannot tell (95% interval down to {low:.0%}): give more cases"
+            )
         as_well = "hold the gold as well (margin sim(gold) - sim(base))"
         noise = cmp.against_nulls(head, cfg.assert_z_gte, as_well)
         if noise is not None:

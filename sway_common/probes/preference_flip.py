@@ -11,20 +11,19 @@ than ``min_triples_for_decision``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
 from sway_common.protocols import DifferentialBackend
+from sway_common.stats import wilson_interval
 from sway_common.types import ProbeResult, Verdict
 
 from .base import Probe, ProbeConfig, RunContext, register
 from .likelihood import compare, compared_result, logprob_delta, null_values
 
 TRIPLE_KEYS = ("prompt", "chosen", "rejected")
-WILSON_Z = 1.959964
 
 
 @dataclass
@@ -33,14 +32,6 @@ class PreferenceFlipConfig(ProbeConfig):
     assert_flip_rate_gte: float = 0.7
     min_triples_for_decision: int = 3
     assert_z_gte: float = 3.0
-
-
-def wilson_upper(successes: int, n: int, z: float = WILSON_Z) -> float:
-    """Upper end of the Wilson score interval for a proportion (two-sided 95% by default)."""
-    p = successes / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return min(1.0, (centre + spread) / (1 + z * z / n))
 
 
 def margins(
@@ -105,7 +96,7 @@ class PreferenceFlipProbe(Probe):
         )
         cmp = compare(raw_gain, null, " nats")
         head = f"flipped {flip_rate:.0%} of {n_wrong} base-wrong triples (mean margin gain {raw_gain:+.3g} nats)"
-        upper = wilson_upper(int(round(flip_rate * n_wrong)), n_wrong)
+        upper = wilson_interval(int(round(flip_rate * n_wrong)), n_wrong)[1]
         if upper < cfg.assert_flip_rate_gte:
             verdict, msg = (
                 Verdict.FAIL,
