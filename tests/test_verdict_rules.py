@@ -139,3 +139,20 @@ def test_one_revert_in_four_is_not_a_fail_on_a_point_estimate() -> None:
     assert few is Verdict.WARN and "cannot tell" in message
     many, _ = verdict(cfg, 0.6, 24, 40, {"pairs": 40}, cmp, [None] * 40)
     assert many is Verdict.FAIL  # 24 of 40: the interval's low end is past 25%
+
+
+def test_a_lift_the_base_leaves_no_room_for_is_not_asked_for() -> None:
+    from sway_common.probes.likelihood import compare
+    from sway_common.probes.paraphrase_invariance import (
+        ParaphraseInvarianceConfig,
+        ParaphraseInvarianceProbe,
+    )
+
+    cfg = ParaphraseInvarianceConfig(name="para", kind="paraphrase_invariance")
+    cmp = compare(0.09, null_stats([0.0, 0.01, -0.01, 0.005]), " nats/token")
+    judge = ParaphraseInvarianceProbe._judge
+    # The base gives the gold 0.9 per token (0.105 nats left): 0.09 is most of it.
+    verdict, message = judge(cfg, 0.09, 0.08, 0.89, cmp, min(0.2, 0.5 * 0.105))
+    assert verdict is Verdict.PASS, message
+    verdict, message = judge(cfg, 0.03, 0.03, 1.0, cmp, min(0.2, 0.5 * 0.105))
+    assert verdict is Verdict.FAIL and "half of the 0.105 the base left to gain" in message
