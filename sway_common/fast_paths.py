@@ -1,7 +1,7 @@
 """The one switch for every platform fix and fast path: ``SWAY_MLX_NO_FAST_PATHS=1``.
 
 Each backend keeps its fixes in one module (``sway_mlx.platform_fixes``,
-``sway_hf.fast_lora``), the CLI its own in ``sway_common.app.process``. Each one asks
+``sway_hf.platform_fixes``), the CLI its own in ``sway_common.app.process``. Each one asks
 :func:`fast_paths_enabled` before it applies; with the switch set, the upstream paths
 run instead (mlx-lm's SwiGLU, PEFT's LoRA forward, MLX's own BLAS, no re-exec, torch
 left importable), e.g. to tell whether a difference comes from a fix.

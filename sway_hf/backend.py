@@ -10,10 +10,8 @@ where it is needed, chunked per-token scoring, seeded generation, and adapter lo
 from __future__ import annotations
 
 import gc
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from sway_common.adapters import convert_adapter, detect_format, read_adapter
+from sway_common.adapters import read_adapter
 from sway_common.backend.generation import Draws, stop_ids
 from sway_common.backend.limits import (
     context_limit,
@@ -40,8 +38,9 @@ from sway_common.backend.stacking import StackedView
 from sway_common.backend.views import Restore
 from sway_common.models import check_model_dir, resolve_model_dir
 from sway_common.types import TokenDist
-from sway_hf import generate, lora
+from sway_hf import generate, lora, stacked
 from sway_hf.loading import (
+    as_peft_dir,
     check_remote_code,
     free_memory,
     no_bars_unless_watched,
@@ -139,20 +138,6 @@ class HFRuntime(Runtime):
             self.set_adapter(adapter_path)
 
     # ------------------------------------------------------------- loading
-    @contextmanager
-    def _as_peft_dir(self, adapter_path: Path) -> Iterator[Path]:
-        """A PEFT adapter dir for ``adapter_path``: itself, or a converted temporary copy.
-
-        mlx-lm dirs and single weights files (checkpoints) go through the conversion.
-        """
-        if adapter_path.is_dir() and detect_format(adapter_path) == "peft":
-            yield adapter_path
-            return
-        with tempfile.TemporaryDirectory(prefix="sway-hf-adapter-") as tmp:
-            out = Path(tmp) / "peft"
-            convert_adapter(adapter_path, out, to="peft")
-            yield out
-
     def set_adapter(self, adapter_path: str | Path) -> None:
         """Swap in another adapter of the same base model without reloading the base.
 
@@ -164,7 +149,7 @@ class HFRuntime(Runtime):
         assert self._causal_lm is not None, "the backend was closed"
         lora.check_fits(self._causal_lm, weights)
         name = f"sway{self._loads}"
-        with self._as_peft_dir(adapter_path) as peft_dir, warnings.catch_warnings():
+        with as_peft_dir(adapter_path) as peft_dir, warnings.catch_warnings():
             # PEFT reads a property transformers v5 deprecated; not the user's concern.
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
             if self.model is None:
@@ -224,9 +209,9 @@ class HFRuntime(Runtime):
 
     def install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
         if not self.slots or any(s.dora for s in self.slots):
-            return None  # DoRA: one view at a time (lora.install_stacked says why)
+            return None  # DoRA: one view at a time (stacked.install_stacked says why)
         assert self._causal_lm is not None, "the backend was closed"
-        return lora.install_stacked(self._causal_lm, self.slots, stack, tile_at)
+        return stacked.install_stacked(self._causal_lm, self.slots, stack, tile_at)
 
     # ------------------------------------------------------------- scoring
     def _input_device(self) -> torch.device:

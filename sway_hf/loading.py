@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from sway_common.adapters import convert_adapter, detect_format
 from sway_common.models import ModelFormatError, parse_dtype
 
 
@@ -104,3 +106,18 @@ def free_memory(device: torch.device) -> int | None:
     if device.type == "mps":
         return max(0, torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     return None
+
+
+@contextmanager
+def as_peft_dir(adapter_path: Path) -> Iterator[Path]:
+    """A PEFT adapter dir for ``adapter_path``: itself, or a converted temporary copy.
+
+    mlx-lm dirs and single weights files (checkpoints) go through the conversion.
+    """
+    if adapter_path.is_dir() and detect_format(adapter_path) == "peft":
+        yield adapter_path
+        return
+    with tempfile.TemporaryDirectory(prefix="sway-hf-adapter-") as tmp:
+        out = Path(tmp) / "peft"
+        convert_adapter(adapter_path, out, to="peft")
+        yield out

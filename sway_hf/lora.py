@@ -17,11 +17,9 @@ fine-tuned state:
   once per draw by :func:`null_arrays`) and back at the trained ones on exit, also
   after an exception.
 
-- stacked views: each layer's adapter switched off and a forward hook adding every
-  view's ``scale·B·A x`` to its own rows; pre-hooks may repeat the rows per view from
-  the first adapted block on, so the blocks below it run once per prompt.
+Stacked views live in :mod:`sway_hf.stacked`.
 
-While attached, a plain LoRA layer runs :mod:`sway_hf.fast_lora`'s lean forward (PEFT's
+While attached, a plain LoRA layer runs :mod:`sway_hf.platform_fixes`'s lean forward (PEFT's
 arithmetic on the same live tensors and switches; ``SWAY_MLX_NO_FAST_PATHS=1``: PEFT's).
 
 Factors use PEFT's layout: ``a`` is ``(r, in)``, ``b`` is ``(out, r)``, ΔW = scale·B·A.
@@ -31,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,9 +40,8 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors, PlacedFactors, PlacedNull
-from sway_common.backend.stacking import StackedView
 from sway_common.backend.views import Restore
-from sway_hf import fast_lora
+from sway_hf import platform_fixes
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
 # adapter files and the MLX backend use ("model.layers.0.self_attn.q_proj").
@@ -66,7 +63,7 @@ class LoraSlot:
     scale: float
     """The trained ``scaling[adapter]`` (alpha / r, or alpha / sqrt(r) for rsLoRA)."""
     lean: Callable[..., torch.Tensor] | None = None
-    """The layer's lean forward (:mod:`sway_hf.fast_lora`) while attached; None where
+    """The layer's lean forward (:mod:`sway_hf.platform_fixes`) while attached; None where
     PEFT's forward runs."""
 
     @property
@@ -98,14 +95,14 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             continue
         magnitude = None
         if adapter in layer.lora_magnitude_vector:
-            magnitude = fast_lora.weight_of(layer.lora_magnitude_vector[adapter])
+            magnitude = platform_fixes.weight_of(layer.lora_magnitude_vector[adapter])
         slots.append(
             LoraSlot(
                 path=name.removeprefix(_PEFT_PREFIX),
                 layer=layer,
                 adapter=adapter,
-                a=fast_lora.weight_of(layer.lora_A[adapter]),
-                b=fast_lora.weight_of(layer.lora_B[adapter]),
+                a=platform_fixes.weight_of(layer.lora_A[adapter]),
+                b=platform_fixes.weight_of(layer.lora_B[adapter]),
                 magnitude=magnitude,
                 scale=float(layer.scaling[adapter]),
             )
@@ -119,7 +116,7 @@ def attach(model: PeftModel, weights: AdapterWeights) -> list[LoraSlot]:
             f"extra: {extra}); was the adapter trained on another base model?"
         )
     for slot in slots:
-        slot.lean = fast_lora.install(slot.layer, slot.adapter)
+        slot.lean = platform_fixes.install(slot.layer, slot.adapter)
     return sorted(slots, key=lambda s: s.path)
 
 
@@ -158,7 +155,7 @@ def detach(model: PeftModel, slots: Sequence[LoraSlot]) -> None:
     """Take the adapter out for good (PEFT deletes its layers' weights and config)."""
     for slot in slots:
         # A later adapter's attach may already have put its own forward on the layer.
-        fast_lora.uninstall(slot.layer, slot.lean)
+        platform_fixes.uninstall(slot.layer, slot.lean)
     for adapter in {s.adapter for s in slots}:
         model.delete_adapter(adapter)
 
@@ -316,124 +313,6 @@ def install_null(slots: Sequence[LoraSlot], placed: PlacedNull) -> Restore:
         _clear_dora_cache(slots)
 
     return _guarded(_undo_all(undo_factors, magnitudes), change)
-
-
-# -------------------------------------------------------------- stacked views
-# Arguments of a transformers decoder block that hold one row per sequence: repeated
-# per view together with the hidden states. Anything else (cache_position, flags) has
-# no row dimension and passes through.
-_PER_ROW = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
-
-
-def install_stacked(
-    model: torch.nn.Module,
-    slots: Sequence[LoraSlot],
-    stack: Sequence[StackedView],
-    tile_at: str | None,
-) -> Restore:
-    """Every view of ``stack`` at once: row group ``v`` runs with ``stack[v]``.
-
-    Each layer's own adapter is switched off (the base path, as in :func:`install_base`)
-    and a forward hook adds ``scale_v · B_v (A_v x)`` to each view's rows, with PEFT's
-    arithmetic, so a stacked row matches its one-view row. With ``tile_at`` (a block
-    path under ``model``) the blocks below it run on each prompt once and the rows are
-    repeated per view from that block on. DoRA has no such form (its magnitude
-    renormalises whole weight rows per view): the backend keeps it on the one-view path.
-    """
-    if any(slot.dora for slot in slots):
-        raise ValueError("DoRA adapters have no stacked views; open the views one at a time")
-    factors = [_stacked_factors(slot, stack) for slot in slots]  # built before anything changes
-    handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def restore() -> None:
-        for handle in handles:
-            handle.remove()
-        for slot in slots:
-            slot.layer.enable_adapters(True)
-
-    def change() -> None:
-        for slot, (a, b, scale) in zip(slots, factors, strict=True):
-            layer = slot.layer
-            assert isinstance(layer, torch.nn.Module)  # PEFT's LoRA layers are modules too
-            layer.enable_adapters(False)
-            handles.append(layer.register_forward_hook(_stacked_delta(a, b, scale)))
-        if tile_at is not None and len(stack) > 1:
-            handles.extend(_tile_rows(model, tile_at, len(stack)))
-
-    return _guarded(restore, change)
-
-
-def _stacked_factors(
-    slot: LoraSlot, stack: Sequence[StackedView]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A (V, in, r), B (V, r, out), scale (V, 1, 1)) in the slot's dtype and device."""
-    like: dict[str, Any] = {"dtype": slot.a.dtype, "device": slot.a.device}
-
-    def pick(view: StackedView) -> tuple[torch.Tensor, torch.Tensor]:
-        if view.factors is None:
-            return slot.a.detach(), slot.b.detach()
-        placed = view.factors[slot.path]  # by null_arrays
-        return placed.a, placed.b
-
-    picked = [pick(view) for view in stack]
-    a = torch.stack([a for a, _ in picked]).transpose(1, 2).contiguous()
-    b = torch.stack([b for _, b in picked]).transpose(1, 2).contiguous()
-    scale = torch.tensor([slot.scale * v.scale for v in stack], **like).view(-1, 1, 1)
-    return a, b, scale
-
-
-def _stacked_delta(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-        x = args[0]
-        grouped = x.reshape(a.shape[0], -1, x.shape[-1]).to(a.dtype)
-        delta = torch.bmm(torch.bmm(grouped, a), b) * scale
-        # PEFT adds in the adapter's dtype, then casts back to the layer's.
-        return (output + delta.reshape(output.shape)).to(output.dtype)
-
-    return hook
-
-
-def _tile_rows(
-    model: torch.nn.Module, path: str, copies: int
-) -> list[torch.utils.hooks.RemovableHandle]:
-    """Pre-hooks that repeat the per-row inputs of block ``path`` and the blocks after it.
-
-    The first block sees each prompt once (``rows``) and repeats its hidden states; the
-    decoder hands every block the same mask and rotary tensors of ``rows`` rows, so
-    each is repeated once per forward and reused by the later blocks.
-    """
-    blocks_path, first = path.rsplit(".", 1)
-    # A decoder's blocks: an nn.ModuleList (get_submodule types any module).
-    blocks = cast(torch.nn.ModuleList, model.get_submodule(blocks_path))
-    state: dict[str, Any] = {"rows": 0, "done": []}
-
-    def tiled(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return tuple(tiled(v) for v in value)
-        if not isinstance(value, torch.Tensor) or value.ndim < 2:
-            return value
-        if value.shape[0] != state["rows"]:
-            return value
-        for original, copy in state["done"]:
-            if original is value:
-                return copy
-        copy = value.repeat(copies, *([1] * (value.ndim - 1)))
-        state["done"].append((value, copy))
-        return copy
-
-    def later(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        args = (tiled(args[0]), *args[1:]) if args else args
-        return args, {k: tiled(v) if k in _PER_ROW else v for k, v in kwargs.items()}
-
-    def start(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        state["rows"], state["done"] = hidden.shape[0], []
-        return later(module, args, kwargs)
-
-    return [
-        blocks[i].register_forward_pre_hook(start if i == int(first) else later, with_kwargs=True)
-        for i in range(int(first), len(blocks))
-    ]
 
 
 # --------------------------------------------------------------------- checks

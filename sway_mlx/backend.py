@@ -35,7 +35,7 @@ from sway_common.backend.stacking import StackedView
 from sway_common.backend.views import Restore
 from sway_common.models import check_model_dir, normalize_config, resolve_model_dir
 from sway_common.types import TokenDist
-from sway_mlx import generate, lora
+from sway_mlx import generate, lora, stacked
 from sway_mlx.loading import free_memory, pick_dtype, split_forward
 from sway_mlx.platform_fixes import use_cpu_swiglu
 
@@ -167,9 +167,9 @@ class MLXRuntime(Runtime):
 
     def install_stacked(self, stack: Sequence[StackedView], tile_at: str | None) -> Restore | None:
         if not self.slots or any(s.dora for s in self.slots):
-            return None  # DoRA: one view at a time (lora.install_stacked says why)
+            return None  # DoRA: one view at a time (stacked.install_stacked says why)
         assert self.model is not None, "the backend was closed"
-        return lora.install_stacked(self.model, self.slots, stack, tile_at)
+        return stacked.install_stacked(self.model, self.slots, stack, tile_at)
 
     # ------------------------------------------------------------- scoring
     def _padded(self, batch: list[list[int]]) -> tuple[mx.array, np.ndarray]:

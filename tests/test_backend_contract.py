@@ -605,14 +605,18 @@ def test_dora_views(backend, plain, tiny_model_dir: Path, tiny_dora_adapter: Pat
 @pytest.mark.mlx
 @pytest.mark.hf
 def test_same_public_methods() -> None:
-    """The two backend classes are used through one surface: no method only one has."""
-    from sway_hf.backend import HFDifferentialBackend
-    from sway_mlx.backend import MLXDifferentialBackend
+    """The two runtimes are used through one surface: no method only one has; the two
+    packages hold the same modules."""
+    from sway_hf.backend import HFRuntime
+    from sway_mlx.backend import MLXRuntime
 
     def public(cls: type) -> set[str]:
         return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
 
-    assert public(MLXDifferentialBackend) == public(HFDifferentialBackend)
+    assert public(MLXRuntime) == public(HFRuntime)
+    root = Path(__file__).resolve().parent.parent
+    files = [{p.name for p in (root / pkg).glob("*.py")} for pkg in ("sway_mlx", "sway_hf")]
+    assert files[0] == files[1]
 
 
 @pytest.mark.mlx
@@ -622,7 +626,9 @@ def test_lora_modules_have_the_same_functions() -> None:
     import inspect
 
     from sway_hf import lora as hf_lora
+    from sway_hf import stacked as hf_stacked
     from sway_mlx import lora as mlx_lora
+    from sway_mlx import stacked as mlx_stacked
 
     def surface(module: Any) -> dict[str, list[str]]:
         return {
@@ -640,3 +646,8 @@ def test_lora_modules_have_the_same_functions() -> None:
     )
     assert mlx_surface["install_scaled"] == ["slots", "lam"]
     assert mlx_surface["install_null"] == ["slots", "placed"]
+    assert (
+        surface(mlx_stacked)
+        == surface(hf_stacked)
+        == {"install_stacked": ["model", "slots", "stack", "tile_at"]}
+    )

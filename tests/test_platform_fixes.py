@@ -2,7 +2,7 @@
 ``SWAY_MLX_NO_FAST_PATHS=1`` turns each one off.
 
 - MLX (``sway_mlx.platform_fixes``): OpenBLAS in MLX's process only, the CPU SwiGLU;
-- HF (``sway_hf.fast_lora``): the lean PEFT LoRA forward;
+- HF (``sway_hf.platform_fixes``): the lean PEFT LoRA forward;
 - CLI (``sway_common.app.process``): the re-exec without an OpenBLAS ``LD_PRELOAD``,
   torch hidden from an MLX run.
 """
@@ -278,7 +278,7 @@ def test_lean_forward_is_pefts_in_base_ft_scaled_and_null_states(peft_model) -> 
     whatever state PEFT's switch, ``scaling`` and factors are in."""
     import torch
 
-    from sway_hf import fast_lora
+    from sway_hf import platform_fixes
 
     adapter, layers = peft_model.active_adapter, _lora_layers(peft_model)
     assert len(layers) == 4  # q_proj and v_proj of both layers
@@ -303,7 +303,7 @@ def test_lean_forward_is_pefts_in_base_ft_scaled_and_null_states(peft_model) -> 
         for name, change in (("ft", lambda: None), ("base", base), ("λ", scaled), ("null", null)):
             change()
             for layer in layers:
-                lean = fast_lora.lean_forward(layer, adapter)
+                lean = platform_fixes.lean_forward(layer, adapter)
                 assert lean is not None
                 x = torch.randn(2, 5, layer.in_features, generator=gen)
                 want = type(layer).forward(layer, x)
@@ -311,13 +311,13 @@ def test_lean_forward_is_pefts_in_base_ft_scaled_and_null_states(peft_model) -> 
                 moved = float((want - layer.get_base_layer()(x)).abs().max())
                 assert (moved == 0.0) == (name == "base"), (name, moved)
             want = peft_model(ids).logits
-            leans = [fast_lora.install(layer, adapter) for layer in layers]
+            leans = [platform_fixes.install(layer, adapter) for layer in layers]
             assert all(
                 layer.__dict__["forward"] is f for layer, f in zip(layers, leans, strict=True)
             )
             torch.testing.assert_close(peft_model(ids).logits, want, rtol=1e-5, atol=1e-5)
             for layer, lean in zip(layers, leans, strict=True):
-                fast_lora.uninstall(layer, lean)
+                platform_fixes.uninstall(layer, lean)
                 assert "forward" not in layer.__dict__
 
 
@@ -325,11 +325,11 @@ def test_lean_forward_is_pefts_in_base_ft_scaled_and_null_states(peft_model) -> 
 def test_lean_forward_is_not_installed_with_the_switch(
     peft_model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sway_hf import fast_lora
+    from sway_hf import platform_fixes
 
     adapter, layers = peft_model.active_adapter, _lora_layers(peft_model)
     monkeypatch.setenv(ENV_VAR, "1")
-    assert all(fast_lora.install(layer, adapter) is None for layer in layers)
+    assert all(platform_fixes.install(layer, adapter) is None for layer in layers)
     assert all("forward" not in layer.__dict__ for layer in layers)
 
 
