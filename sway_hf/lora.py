@@ -40,7 +40,7 @@ from peft.tuners.lora.dora import DoraLinearLayer
 from sway_common.adapters.weights import AdapterWeights
 from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors, PlacedFactors, PlacedNull
-from sway_common.backend.views import Restore
+from sway_common.backend.views import Restore, guarded
 from sway_hf import platform_fixes
 
 # PEFT prefixes every wrapped module with this; without it the paths are the ones the
@@ -204,16 +204,6 @@ def _undo_all(*undos: Restore) -> Restore:
     return restore
 
 
-def _guarded(restore: Restore, change: Callable[[], None]) -> Restore:
-    """Run ``change``; undo it if it raises; return the undo."""
-    try:
-        change()
-    except BaseException:
-        restore()
-        raise
-    return restore
-
-
 def _base_row_norms(slot: LoraSlot) -> torch.Tensor:
     """Row norms of the base weight: the magnitude of an untrained DoRA adapter."""
     base_weight = slot.layer.get_base_layer().weight
@@ -241,7 +231,7 @@ def install_base(slots: Sequence[LoraSlot]) -> Restore:
         for slot in slots:
             slot.layer.enable_adapters(False)
 
-    return _guarded(restore, change)
+    return guarded(restore, change)
 
 
 def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
@@ -269,7 +259,7 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
         _clear_dora_cache(slots)
 
     restore = _undo_all(undo_scaling, _snapshot(slots, ("lora_magnitude_vector",)))
-    return _guarded(restore, change)
+    return guarded(restore, change)
 
 
 def null_arrays(
@@ -312,7 +302,7 @@ def install_null(slots: Sequence[LoraSlot], placed: PlacedNull) -> Restore:
                     slot.magnitude.copy_(_base_row_norms(slot))
         _clear_dora_cache(slots)
 
-    return _guarded(_undo_all(undo_factors, magnitudes), change)
+    return guarded(_undo_all(undo_factors, magnitudes), change)
 
 
 # --------------------------------------------------------------------- checks

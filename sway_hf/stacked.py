@@ -14,8 +14,8 @@ from typing import Any, cast
 import torch
 
 from sway_common.backend.stacking import StackedView
-from sway_common.backend.views import Restore
-from sway_hf.lora import LoraSlot, _guarded
+from sway_common.backend.views import Restore, guarded
+from sway_hf.lora import LoraSlot
 
 # Arguments of a transformers decoder block that hold one row per sequence: repeated
 # per view together with the hidden states. Anything else (cache_position, flags) has
@@ -58,7 +58,7 @@ def install_stacked(
         if tile_at is not None and len(stack) > 1:
             handles.extend(_tile_rows(model, tile_at, len(stack)))
 
-    return _guarded(restore, change)
+    return guarded(restore, change)
 
 
 def _stacked_factors(

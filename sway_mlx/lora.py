@@ -15,7 +15,7 @@ Factors use mlx-lm's layout: ``lora_a`` is ``(in, r)``, ``lora_b`` ``(r, out)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from sway_common.adapters.weights import AdapterWeights, LoraModule
 from sway_common.backend.limits import misfit, missing_module
 from sway_common.backend.nulls import NullFactors, PlacedFactors, PlacedNull
-from sway_common.backend.views import Restore
+from sway_common.backend.views import Restore, guarded
 
 _WRAPPABLE = (nn.Linear, nn.QuantizedLinear)
 
@@ -243,16 +243,6 @@ def _install_real(slots: Sequence[LoraSlot]) -> None:
         _put(slot.parent, slot.key, slot.layer)
 
 
-def _guarded(slots: Sequence[LoraSlot], change: Callable[[], None]) -> Restore:
-    """Run ``change``; undo it if it raises; return the undo."""
-    try:
-        change()
-    except BaseException:
-        _install_real(slots)
-        raise
-    return lambda: _install_real(slots)
-
-
 def install_base(slots: Sequence[LoraSlot]) -> Restore:
     """The base model, by swapping the plain modules back in.
 
@@ -264,7 +254,7 @@ def install_base(slots: Sequence[LoraSlot]) -> Restore:
         for slot in slots:
             _put(slot.parent, slot.key, slot.base)
 
-    return _guarded(slots, change)
+    return guarded(lambda: _install_real(slots), change)
 
 
 def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
@@ -286,7 +276,7 @@ def install_scaled(slots: Sequence[LoraSlot], lam: float) -> Restore:
                 magnitude = init + lam_arr * (trained - init)
             _fill(slot, slot.a, slot.b, slot.scale * lam_arr, magnitude)
 
-    return _guarded(slots, change)
+    return guarded(lambda: _install_real(slots), change)
 
 
 def null_arrays(
@@ -317,7 +307,7 @@ def install_null(slots: Sequence[LoraSlot], placed: PlacedNull) -> Restore:
         for slot, null in zip(slots, arrays, strict=True):
             _fill(slot, null.a, null.b, slot.scale, slot.init_magnitude, null.folded)
 
-    return _guarded(slots, change)
+    return guarded(lambda: _install_real(slots), change)
 
 
 # --------------------------------------------------------------------- checks

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from sway_common.backend.stacking import StackedView
-from sway_common.backend.views import Restore
+from sway_common.backend.views import Restore, guarded
 from sway_mlx.lora import LoraSlot, _fold, _install_real, _put, _resolve
 
 
@@ -92,12 +92,7 @@ def install_stacked(
             _put(tiled[0], tiled[1], tiled[2])
         _install_real(slots)
 
-    try:
-        change()
-    except BaseException:
-        restore()
-        raise
-    return restore
+    return guarded(restore, change)
 
 
 def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRALinear:

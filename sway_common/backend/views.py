@@ -24,6 +24,20 @@ Restore = Callable[[], None]
 PREFLIGHT_PROMPT = "The quick brown fox jumps over the lazy dog. The answer is"
 
 
+def guarded(restore: Restore, change: Callable[[], None]) -> Restore:
+    """Run ``change``, the model's move into a view; undo it if it raises; return the undo.
+
+    Every install hook of both backends ends here, so a failing install never leaves the
+    model half in a view.
+    """
+    try:
+        change()
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
 @dataclass(frozen=True, slots=True)
 class ViewSpec:
     """Which weights a view runs with. ``key()`` identifies its results in the cache.
