@@ -156,3 +156,22 @@ def test_a_lift_the_base_leaves_no_room_for_is_not_asked_for() -> None:
     assert verdict is Verdict.PASS, message
     verdict, message = judge(cfg, 0.03, 0.03, 1.0, cmp, min(0.2, 0.5 * 0.105))
     assert verdict is Verdict.FAIL and "half of the 0.105 the base left to gain" in message
+
+
+@pytest.mark.parametrize(("strength", "verdict"), [(1.0, Verdict.PASS), (3.0, Verdict.WARN)])
+def test_a_specific_shift_must_beat_the_nulls_specificity(strength, verdict) -> None:
+    from sway_common.backend.dummy import DummyDifferentialBackend
+    from sway_common.probes import NullCalibration, RunContext
+    from sway_common.probes.base import DEFAULT_PROMPTS
+    from sway_common.probes.cluster_kl import ClusterKLConfig, ClusterKLProbe
+
+    prompts = [p + s for p in DEFAULT_PROMPTS for s in ("", " now", " then")]
+    cfg = ClusterKLConfig(name="c", kind="cluster_kl", prompts=prompts, assert_specificity_gte=0.0)
+    backend = DummyDifferentialBackend(adapter_strength=strength)
+    result = ClusterKLProbe().run(cfg, RunContext(backend, null=NullCalibration(runs=8)))
+    noise = result.evidence["null_specificity"]
+    assert result.verdict is verdict, result.message
+    if verdict is Verdict.PASS:  # a real shift, more specific than any null draw's
+        assert result.raw > max(noise)
+    else:  # a real shift, but random adapters' shifts look as specific
+        assert result.raw <= max(noise) and "no more specific than random" in result.message

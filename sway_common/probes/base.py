@@ -161,7 +161,7 @@ def judge_divergence(
     """Draw the nulls on ``cfg.prompts`` and judge a mean divergence, paired by prompt
     (without nulls, against the config's fixed threshold)."""
     null: NullStats | None = None
-    paired = effect = None
+    paired = effect = rows = None
     if ctx.calibrates(kind):
 
         def measure(backend: DifferentialBackend) -> list[float]:
@@ -188,6 +188,7 @@ def judge_divergence(
         paired=paired,
         effect=effect,
     )
+    j.null_rows = rows
     if null is not None and paired is None:
         j.message += (
             f"; {len(per_prompt)} prompts are too few for an interval over prompts "
@@ -210,6 +211,8 @@ class Judgement:
     """z on the metric itself, when the verdict used log scale."""
     fail_reason: str | None = None
     """What a FAIL failed on: significance, floor, ratio or prompts."""
+    null_rows: list[list[float]] | None = None
+    """The metric per null draw and prompt (K × P), for findings judged against the nulls."""
 
 
 def judge_against_null(

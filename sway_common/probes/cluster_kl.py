@@ -6,8 +6,10 @@ given). Per prompt, the next-token divergence between base and fine-tuned view; 
 cluster, its mean. Specificity = 1 - (mean of the other clusters) / (the most shifted
 cluster): 0 for an even shift, 1 for a shift confined to one topic. The shift itself must
 beat random adapters of the same size (as delta_kl) or the probe FAILs; a real shift PASSes
-with a specificity of at least ``assert_specificity_gte`` and WARNs below it (a broad
-shift may be intended); fewer than ``min_prompts`` prompts WARN.
+with a specificity of at least ``assert_specificity_gte`` that is also above every null
+draw's specificity on the same topics (the max over clusters is biased up, so random
+shifts look specific too), and WARNs otherwise (a broad shift may be intended); fewer
+than ``min_prompts`` prompts WARN.
 """
 
 from __future__ import annotations
@@ -99,10 +101,19 @@ class ClusterKLProbe(Probe):
             f"a real shift, spread over topics: specificity {spec:.2f} < "
             f"{cfg.assert_specificity_gte:g}; {where}"
         )
+        # The max over clusters is biased up: random adapters' shifts look specific too.
+        noise = [specificity(row, labels)[0] for row in j.null_rows or []]
+        as_random = (
+            f"a real shift, but no more specific than random adapters' shifts on these topics "
+            f"(specificity {spec:.2f}, theirs up to {max(noise):.2f}); {where}"
+            if noise and spec <= max(noise)
+            else None
+        )
+        problem = (Verdict.WARN, spread) if spec < cfg.assert_specificity_gte else None
         verdict, msg, score = finding_verdict(
             j,
             "no shift to localise",
-            (Verdict.WARN, spread) if spec < cfg.assert_specificity_gte else None,
+            problem or ((Verdict.WARN, as_random) if as_random else None),
             f"specificity {spec:.2f}: {where}; {j.message}",
         )
         return judged_result(
@@ -114,7 +125,10 @@ class ClusterKLProbe(Probe):
             score=score,
             raw=spec,
             message=msg,
-            evidence=self._evidence(cfg, labels, d.per_prompt, means, k, source, d.raw),
+            evidence={
+                **self._evidence(cfg, labels, d.per_prompt, means, k, source, d.raw),
+                "null_specificity": noise,
+            },
         )
 
     @staticmethod
