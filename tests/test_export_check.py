@@ -8,6 +8,7 @@ a merge at the wrong scale, and the base itself passed off as an export is s = 0
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from sway_common.suite.export_math import (
     next_token_retention,
     what_happened,
 )
-from sway_common.types import Verdict
+from sway_common.types import ProbeResult, Verdict
 
 PROMPTS_FILE = Path(sway_common.app.data.__file__).parent / "demo_prompts.txt"
 DUMMY_PROMPTS = [
@@ -63,6 +64,34 @@ def test_logprob_retention_is_the_share_of_the_gain_kept() -> None:
     assert r.retention == pytest.approx(0.5) and r.residual == pytest.approx(0.5)
     with pytest.raises(ValueError, match="nothing to retain"):
         logprob_retention([-3.0], [-3.0], [-2.0])
+
+
+def test_gains_that_cancel_out_have_no_retention_to_measure() -> None:
+    """The adapter moves two completions by +2 and −1.8 nats (net +0.2); an export that
+    keeps 90% of one and 105% of the other read −0.5 retention (a ratio of sums over a
+    near-zero denominator). Now: no retention to measure, and the measure is skipped."""
+    with pytest.raises(ValueError, match="cancel out"):
+        logprob_retention([-10.0, -10.0], [-8.0, -11.8], [-8.2, -11.9])
+    with pytest.raises(ValueError, match="cancel out"):  # a net loss: no gain to keep
+        logprob_retention([-10.0, -10.0], [-11.0, -10.5], [-11.0, -10.5])
+
+
+def test_the_retention_interval_never_divides_by_a_vanishing_effect() -> None:
+    """Five completions gain 1 nat, one loses 2.5: resamples that draw the loser often have
+    a net effect ≤ 0, and the old interval was (−4.5e12, 0.9). Such resamples have no
+    retention to measure: when they are too many, the interval is unbounded (None in
+    JSON), never a huge finite number."""
+    base = [0.0] * 6
+    ft = [1.0, 1.0, 1.0, 1.0, 1.0, -2.5]
+    export = [0.9, 0.9, 0.9, 0.9, 0.9, -2.4]
+    r = logprob_retention(base, ft, export)
+    assert r.retention == pytest.approx(0.84)
+    lo, hi = r.interval
+    assert all(math.isinf(x) or -10 < x < 10 for x in (lo, hi)), r.interval
+    assert lo <= r.retention <= hi
+    steady = logprob_retention([0.0] * 5, [1.0, 1.2, 0.8, 1.1, 0.9], [0.9, 1.1, 0.7, 1.0, 0.8])
+    assert all(math.isfinite(x) for x in steady.interval)
+    assert steady.interval[0] <= steady.retention <= steady.interval[1]
 
 
 @pytest.mark.parametrize(
@@ -130,6 +159,28 @@ def test_dummy_exports(strength: float, verdict: Verdict) -> None:
         assert 0.2 < nt.raw < 0.8
     elif strength == 1.0:
         assert nt.raw == pytest.approx(1.0) and result.meta["memory"]["peak_rss_bytes"] > 0
+
+
+def test_a_failed_weight_check_is_said_and_warns_but_does_not_gate() -> None:
+    weights = ProbeResult(
+        name="weight_delta",
+        kind="weight_delta",
+        verdict=Verdict.FAIL,
+        category="export",
+        message="1 of 4 adapted modules lost their delta",
+        gating=False,
+    )
+    result = check_export(
+        DummyDifferentialBackend(),
+        _Export(1.0),
+        DUMMY_PROMPTS,
+        runs=4,
+        max_new_tokens=6,
+        extra=[weights],
+    )
+    assert [p.name for p in result.probes][:2] == ["weight_delta", "adapter_effect"]
+    assert result.verdict is Verdict.WARN
+    assert result.meta["headline"].endswith("; but 1 of 4 adapted modules lost their delta")
 
 
 def test_a_no_op_adapter_is_reported_before_anything_is_measured() -> None:
@@ -203,6 +254,13 @@ def test_tiny_exports(
     report = load_json(out)
     probes = {p.name: p for p in report.probes}
     assert probes["adapter_effect"].verdict is Verdict.PASS, probes["adapter_effect"].message
+    # The weight check runs first (printed before the forward pass), informative only.
+    weights = probes["weight_delta"]
+    assert report.probes[0].name == "weight_delta" and not weights.gating
+    assert weights.raw == pytest.approx(
+        {"faithful": 1.0, "base": 0.0, "half": 0.5}[which], abs=1e-4
+    )
+    assert result.output.index("weights: ") < result.output.index("adapter_effect")
     nt, comp = probes["export_next_token"], probes["export_completion"]
     assert "peak memory" in result.output and report.meta["memory"]["peak_rss_bytes"] > 0
     if which == "faithful":

@@ -2,25 +2,25 @@
 
 Registered on the main ``app`` by ``sway_common.app.cli``. Every input is checked (paths,
 that the export is a model of the same architecture and vocabulary, plotting) before a
-model loads; bad input is one line on stderr and exit 2.
+model loads; bad input is one line on stderr and exit 2. The weight-space check
+(:mod:`sway_common.app.weight_check`) runs first, and alone with ``--weights-only``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
+from rich.console import Console
 from rich.text import Text
 
+from sway_common.app.export_inputs import check_pair, export_dir_of
 from sway_common.app.inputs import check_adapters, check_model, check_outputs
 from sway_common.app.options import (
     SuiteArgs,
@@ -36,75 +36,24 @@ from sway_common.app.options import (
     runs_option,
     suite_options,
 )
-from sway_common.app.platform import pick_backend
 from sway_common.app.run import build_or_fail, emit, write_reports
+from sway_common.app.weight_check import (
+    gguf_config,
+    is_gguf,
+    measure,
+    print_check,
+    report_weights_only,
+    table,
+    weights_only_result,
+)
 from sway_common.backend.model_views import ModelViews
-from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
 from sway_common.report.export_plot import EXPORT_PNG, plot_export
-from sway_common.suite.export import check_export, config_mismatch
+from sway_common.suite.export import check_export
 from sway_common.suite.export_math import ExportCriteria
+from sway_common.suite.export_weights import WeightCheck, weight_result
 from sway_common.suite.spec import ModelSpec
-from sway_common.types import SuiteResult
-
-
-def _config(model_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((model_dir / "config.json").read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as e:
-        fail(f"cannot read {model_dir / 'config.json'}: {first_line(e)}")
-    if not isinstance(data, dict):
-        fail(f"{model_dir / 'config.json'} is not a JSON object")
-    return data
-
-
-def _export_dir(export: str, note: Callable[[str], None]) -> Path:
-    """The export as a model dir: itself, or a GGUF file dequantized into a cached dir."""
-    path = Path(export).expanduser()
-    if not path.exists():
-        fail(
-            f"export {export} does not exist; give the directory mlx_lm fuse, mlx_lm convert or "
-            "save_pretrained wrote, or a .gguf file"
-        )
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            fail(
-                f"export {export} is a file but not a .gguf; give a model directory or a GGUF file"
-            )
-        note("reading the GGUF export (dequantized once, then cached)")
-        try:
-            # transformers' GGUF reader draws its own tqdm bar, whatever the settings say.
-            with contextlib.redirect_stderr(io.StringIO()):
-                return gguf_model_dir(path)
-        except ImportError as e:
-            fail(first_line(e))
-        except Exception as e:  # a GGUF transformers cannot read is bad input, not a crash
-            fail(f"cannot read the GGUF export {export}: {first_line(e)}")
-    if not (path / "config.json").is_file():
-        fail(
-            f"export {export} is not a model directory (no config.json); give the directory "
-            "mlx_lm fuse or save_pretrained wrote"
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        fail(f"export {export} holds no weights (*.safetensors or *.bin)")
-    return path.resolve()
-
-
-def _check_pair(model: str, export_dir: Path, backend: str) -> Path:
-    """Refuse an export that cannot be the base model fine-tuned; return the base dir."""
-    try:
-        base_dir = resolve_model_dir(model)
-    except (ModelNotFoundError, OSError) as e:
-        fail(first_line(e))
-    base_cfg, export_cfg = _config(base_dir), _config(export_dir)
-    problem = config_mismatch(base_cfg, export_cfg)
-    if problem:
-        fail(f"{problem}: the export is not a version of {model}")
-    if "quantization" in export_cfg and pick_backend(backend) == "hf":
-        fail(
-            "the export is quantized by mlx-lm (config 'quantization'); only the MLX backend "
-            "reads it: use --backend mlx"
-        )
-    return base_dir
+from sway_common.types import ProbeResult, SuiteResult
+from sway_common.weight_reader import WeightReadError
 
 
 def _no_loader_bars() -> None:
@@ -178,13 +127,47 @@ class ExportJob:
     no_cache: bool
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    weights_only: bool = False
 
 
-def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
-    export_dir = _export_dir(job.export, note)
-    base_dir = _check_pair(job.model, export_dir, job.backend)
+@dataclass
+class Prepared:
+    """The checked inputs: both model dirs, and the weight check's probe once measured."""
+
+    base_dir: Path
+    export_dir: Path
+    weights: ProbeResult | None = None
+
+
+def _prepare(job: ExportJob, note: Callable[[str], None]) -> Prepared:
+    """Resolve and check base and export (a GGUF dequantized, unless weights only)."""
+    if job.weights_only and is_gguf(job.export):  # read as it is: nothing to dequantize
+        gguf = Path(job.export).expanduser()
+        return Prepared(check_pair(job.model, gguf, None, gguf_config(gguf)), gguf)
+    export_dir = export_dir_of(job.export, note)
+    if job.weights_only:
+        return Prepared(check_pair(job.model, export_dir, None), export_dir)
+    base_dir = check_pair(job.model, export_dir, job.backend)
     check_model(str(base_dir), allow_pickle=job.allow_pickle)
     check_model(str(export_dir), allow_pickle=job.allow_pickle)
+    return Prepared(base_dir, export_dir)
+
+
+def _weight_check(job: ExportJob, ready: Prepared) -> WeightCheck:
+    """The weight check; :class:`WeightReadError` when the weights cannot be compared."""
+    export = Path(job.export).expanduser() if is_gguf(job.export) else ready.export_dir
+    return measure(
+        ready.base_dir,
+        job.adapter,
+        export,
+        runs=job.runs,
+        min_share=job.criteria.min_retention,
+        allow_pickle=job.allow_pickle,
+    )
+
+
+def _run(job: ExportJob, ready: Prepared, note: Callable[[str], None]) -> SuiteResult:
+    base_dir, export_dir = ready.base_dir, ready.export_dir
     safety = {"allow_pickle": job.allow_pickle, "trust_remote_code": job.trust_remote_code}
     note("loading the base model and the adapter")
     main = build_or_fail(
@@ -207,6 +190,7 @@ def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
             null_cache=null_cache(job.no_cache),
             progress=note,
             meta=meta,
+            extra=[ready.weights] if ready.weights is not None else [],
         )
     except ValueError as e:  # models that cannot be compared (tokenizer, vocabulary)
         fail(first_line(e))
@@ -251,6 +235,12 @@ def _run(job: ExportJob, note: Callable[[str], None]) -> SuiteResult:
     show_default=True,
     help="Largest export-vs-fine-tune distance, in units of the adapter's effect.",
 )
+@click.option(
+    "--weights-only",
+    is_flag=True,
+    help="Only the weight-space check: does each adapted weight of the export carry the "
+    "adapter's ΔW? No model loads (seconds); a safetensors export dir (float or MLX-quantized).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @suite_options
 def export_check_cmd(
@@ -261,6 +251,7 @@ def export_check_cmd(
     runs: int,
     min_retention: float,
     max_residual: float,
+    weights_only: bool,
     quiet: bool,
     args: SuiteArgs,
 ) -> None:
@@ -276,6 +267,11 @@ def export_check_cmd(
     The export is a SECOND model in memory next to the base (which the adapter views
     share): expect about twice the memory of `eval`. Peak memory is reported.
 
+    First, with no model loaded, the weight-space check: the share of each adapted
+    module's ΔW that the export's weight carries, against what storing a random delta
+    of that size the export's way (its dtype, or its bits and group size) keeps.
+    --weights-only runs only that.
+
     \b
     Examples:
       mlx_lm.fuse --model M --adapter-path adapters --save-path fused
@@ -284,10 +280,14 @@ def export_check_cmd(
       sway-mlx export-check --model M --adapter-path adapters --export fused-4bit \\
           --backend mlx --prompts my_prompts.txt --json export.json --plot plots/
       sway-mlx export-check --model M --adapter-path adapters --export model.gguf -q
+      sway-mlx export-check --model M --adapter-path adapters --export fused-4bit \\
+          --weights-only
     """
-    if args.backend == "dummy":
+    if args.backend == "dummy" and not weights_only:
         fail("export-check needs real models: use --backend auto, mlx or hf")
     check_outputs(args.reports, args.plot_dir)
+    if args.plot_dir and weights_only:
+        fail("--plot draws the forward-pass measurement; drop --plot or --weights-only")
     if args.plot_dir:
         require_plotting()
     prompts = read_prompts(prompts_file)
@@ -305,11 +305,40 @@ def export_check_cmd(
         no_cache=args.no_cache,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        weights_only=weights_only,
     )
     try:
-        with _progress(quiet) as note:
-            result = _run(job, note)
+        result = _check(job, quiet)
     except KeyboardInterrupt:
         exit_interrupted("interrupted: no verdict on the export")
-    _report(result, args, quiet)
+    if weights_only:
+        report_weights_only(result, args.reports, quiet)
+    else:
+        _report(result, args, quiet)
     sys.exit(exit_code(result.verdict))
+
+
+def _check(job: ExportJob, quiet: bool) -> SuiteResult:
+    """The weight check (printed first), then, unless weights only, the forward pass."""
+    started = time.time()
+    with _progress(quiet) as note:
+        ready = _prepare(job, note)
+    console = None if quiet else Console()
+    try:
+        check = _weight_check(job, ready)
+    except WeightReadError as e:
+        if job.weights_only:
+            fail(str(e))
+        if console is not None:  # the forward pass may still read what this cannot
+            console.print(f"weights: not checked ({e})", style="dim", highlight=False)
+    else:
+        if job.weights_only:
+            if console is not None:
+                console.print(table(check))
+            meta = {"model": job.model, "adapter": job.adapter, "export": job.export}
+            return weights_only_result(check, meta, started)
+        if console is not None:
+            print_check(check, console, prefix="weights: ")
+        ready.weights = weight_result(check, gating=False)
+    with _progress(quiet) as note:
+        return _run(job, ready, note)

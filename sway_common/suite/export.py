@@ -213,7 +213,8 @@ def _adapter_effect(
 
 def _headline(results: list[ProbeResult]) -> str:
     by_name = {r.name: r for r in results}
-    bad = [r for r in results if r.verdict in (Verdict.FAIL, Verdict.ERROR)]
+    failed = (Verdict.FAIL, Verdict.ERROR)
+    bad = [r for r in results if r.gating and r.verdict in failed]
     if bad:
         first = bad[0]
         where = {"export_next_token": " (next tokens)", "export_completion": " (completions)"}
@@ -222,6 +223,10 @@ def _headline(results: list[ProbeResult]) -> str:
     line = nt.message if nt is not None else "the export keeps the fine-tune"
     if comp is not None and comp.raw is not None and comp.verdict is Verdict.PASS:
         line += f"; {comp.raw:.0%} on its own completions"
+    # A non-gating check that failed (the weight check) is said, not hidden.
+    for r in results:
+        if not r.gating and r.verdict in failed:
+            line += f"; but {r.message}"
     return line
 
 
@@ -231,7 +236,9 @@ def _finish(
     criteria: ExportCriteria,
     started: float,
     *backends: Any,
+    extra: Sequence[ProbeResult] = (),
 ) -> SuiteResult:
+    results = [*extra, *results]
     score_, cats = composite(results)
     verdict = overall_verdict(results, score_, criteria.min_retention)
     meta.update(
@@ -275,8 +282,12 @@ def check_export(
     null_cache: NullCache | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
     meta: dict[str, Any] | None = None,
+    extra: Sequence[ProbeResult] = (),
 ) -> SuiteResult:
-    """Measure how much of ``backend``'s fine-tune ``export`` keeps, on ``prompts``."""
+    """Measure how much of ``backend``'s fine-tune ``export`` keeps, on ``prompts``.
+
+    ``extra``: results measured before (export-check's weight check), listed first.
+    """
     criteria = criteria or ExportCriteria()
     started = time.time()
     meta = {
@@ -291,7 +302,7 @@ def check_export(
     check_same_tokens(backend, export, prompts)
     failed = preflight(backend) or _export_broken(export)
     if failed is not None:
-        return _finish([failed], meta, criteria, started, backend, export)
+        return _finish([failed], meta, criteria, started, backend, export, extra=extra)
     seed_everything(seed)
 
     progress("next tokens: base and fine-tune")
@@ -312,7 +323,7 @@ def check_export(
     effect = _adapter_effect(prompts, js_bf, ctx, top_k, criteria.min_effect)
     results = [effect]
     if effect.verdict is Verdict.ERROR:
-        return _finish(results, meta, criteria, started, backend, export)
+        return _finish(results, meta, criteria, started, backend, export, extra=extra)
     null_mean = effect.null.mean if effect.null is not None else None
     nt = next_token_retention(js_bf, js_be, js_ef, seed=seed)
     results.append(
@@ -333,7 +344,7 @@ def check_export(
     results.append(
         _completion_result(backend, export, prompts, criteria, seed, max_new_tokens, progress)
     )
-    return _finish(results, meta, criteria, started, backend, export)
+    return _finish(results, meta, criteria, started, backend, export, extra=extra)
 
 
 def _completion_result(

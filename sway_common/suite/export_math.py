@@ -24,19 +24,26 @@ barely acts (tiny JS(B,F), noisy t) weigh little:
 
 Completion log-probs (a 1-D version of the same idea): with ``lp_X`` the log-prob view
 X gives the fine-tune's own completion, ``R = Σ(lp_E − lp_B) / Σ(lp_F − lp_B)`` and
-``ρ = Σ|lp_E − lp_F| / Σ|lp_F − lp_B|``.
+``ρ = Σ|lp_E − lp_F| / Σ|lp_F − lp_B|``. Per-prompt gains can have either sign: when
+they cancel out (a net gain below a quarter of ``Σ|lp_F − lp_B|``, or a net loss) there
+is no retention to measure and a ValueError says so (export-check then SKIPs that
+measure), rather than a ratio over a near-zero sum (−0.5 for an export that keeps
+90% and 105% of two opposite gains). The bootstrap interval drops resamples of that kind
+and is unbounded when they are common (:func:`_interval`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from sway_common.stats import bootstrap_ci
-
 _TINY = 1e-12
+_MIN_NET = 0.25
+"""A net log-prob gain below this share of the gains' total size is a cancellation of
+gains and losses: no retention to measure (a ratio of sums would read anything)."""
 
 
 @dataclass(frozen=True)
@@ -57,17 +64,35 @@ class Retention:
     """Each prompt's own retention ``t`` (None-free: 0 effect gives 0)."""
 
 
-def _interval(num: np.ndarray, den: np.ndarray, seed: int) -> tuple[float, float]:
-    """Bootstrap over prompts of the ratio of sums ``Σnum / Σden``."""
+def _clear_effect(den: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Whether each net effect ``den`` (of total size ``size``) can be divided by: positive
+    and at least ``_MIN_NET`` of the size, not a near-cancellation of gains and losses."""
+    return (den > _TINY) & (den >= _MIN_NET * size)
+
+
+def _interval(
+    num: np.ndarray, den: np.ndarray, seed: int, *, n_boot: int = 2000, alpha: float = 0.05
+) -> tuple[float, float]:
+    """95% bootstrap interval over prompts of the ratio of sums ``Σnum / Σden``.
+
+    ``Σden`` is the adapter's own effect (a JS, never negative, or a log-prob gain of
+    either sign per prompt). A resample whose effect is ~0, negative, or a cancellation
+    of gains and losses (:func:`_clear_effect`) has no retention to measure: dividing by
+    it gave bounds like −1.8e12. Such resamples are dropped; when they are more than
+    ``α/2`` of all, the prompts do not pin the retention down and the interval is
+    unbounded, ``(−inf, inf)`` (``null`` in JSON).
+    """
     if num.size < 2:
-        r = float(num.sum() / max(den.sum(), _TINY))
+        r = float(num.sum() / den.sum()) if _clear_effect(den.sum(), np.abs(den).sum()) else 0.0
         return r, r
-
-    def ratio(idx: np.ndarray) -> float:
-        rows = idx.astype(np.int64)
-        return float(num[rows].sum() / max(den[rows].sum(), _TINY))
-
-    return bootstrap_ci(range(num.size), stat=ratio, seed=seed)
+    rng = np.random.default_rng(seed)  # the draws bootstrap_ci makes for this seed
+    idx = rng.integers(0, num.size, size=(n_boot, num.size))
+    top, bottom = num[idx].sum(axis=1), den[idx].sum(axis=1)
+    ok = _clear_effect(bottom, np.abs(den)[idx].sum(axis=1))
+    if np.mean(~ok) > alpha / 2.0:
+        return -math.inf, math.inf
+    lo, hi = np.quantile(top[ok] / bottom[ok], [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
 
 
 def _three_arrays(what: str, *values: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,11 +141,17 @@ def logprob_retention(
         raise ValueError(
             "the adapter does not change its completions' log-probs: nothing to retain"
         )
+    net = float(gain.sum())
+    if not _clear_effect(np.float64(net), np.float64(scale)):
+        raise ValueError(
+            f"the adapter's log-prob gains on its completions cancel out (net {net:+.3g} of "
+            f"{scale:.3g} nats moved): no retention to measure"
+        )
     t = np.where(np.abs(gain) > _TINY, kept / np.where(gain == 0, 1.0, gain), 0.0)
     off = np.abs(e - f)
     # 1-D: the residual is all "lost" along the axis; there is no orthogonal part.
     return Retention(
-        retention=float(kept.sum() / gain.sum()) if abs(gain.sum()) > _TINY else 0.0,
+        retention=float(kept.sum()) / net,
         interval=_interval(kept, gain, seed),
         residual=float(off.sum()) / scale,
         lost=float(off.sum()) / scale,
