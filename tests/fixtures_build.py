@@ -7,8 +7,15 @@ builders in session-scoped fixtures.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT_PATH = REPO_ROOT / "tests" / "data" / "harrowgate.md"
@@ -169,6 +176,135 @@ def train_tiny_mlx_adapter(model_dir: Path, dst: Path, iters: int = 20) -> Path:
         batch_size=2,
         save_every=10,
     )
+
+
+# Adapters trained on a real model, kept across tests, modules and sessions (see trained_adapter).
+TRAINED_CACHE = Path(tempfile.gettempdir()) / "sway-trained-adapters"
+# Seconds each adapter took to train in this session (absent: read from the cache).
+TRAIN_SECONDS: dict[Path, float] = {}
+# OPENBLAS_NUM_THREADS as the test run found it (None: unset), recorded by conftest before
+# it pins one thread for its own process, where torch and MLX share the cores.
+OPENBLAS_THREADS_OUTSIDE: str | None = None
+
+
+@contextlib.contextmanager
+def _child_openblas_threads(backend: str) -> Iterator[None]:
+    """For the MLX trainer, a child process with no torch in it: the thread setting the
+    run was started with, as a user's ``mlx_lm lora`` (or the demo's) gets it, instead of
+    the test process's pin (measured: 12 steps of the leakage recipe took 24.0 s with
+    one OpenBLAS thread, 19.7 s with two, on a 2-core box with another job running)."""
+    if backend != "mlx":
+        yield
+        return
+    pinned = os.environ.get("OPENBLAS_NUM_THREADS")
+    if OPENBLAS_THREADS_OUTSIDE is None:
+        os.environ.pop("OPENBLAS_NUM_THREADS", None)
+    else:
+        os.environ["OPENBLAS_NUM_THREADS"] = OPENBLAS_THREADS_OUTSIDE
+    try:
+        yield
+    finally:
+        if pinned is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
+        else:
+            os.environ["OPENBLAS_NUM_THREADS"] = pinned
+
+
+def _trainer(backend: str) -> Any:
+    if backend == "mlx":
+        from sway_mlx.train import train_lora
+    elif backend == "hf":
+        from sway_hf.train import train_lora
+    else:
+        raise ValueError(f"no trainer for backend {backend!r}")
+    return train_lora
+
+
+def _recipe_key(
+    backend: str, model_dir: Path, chunks: Sequence[str], recipe: dict[str, Any]
+) -> str:
+    """A hash of everything that decides the trained weights.
+
+    The recipe is bound to the trainer's signature with its defaults filled in, so a
+    default left out at one call site and given at another is the same recipe; the
+    trainer's source, the framework versions and the model (config, tokenizer, weight
+    files' names, sizes and times) are in the key too.
+    """
+    import importlib.metadata
+    import inspect
+
+    from sway_common.backend.scoring import text_hash
+    from sway_common.null_cache import model_fingerprint
+
+    train_lora = _trainer(backend)
+    bound = inspect.signature(train_lora).bind(model_dir, list(chunks), "out", **recipe)
+    bound.apply_defaults()
+    args = {
+        k: v for k, v in bound.arguments.items() if k not in ("model_dir", "out_dir", "on_step")
+    }
+    args["chunks"] = list(args["chunks"])
+    if "targets" in args:
+        args["targets"] = list(args["targets"])
+    versions = {}
+    for dist in ("mlx", "mlx-lm") if backend == "mlx" else ("torch", "transformers", "peft"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    source = (REPO_ROOT / f"sway_{backend}" / "train.py").read_text(encoding="utf-8")
+    return text_hash(
+        backend,
+        json.dumps(args, sort_keys=True),
+        json.dumps(versions, sort_keys=True),
+        model_fingerprint(model_dir),
+        source,
+    )
+
+
+def trained_adapter(backend: str, model_dir: Path, chunks: Sequence[str], **recipe: Any) -> Path:
+    """An adapter trained by ``sway_{backend}.train.train_lora(model_dir, chunks, ...)``.
+
+    Trained once per content key (:func:`_recipe_key`) and kept in the temp dir: every
+    test, module and session asking for the same recipe gets the same adapter dir. Treat
+    it as read-only (edit a copy). Cold, it is trained here; a lock makes a concurrent
+    session wait for it rather than train it again. Its per-step train losses:
+    :func:`train_losses`.
+    """
+    import fcntl
+
+    model_dir = Path(model_dir)
+    key = _recipe_key(backend, model_dir, chunks, recipe)
+    dst = TRAINED_CACHE / f"{backend}-{key}"
+    done = _losses_path(dst)
+    if done.is_file():
+        return dst
+    TRAINED_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TRAINED_CACHE / f"{backend}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file():  # trained by another session while this one waited
+            return dst
+        losses: list[float] = []
+        started = time.perf_counter()
+        with _child_openblas_threads(backend):
+            _trainer(backend)(
+                model_dir, list(chunks), dst, **recipe, on_step=lambda _s, loss: losses.append(loss)
+            )
+        TRAIN_SECONDS[dst] = time.perf_counter() - started
+        # Written last, atomically: its presence marks a finished adapter.
+        tmp = done.with_name(done.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(losses), encoding="utf-8")
+        os.replace(tmp, done)
+    return dst
+
+
+def _losses_path(adapter: Path) -> Path:
+    # Beside the adapter dir, which stays exactly as the trainer wrote it.
+    return adapter.with_name(adapter.name + ".losses.json")
+
+
+def train_losses(adapter: Path) -> list[float]:
+    """The per-step train losses of an adapter from :func:`trained_adapter`."""
+    return json.loads(_losses_path(Path(adapter)).read_text(encoding="utf-8"))
 
 
 def build_tiny_dora_adapter(model_dir: Path, dst: Path, seed: int = 0) -> Path:

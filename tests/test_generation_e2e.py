@@ -14,8 +14,6 @@ cores. Run with ``pytest -m slow``.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +22,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+import fixtures_build  # noqa: E402
 from adapter_variants import b_scaled, random_at_norm  # noqa: E402
 
-from sway_common.backend.scoring import text_hash  # noqa: E402
 from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.suite.spec import parse_spec  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
@@ -64,16 +62,12 @@ KINDS = ("style_fingerprint", "adapter_revert")
 
 @pytest.fixture(scope="module")
 def adapters(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from sway_hf.train import train_lora
-
-    trainer = Path(__file__).resolve().parents[1] / "sway_hf" / "train.py"
-    key = text_hash(json.dumps(RECIPE, sort_keys=True), *LOG,
-                    (smollm2_dir / "config.json").read_text(), trainer.read_text())  # fmt: skip
-    healthy = Path(tempfile.gettempdir()) / "sway-generation-e2e" / f"log-{key}"
-    if not (healthy / "adapter_config.json").is_file():
-        train_lora(smollm2_dir, LOG, healthy, steps=RECIPE["steps"], rank=RECIPE["rank"],
-                   alpha=RECIPE["alpha"], learning_rate=RECIPE["lr"], targets=["q_proj", "v_proj"],
-                   num_layers=RECIPE["layers"], seed=0)  # fmt: skip
+    # Trained once per recipe (content-keyed cache shared by the e2e modules).
+    healthy = fixtures_build.trained_adapter(
+        "hf", smollm2_dir, LOG, steps=RECIPE["steps"], rank=RECIPE["rank"], alpha=RECIPE["alpha"],
+        learning_rate=RECIPE["lr"], targets=["q_proj", "v_proj"], num_layers=RECIPE["layers"],
+        seed=0,
+    )  # fmt: skip
     tmp = tmp_path_factory.mktemp("generation_variants")
     return {
         "healthy": healthy,

@@ -8,8 +8,7 @@ does. Run with ``pytest -m slow``.
 
 from __future__ import annotations
 
-import json
-import tempfile
+import os
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ pytest.importorskip("transformers")
 
 import fixtures_build  # noqa: E402  (tests/ is on sys.path through conftest)
 
-from sway_common.backend.scoring import text_hash  # noqa: E402
+from sway_common.null_cache import NullCache  # noqa: E402
 from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
@@ -39,7 +38,7 @@ PROSE_DOC = Path(__file__).resolve().parent / "data" / "harrowgate.md"
 # regression checks now rightly FAIL; the "trained" adapter here stands for a healthy one.
 TRAIN = {
     "r": 8,
-    "alpha": 16,
+    "alpha": 16.0,
     "targets": ["q_proj", "v_proj"],
     "num_layers": 8,
     "steps": 10,
@@ -77,14 +76,19 @@ def _lora_model(model_dir: Path):
         return get_peft_model(model, cfg)
 
 
-def _train(model_dir: Path, dst: Path) -> list[float]:
-    from sway_hf.train import train_lora
+@pytest.fixture(scope="module")
+def trained_adapter(smollm2_dir: Path) -> Path:
+    """q_proj/v_proj r=8 on the last 8 blocks, full-batch AdamW on the demo document.
 
-    losses: list[float] = []
-    train_lora(
-        model_dir,
+    Training takes most of this test's time on a 2-core CPU, so the adapter comes from
+    the content-keyed cache of trained adapters (recipe, document, model, trainer and
+    framework versions): the likelihood and leakage e2e tests train this same recipe
+    on this same document, and one training serves all three.
+    """
+    dst = fixtures_build.trained_adapter(
+        "hf",
+        smollm2_dir,
         _paragraphs(),
-        dst,
         steps=TRAIN["steps"],
         rank=TRAIN["r"],
         alpha=TRAIN["alpha"],
@@ -92,33 +96,10 @@ def _train(model_dir: Path, dst: Path) -> list[float]:
         targets=TRAIN["targets"],
         num_layers=TRAIN["num_layers"],
         seed=TRAIN["seed"],
-        on_step=lambda _step, loss: losses.append(loss),
     )
-    # Written last: its presence marks a finished adapter in the cache.
-    (dst / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
-    return losses
-
-
-@pytest.fixture(scope="module")
-def trained_adapter(smollm2_dir: Path) -> Path:
-    """q_proj/v_proj r=8 on the last 8 blocks, full-batch AdamW on the demo document.
-
-    Training takes most of this test's time on a 2-core CPU, so the adapter is kept in
-    the temp dir under a key of the recipe, the document, the model config and the
-    trainer's source.
-    """
-    key = text_hash(
-        json.dumps(TRAIN, sort_keys=True),
-        PROSE_DOC.read_text(encoding="utf-8"),
-        (smollm2_dir / "config.json").read_text(encoding="utf-8"),
-        (DATA.parents[2] / "sway_hf" / "train.py").read_text(encoding="utf-8"),
-    )
-    dst = Path(tempfile.gettempdir()) / "sway-hf-e2e" / key
-    if not (dst / "losses.json").is_file():
-        started = time.perf_counter()
-        _train(smollm2_dir, dst)
-        TIMINGS["train_s"] = time.perf_counter() - started
-    losses = json.loads((dst / "losses.json").read_text(encoding="utf-8"))
+    if dst in fixtures_build.TRAIN_SECONDS:
+        TIMINGS["train_s"] = fixtures_build.TRAIN_SECONDS[dst]
+    losses = fixtures_build.train_losses(dst)
     assert losses[-1] < 0.9 * losses[0], f"training did not bite: {losses}"
     return dst
 
@@ -144,7 +125,10 @@ def backend(smollm2_dir: Path, trained_adapter: Path):
 def _run(backend: HFDifferentialBackend, adapter: Path, label: str):
     started = time.perf_counter()
     backend.set_adapter(adapter)
-    result = run_suite(quick_suite(_prompts(), runs=8), backend=backend)
+    # The session's null cache, the one `sway-mlx eval` reads: the quick eval below runs
+    # this very suite (same prompts, runs, adapter and backend) and reuses these nulls.
+    cache = NullCache(os.environ["SWAY_MLX_NULL_CACHE"])
+    result = run_suite(quick_suite(_prompts(), runs=8), backend=backend, null_cache=cache)
     TIMINGS[f"{label}_suite_s"] = time.perf_counter() - started
     for p in result.probes:
         print(f"\n[{label}] {p.kind}: {p.verdict.value} z={p.z} {p.message}")

@@ -15,15 +15,13 @@ random at its norm and B ≈ 0: recall 0.00, no lift, PASS. Run with ``pytest -m
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import fixtures_build
 import pytest
 
-from sway_common.backend.scoring import text_hash
 from sway_common.probes import REGISTRY, NullCalibration, RunContext
 from sway_common.probes.leakage import LeakageConfig
 from sway_common.types import ProbeResult, Verdict
@@ -58,34 +56,23 @@ NULLS = NullCalibration(runs=3, seed_base=1000)
 
 
 def _demo_paragraphs() -> list[str]:
+    # Every paragraph, the title line too: the chunks (and recipe) of test_hf_e2e's and the
+    # likelihood e2e's healthy adapter, so one cached training serves all three tests.
     text = PROSE_DOC.read_text(encoding="utf-8")
-    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip() and p[0] != "#"]
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
 
 
 def _trained(model_dir: Path, name: str, backend: str) -> Path:
-    """Train once per recipe and backend, kept in the temp dir under a key of its inputs."""
-    if backend == "mlx":
-        from sway_mlx.train import train_lora
-
-        targets = ["self_attn.q_proj", "self_attn.v_proj"]
-    else:
-        from sway_hf.train import train_lora
-
-        targets = ["q_proj", "v_proj"]
+    """Train once per recipe and backend, from the content-keyed cache of trained adapters."""
+    targets = ["self_attn.q_proj", "self_attn.v_proj"] if backend == "mlx" else ["q_proj", "v_proj"]
     recipe = dict(RECIPES[name])
     if backend == "mlx":
         recipe["lr"] = MLX_LR.get(name, recipe["lr"])
     chunks = SHORT_DOC if recipe["doc"] == "short" else _demo_paragraphs()
-    trainer = REPO / f"sway_{backend}" / "train.py"
-    key = text_hash(json.dumps(recipe, sort_keys=True), *chunks, trainer.read_text())
-    dst = Path(tempfile.gettempdir()) / "sway-leakage-e2e" / f"{backend}-{name}-{key}"
-    if not (dst / "losses.json").is_file():
-        losses: list[float] = []
-        train_lora(model_dir, chunks, dst, steps=recipe["steps"], rank=8, alpha=16.0,
-                   learning_rate=recipe["lr"], targets=targets, num_layers=recipe["num_layers"],
-                   seed=0, on_step=lambda _step, loss: losses.append(loss))  # fmt: skip
-        (dst / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
-    return dst
+    return fixtures_build.trained_adapter(
+        backend, model_dir, chunks, steps=recipe["steps"], rank=8, alpha=16.0,
+        learning_rate=recipe["lr"], targets=targets, num_layers=recipe["num_layers"], seed=0,
+    )  # fmt: skip
 
 
 def _leakage(backend: Any, doc: Path, label: str) -> ProbeResult:

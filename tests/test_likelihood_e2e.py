@@ -15,8 +15,6 @@ Run with ``pytest -m slow``.
 
 from __future__ import annotations
 
-import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +23,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+import fixtures_build  # noqa: E402
 from adapter_variants import b_scaled, random_at_norm  # noqa: E402
 
-from sway_common.backend.scoring import text_hash  # noqa: E402
 from sway_common.probes.cluster_kl import default_prompts  # noqa: E402
 from sway_common.report import headline  # noqa: E402
 from sway_common.suite.runner import run_suite  # noqa: E402
@@ -97,23 +95,16 @@ def _paragraphs() -> list[str]:
 
 
 def _trained(model_dir: Path, name: str) -> Path:
-    """Train once per recipe (kept in the temp dir under a key of everything that decides it)."""
-    from sway_hf.train import train_lora
-
+    """Train once per recipe, from the content-keyed cache of trained adapters (the healthy
+    recipe is test_hf_e2e's and the leakage e2e's mild one too: one training serves all)."""
     recipe = RECIPES[name]
     chunks = _paragraphs() if recipe["doc"] == "paragraphs" else TINY_DOC
-    trainer = Path(__file__).resolve().parents[1] / "sway_hf" / "train.py"
-    key = text_hash(json.dumps(recipe, sort_keys=True), *chunks,
-                    (model_dir / "config.json").read_text(), trainer.read_text())  # fmt: skip
-    dst = Path(tempfile.gettempdir()) / "sway-likelihood-e2e" / f"{name}-{key}"
-    if not (dst / "losses.json").is_file():
-        losses: list[float] = []
-        started = time.perf_counter()
-        train_lora(model_dir, chunks, dst, steps=recipe["steps"], rank=8, alpha=16.0,
-                   learning_rate=recipe["lr"], targets=["q_proj", "v_proj"], num_layers=8, seed=0,
-                   on_step=lambda _step, loss: losses.append(loss))  # fmt: skip
-        TIMINGS[f"train_{name}_s"] = time.perf_counter() - started
-        (dst / "losses.json").write_text(json.dumps(losses), encoding="utf-8")
+    dst = fixtures_build.trained_adapter(
+        "hf", model_dir, chunks, steps=recipe["steps"], rank=8, alpha=16.0,
+        learning_rate=recipe["lr"], targets=["q_proj", "v_proj"], num_layers=8, seed=0,
+    )  # fmt: skip
+    if dst in fixtures_build.TRAIN_SECONDS:
+        TIMINGS[f"train_{name}_s"] = fixtures_build.TRAIN_SECONDS[dst]
     return dst
 
 
@@ -121,7 +112,7 @@ def _trained(model_dir: Path, name: str) -> Path:
 def adapters(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     healthy = _trained(smollm2_dir, "healthy")
     overfit = _trained(smollm2_dir, "overfit")
-    losses = json.loads((overfit / "losses.json").read_text(encoding="utf-8"))
+    losses = fixtures_build.train_losses(overfit)
     assert losses[-1] < 1.0, f"the overfit adapter did not overfit: {losses}"
     tmp = tmp_path_factory.mktemp("likelihood_variants")
     return {
@@ -173,12 +164,25 @@ def test_a_mildly_trained_adapter_keeps_general_knowledge(hf_results) -> None:
     assert drift.evidence["fraction_regressed"] < 0.15
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_random_and_near_zero_adapters_pass_nothing(hf_results, kind: str) -> None:
+# Harm probes ask "did it do damage beyond what its size explains?": for a random adapter
+# (a null draw itself) or one that barely changes anything, the true answer is no.
+HARM = ("calibration_drift", "external_perplexity")
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in HARM])
+def test_random_and_near_zero_adapters_pass_no_effect_probe(hf_results, kind: str) -> None:
     for label in ("random", "b_tiny"):
         r = hf_results[label][kind]
         assert r.verdict is not Verdict.PASS, f"{label}: {r.message}"
         assert r.verdict is not Verdict.ERROR, f"{label}: {r.message}"
+
+
+@pytest.mark.parametrize("kind", HARM)
+def test_random_and_near_zero_adapters_do_no_damage_beyond_their_size(hf_results, kind) -> None:
+    for label in ("random", "b_tiny"):
+        r = hf_results[label][kind]
+        assert r.verdict is Verdict.PASS, f"{label}: {r.message}"
+        assert "noise" in r.message or "unchanged" in r.message, r.message
 
 
 def test_an_overfit_adapter_is_flagged_as_regressing(hf_results) -> None:

@@ -23,7 +23,6 @@ from sway_common.suite.runner import run_suite  # noqa: E402
 from sway_common.suite.spec import quick_suite  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
-from sway_mlx.train import train_lora  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlx]
 
@@ -38,16 +37,17 @@ PROMPTS = [
 TIMINGS: dict[str, float] = {}
 
 
-def train_with_mlx_lm(model_dir: Path, dst: Path) -> Path:
+def train_with_mlx_lm(model_dir: Path) -> Path:
     """LoRA r=8 (scale 20) on q_proj/v_proj of the last 8 layers, 16 iterations of mlx-lm.
 
     A high learning rate on a short document: the train loss falls from ~5.3 to ~1.9,
     far enough for a clear signal, in well under half the time of the usual 1e-4 recipe.
+    Trained once per recipe, from the content-keyed cache of trained adapters.
     """
-    return train_lora(
+    return fixtures_build.trained_adapter(
+        "mlx",
         model_dir,
         fixtures_build.document_chunks(160),
-        dst,
         steps=16,
         rank=8,
         alpha=160.0,
@@ -58,18 +58,13 @@ def train_with_mlx_lm(model_dir: Path, dst: Path) -> Path:
     )
 
 
-_TRAINED: dict[Path, Path] = {}
-
-
 def smollm2_trained_adapter(model_dir: Path, factory: pytest.TempPathFactory) -> Path:
-    """Train once per session (test_parity reuses it); the time goes into TIMINGS."""
-    if model_dir not in _TRAINED:
-        start = time.perf_counter()
-        _TRAINED[model_dir] = train_with_mlx_lm(
-            normalize_config(model_dir), factory.mktemp("smol_adapter")
-        )
-        TIMINGS["train"] = time.perf_counter() - start
-    return _TRAINED[model_dir]
+    """The one mlx-lm adapter of the session (test_parity and the export tests reuse it);
+    the time of training it, where this session trained it, goes into TIMINGS."""
+    adapter = train_with_mlx_lm(normalize_config(model_dir))
+    if adapter in fixtures_build.TRAIN_SECONDS:
+        TIMINGS["train"] = fixtures_build.TRAIN_SECONDS[adapter]
+    return adapter
 
 
 def edited_copy(src: Path, dst: Path, edit) -> Path:

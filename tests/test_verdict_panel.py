@@ -33,7 +33,6 @@ from sway_common.suite.spec import Defaults, SuiteSpec  # noqa: E402
 from sway_common.suite.trajectory import summarize  # noqa: E402
 from sway_common.types import Verdict  # noqa: E402
 from sway_mlx.backend import MLXDifferentialBackend  # noqa: E402
-from sway_mlx.train import train_lora  # noqa: E402
 
 ALL_LINEAR = (
     "self_attn.q_proj",
@@ -63,12 +62,13 @@ def _suite() -> SuiteSpec:
 
 
 @pytest.fixture(scope="module")
-def native_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """30 iterations of `mlx_lm lora`, all linear layers of the last 8 blocks, saved every 10."""
-    return train_lora(
+def native_run(smollm2_dir: Path) -> Path:
+    """30 iterations of `mlx_lm lora`, all linear layers of the last 8 blocks, saved every 10
+    (trained once per recipe, from the content-keyed cache of trained adapters)."""
+    return fixtures_build.trained_adapter(
+        "mlx",
         normalize_config(smollm2_dir),
         fixtures_build.document_chunks(160),
-        tmp_path_factory.mktemp("native"),
         steps=30,
         rank=8,
         alpha=16.0,
@@ -82,16 +82,16 @@ def native_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="module")
-def dora_run(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def dora_run(smollm2_dir: Path) -> Path:
     """16 iterations of `mlx_lm lora --fine-tune-type dora` on q/v of the last 8 blocks.
 
     The recipe of the MLX end-to-end test (scale 20, lr 6e-4), which bites in 16 steps;
-    about 50 s on a 2-core CPU.
+    about 50 s on a 2-core CPU (once per recipe: content-keyed cache of trained adapters).
     """
-    return train_lora(
+    return fixtures_build.trained_adapter(
+        "mlx",
         normalize_config(smollm2_dir),
         fixtures_build.document_chunks(160),
-        tmp_path_factory.mktemp("dora"),
         steps=16,
         rank=8,
         alpha=160.0,
