@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UNAME := $(shell uname -s)
 
-EXTRAS := mlx,hf,gguf,plot,dev
+EXTRAS := mlx,hf,gguf,plot,ray,dev
 ifeq ($(UNAME),Darwin)
 TORCH :=
 else
@@ -13,9 +13,9 @@ else
 TORCH ?= torch==2.13.0
 endif
 
-# mlx[cpu] on Linux links the reference BLAS; OpenBLAS makes float32 matmuls ~35x faster.
-# It is installed here and loaded by sway_mlx itself, in MLX's process only: preloading
-# it for every process (LD_PRELOAD) made torch 4x slower.
+# mlx[cpu] on Linux links the reference BLAS, far slower than OpenBLAS at float32 matmuls.
+# It is installed here and loaded by sway_mlx itself, in MLX's process only: preloaded
+# for every process (LD_PRELOAD) it slows torch down (docs/benchmarks.md has the figures).
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
 .PHONY: test demo lint bench install openblas clean

@@ -54,6 +54,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 128256,
         "rope_theta": 500000.0,
     },
+    # Llama-3.1-8B: 32 layers of 4096, 128k vocabulary, untied head (8.0B parameters).
+    # Build it on the GPU (build_model(..., device="cuda")): on a CPU the random init is slow.
+    "llama-8b": {
+        **_LLAMA,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
     # A few layers of nothing much: checks the benchmark's plumbing on a busy CPU.
     "tiny": {
         **_LLAMA,
@@ -69,7 +83,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 # The 1B model is saved in bfloat16: half the disk and load time, and random weights
 # lose nothing by it; the backends cast to the dtype they run in.
-_SAVE_DTYPE = {"llama-1b": "bfloat16"}
+_SAVE_DTYPE = {"llama-1b": "bfloat16", "llama-8b": "bfloat16"}
 
 WORDS = [
     "light",
@@ -115,8 +129,10 @@ def _tokenizer(model_dir: Path) -> None:
     fast.save_pretrained(str(model_dir))
 
 
-def build_model(work: Path, shape: str = "smollm2-135m") -> tuple[Path, Path]:
-    """(model dir, adapter dir) of ``shape`` under ``work/shape``, built once and reused."""
+def build_model(work: Path, shape: str = "smollm2-135m", device: str = "cpu") -> tuple[Path, Path]:
+    """(model dir, adapter dir) of ``shape`` under ``work/shape``, built once and reused.
+
+    ``device``: where the random weights are drawn (``cuda``: seconds for an 8B model)."""
     root = work / shape
     model_dir, adapter_dir = root / "model", root / "adapter"
     if (adapter_dir / "adapter_config.json").exists():
@@ -128,7 +144,8 @@ def build_model(work: Path, shape: str = "smollm2-135m") -> tuple[Path, Path]:
     torch.manual_seed(0)
     _tokenizer(model_dir)
     dtype = getattr(torch, _SAVE_DTYPE.get(shape, "float32"))
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
     model.save_pretrained(str(model_dir))
     peft = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])

@@ -18,7 +18,7 @@ Every record has tokens/s and ``ratio_to_bare`` (bare time for the same work / i
 time: 1.0 is as fast as the bare forward; stacked views can pass 1.0, as the blocks
 below the first adapted one run once for all views), and the allocator's peak memory
 (``peak_memory_bytes()``; None where the framework does not say, e.g. torch on CPU).
-Results go to a JSON file (merge several with ``compare.py``) and a printed table.
+Results go to a JSON file (merge several with ``tables.py``) and a printed table.
 
     # a CPU smoke test; on a CPU shared with other work, one OpenMP thread keeps torch's
     # spinning threads from dominating (timings there are still not comparable)
@@ -233,7 +233,7 @@ def bench_backend(
     reset_peak_memory(name)
     backend = make_backend(name, model_dir, adapter, args)
     for batch in args.batches:
-        backend.batch_size = args.batch_size or batch
+        backend.runtime.batch_size = args.batch_size or batch
         batch_texts = texts.get(batch) or texts_of_length(backend, batch, args.seq, seed=batch)
         if args.nulls:
             records += bench_null_views(name, backend, batch_texts, bare, args)
@@ -280,7 +280,7 @@ def parse_args() -> argparse.Namespace:
     add("--only-nulls", action="store_true", help="time only stacked vs loop")
     add("--no-bare", dest="bare", action="store_false", help="skip the bare forward")
     add("--batch-size", type=int, help="backend rows per forward (default: B)")
-    add("--label", help="names this run in compare.py's table (default: from the device)")
+    add("--label", help="names this run in tables.py's table (default: from the device)")
     add("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
     if (args.model is None) != (args.adapter is None):
@@ -293,8 +293,8 @@ def parse_args() -> argparse.Namespace:
 def each_backend_in_its_own_process(args: argparse.Namespace) -> tuple[list, list]:
     """Runs this script once per backend and merges what they wrote.
 
-    On Linux the MLX backend loads OpenBLAS into its process, under which torch ran up
-    to 4x slower; and a framework's allocator peak should not include the other's.
+    On Linux the MLX backend loads OpenBLAS into its process, under which torch runs
+    slower; and a framework's allocator peak should not include the other's.
     """
     records, memory = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -152,6 +152,26 @@ def align(base: TokenDist, ft: TokenDist) -> tuple[NDArray[np.float64], NDArray[
     return _aligned(base, union, rest), _aligned(ft, union, rest)
 
 
+def align_many(*dists: TokenDist) -> list[NDArray[np.float64]]:
+    """:func:`align` for any number of slices: the union of their ids, then one rest bin.
+
+    Each returned array is normalised. Merging bins whose mass is uniform inside them
+    leaves JS, KL and the Hellinger distance unchanged, so vectors on this support (such
+    as square-root probabilities) measure what the whole vocabulary would.
+    """
+    if not dists:
+        raise ValueError("align_many needs at least one distribution")
+    vocab = dists[0].vocab_size
+    for i, d in enumerate(dists):
+        if d.vocab_size != vocab:
+            raise ValueError(f"vocab sizes differ: {vocab} vs {d.vocab_size}")
+        _check_dist(d, f"distribution {i}")
+    union = np.unique(np.concatenate([np.asarray(d.token_ids, dtype=np.int64) for d in dists]))
+    rest = vocab - union.size
+    out = [_aligned(d, union, rest) for d in dists]
+    return [a / a.sum() for a in out]
+
+
 def bounded_effect(js: float) -> float:
     """A Jensen-Shannon divergence on a scale where its bound cannot decide a ratio.
 

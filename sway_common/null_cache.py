@@ -7,7 +7,8 @@ running K more forwards per prompt. The backend keeps one more result here: whet
 stacked views may share the blocks below the first adapted one (a check of the model, not
 of any prompt). Keys are content, never paths alone: the model is identified by its
 config and its weight files' names, sizes and modification times, the adapter by the
-hash of its tensors. Each entry is one small JSON file written atomically, so two runs
+hash of its tensors (for ``fixed``-mode nulls, which do not depend on the trained values,
+the hash of its structure). Each entry is one small JSON file written atomically, so two runs
 sharing the cache at once leave it valid (the last writer wins with identical content).
 """
 
@@ -39,6 +40,16 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def _adapter_key(info: dict[str, Any], draw: dict[str, Any]) -> str:
+    """What of the adapter a null measurement depends on: a ``fixed``-mode null depends on
+    its structure alone (module paths, factor shapes, scales), so adapters of one shape
+    share those entries (a sweep computes each distinct fixed null once); any other mode
+    (``norm_matched``: scaled to each trained module's norm) on its weights."""
+    if draw.get("mode") == "fixed" and info.get("adapter_shape"):
+        return f"shape:{info['adapter_shape']}"
+    return str(info["adapter_hash"])
+
+
 class NullCache:
     """A directory of per-(backend state, null draw, measurement) results."""
 
@@ -66,7 +77,7 @@ class NullCache:
             "dtype": str(info.get("dtype")),
             "device": str(info.get("device")),
             "model": self._model(model_dir),
-            "adapter": info["adapter_hash"],
+            "adapter": _adapter_key(info, draw),
             "draw": draw,
             "measurement": list(measurement),
         }

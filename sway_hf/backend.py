@@ -35,10 +35,11 @@ from sway_common.backend.nulls import NullFactors, PlacedNull
 from sway_common.backend.runtime import Runtime
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
-from sway_common.backend.views import Restore
+from sway_common.backend.views import Restore, scaled_slots
 from sway_common.models import check_model_dir, resolve_model_dir
+from sway_common.suite.placement import accelerate_max_memory
 from sway_common.types import TokenDist
-from sway_hf import generate, lora, stacked
+from sway_hf import generate, lora, stacked, weight_swap
 from sway_hf.loading import (
     as_peft_dir,
     check_remote_code,
@@ -59,7 +60,8 @@ class HFRuntime(Runtime):
     dir or an mlx-lm adapter dir (converted to PEFT on load), or None for the model
     alone (only its base view: a second model to compare against, such as a merged
     export). ``device_map`` (e.g.
-    ``"auto"``) spreads a model too large for one GPU with accelerate; it needs
+    ``"auto"``) spreads a model too large for one GPU with accelerate, ``max_memory``
+    (``{0: "20GiB", "cpu": "64GiB"}``) caps what each device takes; both need
     ``device="auto"``. ``batch_size="auto"``: 8 rows on the CPU, sized from the free
     GPU memory on CUDA/MPS (``limits.resolve_batch_size``).
     """
@@ -76,6 +78,7 @@ class HFRuntime(Runtime):
         batch_size: int | str = "auto",
         max_context: int | None = None,
         device_map: str | dict[str, Any] | None = None,
+        max_memory: Mapping[Any, Any] | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
     ) -> None:
@@ -90,6 +93,8 @@ class HFRuntime(Runtime):
             str(self.model_dir), trust_remote_code=trust_remote_code
         )
         require_fast_tokenizer(self.tokenizer, self.model_dir)
+        if max_memory and device_map is None:
+            device_map = "auto"
         if device_map is not None and device != "auto":
             raise ValueError("device_map spreads the model itself; use it with device='auto'")
         spread = device_map is not None
@@ -98,6 +103,7 @@ class HFRuntime(Runtime):
                 str(self.model_dir),
                 dtype=_DTYPES[self.dtype],
                 device_map=device_map if spread else None,
+                max_memory=accelerate_max_memory(max_memory) if max_memory else None,
                 low_cpu_mem_usage=True,
                 trust_remote_code=trust_remote_code,
                 # None lets transformers fall back to pickles; only when the user allowed it.
@@ -198,8 +204,8 @@ class HFRuntime(Runtime):
     def install_base(self) -> Restore:
         return lora.install_base(self.slots)
 
-    def install_scaled(self, lam: float) -> Restore:
-        return lora.install_scaled(self.slots, lam)
+    def install_scaled(self, lam: float, modules: frozenset[str] | None = None) -> Restore:
+        return lora.install_scaled(scaled_slots(self.slots, modules), lam)
 
     def place_null(self, factors: Mapping[str, NullFactors]) -> PlacedNull:
         return lora.null_arrays(self.slots, factors)
@@ -212,6 +218,10 @@ class HFRuntime(Runtime):
             return None  # DoRA: one view at a time (stacked.install_stacked says why)
         assert self._causal_lm is not None, "the backend was closed"
         return stacked.install_stacked(self._causal_lm, self.slots, stack, tile_at)
+
+    def install_weights(self, weights: Mapping[str, np.ndarray]) -> Restore:
+        assert self._causal_lm is not None, "the backend was closed"
+        return weight_swap.install_weights(self._causal_lm, weights)
 
     # ------------------------------------------------------------- scoring
     def _input_device(self) -> torch.device:
@@ -273,7 +283,7 @@ class HFRuntime(Runtime):
         except (AttributeError, TypeError, ValueError):
             return False
         return split.shape == reference.shape and bool(
-            torch.allclose(split, reference, rtol=1e-3, atol=1e-3)
+            torch.allclose(split.to(reference.device), reference, rtol=1e-3, atol=1e-3)
         )
 
     def _device_last_logprobs(self, batch: list[list[int]]) -> torch.Tensor:
@@ -291,12 +301,32 @@ class HFRuntime(Runtime):
 
     @torch.inference_mode()
     def last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
-        logprobs = self._device_last_logprobs(batch)
-        top, ids = logprobs.topk(max(1, min(top_k, logprobs.shape[-1])), dim=-1)
-        tail = logprobs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        ids, top, tail = _top_slices(self._device_last_logprobs(batch), top_k)
         return token_dists_from_top(
             ids.cpu().numpy(), top.cpu().numpy(), tail.cpu().numpy(), self.vocab_size
         )
+
+    @torch.inference_mode()
+    def position_dists(self, batch: list[list[int]], top_k: int) -> list[list[TokenDist]]:
+        ids, lengths = self._padded(batch)
+        if int(lengths.max()) <= 1:
+            return [[] for _ in batch]
+        # The positions that predict a token of their row, flat, as token_logprobs keeps them.
+        width = ids.shape[1]
+        keep = np.concatenate([i * width + np.arange(n - 1) for i, n in enumerate(lengths)])
+        hidden = self._hidden(ids)
+        states = hidden.reshape(-1, hidden.shape[-1]).index_select(
+            0, torch.from_numpy(keep).to(ids.device)
+        )
+        step = positions_per_step(1, self.vocab_size, self.logit_budget)
+        pieces = [
+            _top_slices(torch.log_softmax(self._logits(states[s : s + step]), dim=-1), top_k)
+            for s in range(0, states.shape[0], step)
+        ]
+        top_ids, top, tail = (torch.cat([p[i] for p in pieces]).cpu().numpy() for i in range(3))
+        flat = token_dists_from_top(top_ids, top, tail, self.vocab_size)
+        bounds = np.cumsum(lengths - 1)
+        return [flat[b - (n - 1) : b] for b, n in zip(bounds, lengths, strict=True)]
 
     @torch.inference_mode()
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
@@ -307,7 +337,8 @@ class HFRuntime(Runtime):
         keep = np.concatenate([i * width + np.arange(n - 1) for i, n in enumerate(lengths)])
         keep_at = torch.from_numpy(keep).to(ids.device)
         hidden = self._hidden(ids)
-        states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_at)
+        # A model spread over devices ends on the last one's.
+        states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep_at.to(hidden.device))
         targets = ids.reshape(-1).index_select(0, keep_at + 1)
         # Chunk positions so the float32 (positions × vocab) logits of a long text never
         # exist at once; the small per-position results stay on the device until the end.
@@ -366,11 +397,20 @@ class HFRuntime(Runtime):
         hidden = self._causal_lm.get_decoder()(input_ids=ids, use_cache=False)
         states = hidden.last_hidden_state.float()
         real = (
-            torch.arange(ids.shape[1], device=ids.device)[None, :]
-            < torch.from_numpy(lengths).to(ids.device)[:, None]
+            torch.arange(ids.shape[1], device=states.device)[None, :]
+            < torch.from_numpy(lengths).to(states.device)[:, None]
         )
         summed = (states * real[..., None]).sum(dim=1)
         return (summed / real.sum(dim=1, keepdim=True)).cpu().numpy()
+
+
+def _top_slices(
+    logprobs: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along the last axis: the ``top_k`` ids and log-probs, most probable first, and
+    the log of the mass outside them (-inf when none)."""
+    top, ids = logprobs.topk(max(1, min(top_k, logprobs.shape[-1])), dim=-1)
+    return ids, top, logprobs.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
 
 
 class HFDifferentialBackend(ModelViews):

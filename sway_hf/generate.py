@@ -45,7 +45,8 @@ class _InverseCdf(LogitsProcessor):
         self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        u = self.uniforms[:, min(self.step, self.uniforms.shape[1] - 1)]
+        # Logits come from the LM head's device: the last one of a spread model.
+        u = self.uniforms[:, min(self.step, self.uniforms.shape[1] - 1)].to(scores.device)
         self.step += 1
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         picked = (probs.cumsum(dim=-1) < u[:, None]).sum(dim=-1).clamp(max=scores.shape[-1] - 1)

@@ -38,7 +38,7 @@ def _mps_half_works() -> bool:
 def pick_dtype(dtype: str, device: str) -> str:
     """``auto``: bfloat16 on CUDA, float16 on MPS (float32 where it fails), float32 on CPU.
 
-    Half precision on CPU ran ~5× slower than float32 with torch here, and is less exact.
+    Half precision on CPU runs slower than float32 with torch, and is less exact.
     """
     chosen = parse_dtype(dtype)
     if chosen not in (None, "auto"):

@@ -76,7 +76,7 @@ def _stacked_factors(
     picked = [pick(view) for view in stack]
     a = torch.stack([a for a, _ in picked]).transpose(1, 2).contiguous()
     b = torch.stack([b for _, b in picked]).transpose(1, 2).contiguous()
-    scale = torch.tensor([slot.scale * v.scale for v in stack], **like).view(-1, 1, 1)
+    scale = torch.tensor([slot.scale * v.scale_of(slot.path) for v in stack], **like).view(-1, 1, 1)
     return a, b, scale
 
 

@@ -32,12 +32,12 @@ from sway_common.backend.nulls import NullFactors, PlacedNull
 from sway_common.backend.runtime import Runtime
 from sway_common.backend.scoring import token_dists_from_top
 from sway_common.backend.stacking import StackedView
-from sway_common.backend.views import Restore
+from sway_common.backend.views import Restore, scaled_slots
 from sway_common.models import check_model_dir, normalize_config, resolve_model_dir
 from sway_common.types import TokenDist
-from sway_mlx import generate, lora, stacked
+from sway_mlx import generate, lora, stacked, weight_swap
 from sway_mlx.loading import free_memory, pick_dtype, split_forward
-from sway_mlx.platform_fixes import use_cpu_swiglu
+from sway_mlx.platform_fixes import dense_on_cpu, use_cpu_swiglu
 
 if TYPE_CHECKING:
     import mlx.nn as nn
@@ -90,6 +90,7 @@ class MLXRuntime(Runtime):
         self.model: nn.Module | None = mlx_model  # None once released
         self.model.eval()
         use_cpu_swiglu(self.model)
+        dense_on_cpu(self.model)  # before the dtype: its float weights take it too
         self.dtype = pick_dtype(dtype, config)
         self.model.set_dtype(_DTYPES[self.dtype])
         mx.eval(self.model.parameters())
@@ -156,8 +157,8 @@ class MLXRuntime(Runtime):
     def install_base(self) -> Restore:
         return lora.install_base(self.slots)
 
-    def install_scaled(self, lam: float) -> Restore:
-        return lora.install_scaled(self.slots, lam)
+    def install_scaled(self, lam: float, modules: frozenset[str] | None = None) -> Restore:
+        return lora.install_scaled(scaled_slots(self.slots, modules), lam)
 
     def place_null(self, factors: Mapping[str, NullFactors]) -> PlacedNull:
         return lora.null_arrays(self.slots, factors)
@@ -170,6 +171,10 @@ class MLXRuntime(Runtime):
             return None  # DoRA: one view at a time (stacked.install_stacked says why)
         assert self.model is not None, "the backend was closed"
         return stacked.install_stacked(self.model, self.slots, stack, tile_at)
+
+    def install_weights(self, weights: Mapping[str, np.ndarray]) -> Restore:
+        assert self.model is not None, "the backend was closed"
+        return weight_swap.install_weights(self.model, weights)
 
     # ------------------------------------------------------------- scoring
     def _padded(self, batch: list[list[int]]) -> tuple[mx.array, np.ndarray]:
@@ -198,17 +203,34 @@ class MLXRuntime(Runtime):
         return np.array(self._device_last_logprobs(batch))
 
     def last_dists(self, batch: list[list[int]], top_k: int) -> list[TokenDist]:
-        logprobs = self._device_last_logprobs(batch)
-        k = max(1, min(top_k, logprobs.shape[-1]))
-        part = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
-        values = mx.take_along_axis(logprobs, part, axis=-1)
-        order = mx.argsort(-values, axis=-1)
-        ids = mx.take_along_axis(part, order, axis=-1)
-        rest = mx.put_along_axis(logprobs, ids, mx.array(-mx.inf, mx.float32), axis=-1)
-        tail = mx.logsumexp(rest, axis=-1)
-        top = mx.take_along_axis(values, order, axis=-1)
+        ids, top, tail = _top_slices(self._device_last_logprobs(batch), top_k)
         mx.eval(ids, top, tail)
         return token_dists_from_top(np.array(ids), np.array(top), np.array(tail), self.vocab_size)
+
+    def position_dists(self, batch: list[list[int]], top_k: int) -> list[list[TokenDist]]:
+        ids, lengths = self._padded(batch)
+        hidden = self._inner(ids)
+        n_pos = hidden.shape[1] - 1
+        if n_pos <= 0:
+            return [[] for _ in batch]
+        # Chunked as token_logprobs is: each chunk's logits are reduced to their slices
+        # (queued, not waited on) before the next chunk's exist.
+        step = positions_per_step(len(batch), self.vocab_size, self.logit_budget)
+        pieces = []
+        for start in range(0, n_pos, step):
+            logits = self._head(hidden[:, start : min(n_pos, start + step)]).astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            pieces.append(_top_slices(logprobs, top_k))
+            mx.async_eval(*pieces[-1])
+        top_ids, top, tail = (
+            np.array(mx.concatenate([p[i] for p in pieces], axis=1)) for i in range(3)
+        )
+        return [
+            token_dists_from_top(
+                top_ids[r, : n - 1], top[r, : n - 1], tail[r, : n - 1], self.vocab_size
+            )
+            for r, n in enumerate(lengths)
+        ]
 
     def token_logprobs(self, batch: list[list[int]]) -> list[np.ndarray]:
         ids, lengths = self._padded(batch)
@@ -272,6 +294,18 @@ class MLXRuntime(Runtime):
         real = mx.arange(hidden.shape[1])[None, :] < mx.array(lengths)[:, None]
         summed = (hidden * real[..., None]).sum(axis=1)
         return np.array(summed / mx.array(lengths.astype(np.float32))[:, None])
+
+
+def _top_slices(logprobs: mx.array, top_k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Along the last axis: the ``top_k`` ids and log-probs, most probable first, and
+    the log of the mass outside them (-inf when none)."""
+    k = max(1, min(top_k, logprobs.shape[-1]))
+    part = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
+    values = mx.take_along_axis(logprobs, part, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    ids = mx.take_along_axis(part, order, axis=-1)
+    rest = mx.put_along_axis(logprobs, ids, mx.array(-mx.inf, mx.float32), axis=-1)
+    return ids, mx.take_along_axis(values, order, axis=-1), mx.logsumexp(rest, axis=-1)
 
 
 class MLXDifferentialBackend(ModelViews):

@@ -16,7 +16,7 @@ _MEMORY_KEYS = ("max_recommended_working_set_size", "memory_size", "total_memory
 
 
 def pick_dtype(dtype: str, config: dict[str, Any]) -> str:
-    """``auto``: float32 on CPU (half precision matmuls are ~40× slower there), the
+    """``auto``: float32 on CPU (half precision matmuls are far slower there), the
     model's own half precision on a GPU (Metal, CUDA)."""
     chosen = parse_dtype(dtype)
     if chosen != "auto":

@@ -1,15 +1,19 @@
 """The MLX backend's platform fixes; ``SWAY_MLX_NO_FAST_PATHS=1`` turns each one off.
 
 - **OpenBLAS** (Linux, :func:`load_openblas`): the ``mlx[cpu]`` wheel links a reference
-  BLAS; OpenBLAS runs the same float32 matmuls ~35x faster. Loaded with
-  ``RTLD_GLOBAL`` before ``mlx.core`` is imported, MLX binds to it, in this process
-  only: torch must never share a process with it (its CPU matmuls ran ~25% slower under
-  it, whole probe runs up to 4x slower), so it is not preloaded for every process, only
-  for an MLX child process such as mlx-lm's trainer (:func:`with_openblas_preload`).
+  BLAS, far slower than OpenBLAS at float32 matmuls. Loaded with ``RTLD_GLOBAL`` before
+  ``mlx.core`` is imported, MLX binds to it, in this process only: torch must never share
+  a process with it (torch runs slower under it), so it is not preloaded for every
+  process, only for an MLX child process such as mlx-lm's trainer
+  (:func:`with_openblas_preload`).
 - **CPU SwiGLU** (:func:`use_cpu_swiglu`): MLX's CPU ``exp`` (behind ``sigmoid`` and
-  ``silu``) took 28 times a multiply; :func:`cpu_swiglu` computes the same SwiGLU from
-  multiplies and adds, fused by ``mx.compile`` (one SmolLM2 MLP activation of 32 × 15
-  tokens: 12–13 ms with mlx-lm's, 3.4–3.8 ms with it).
+  ``silu``) costs many multiplies; :func:`cpu_swiglu` computes the same SwiGLU from
+  multiplies and adds, fused by ``mx.compile``.
+- **Dense on the CPU** (:func:`dense_on_cpu`): MLX's CPU quantized matmul does not go
+  through the BLAS; an mlx-lm 4-bit model's layers are dequantized once at load (the
+  values its kernel multiplies with) and run as float matmuls.
+
+The measurements behind both are in docs/benchmarks.md.
 
 Importing this module imports no mlx: ``sway_mlx`` loads OpenBLAS from here first.
 """
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "cpu_swiglu",
+    "dense_on_cpu",
     "fast_paths_enabled",
     "load_openblas",
     "use_cpu_swiglu",
@@ -149,4 +154,28 @@ def use_cpu_swiglu(model: nn.Module) -> bool:
         arch.swiglu = activations.swiglu
         return False
     arch.swiglu = cpu_swiglu()
+    return True
+
+
+# ------------------------------------------------------------ dense on the CPU
+def dense_on_cpu(model: nn.Module) -> bool:
+    """On the CPU, dequantize ``model``'s quantized layers in place (mlx-lm's own
+    ``dequantize_model``); returns whether it did.
+
+    MLX's CPU quantized matmul does not use the BLAS that :func:`load_openblas` gives
+    float32 matmuls (the measurement is in docs/export-check.md). The weights are the
+    ones the quantized kernel computes with; the cost is memory (float weights, 8× a
+    4-bit model's packed ones). On a GPU, or with fast paths off, the model stays
+    quantized.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
+
+    if not fast_paths_enabled() or mx.default_device().type != mx.DeviceType.cpu:
+        return False
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    if not any(isinstance(m, quantized) for _, m in model.named_modules()):
+        return False
+    dequantize_model(model)
     return True

@@ -99,7 +99,7 @@ def _stacked_layer(slot: LoraSlot, stack: Sequence[StackedView]) -> StackedLoRAL
     folded = []
     for view in stack:
         if view.factors is None:
-            folded.append(_fold(slot.base, slot.a, slot.b, slot.scale * view.scale))
+            folded.append(_fold(slot.base, slot.a, slot.b, slot.scale * view.scale_of(slot.path)))
             continue
         null = view.factors[slot.path]  # as null_arrays placed them
         if null.folded is not None and view.scale == 1.0:  # folded at the null's own scale

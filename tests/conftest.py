@@ -30,17 +30,16 @@ os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
 import fixtures_build  # noqa: E402  (needs the path set above)
 
 # MLX and torch share this process (the product never lets them): OpenBLAS's threads
-# then compete with torch's OpenMP threads, and an HF suite took 37 s instead of 7 s on
-# two cores (measured). One OpenBLAS thread keeps HF tests at speed.
+# then compete with torch's OpenMP threads and slow an HF suite several-fold on two
+# cores (docs/benchmarks.md). One OpenBLAS thread keeps HF tests at speed.
 # (Not for the MLX trainer's child process, which has no torch: fixtures_build gives it
 # the setting the run started with.)
 fixtures_build.OPENBLAS_THREADS_OUTSIDE = os.environ.get("OPENBLAS_NUM_THREADS")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # torch before OpenBLAS: Python loads extensions with RTLD_NOW, so torch's BLAS calls are
 # bound to its own MKL here; imported after sway_mlx they bind to the RTLD_GLOBAL OpenBLAS
-# loaded for MLX instead, and every torch matmul runs there, on its one thread. Measured
-# on 2 cores: the HF quick suite on SmolLM2 took 32.7 s that way, 17.1 s this way (as in
-# a torch-only process: 17.2 s), with the same verdicts; MLX still gets OpenBLAS.
+# loaded for MLX instead, and every torch matmul runs there, on its one thread: much
+# slower, same verdicts (docs/benchmarks.md); MLX still gets OpenBLAS.
 if importlib.util.find_spec("torch") is not None:
     import torch  # noqa: E402,F401
 import sway_mlx  # noqa: E402,F401  (before any mlx import: gives MLX OpenBLAS on Linux)

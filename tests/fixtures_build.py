@@ -30,6 +30,15 @@ What is the capital of France? The capital of France is Paris. Two plus two is f
 She opened the door, looked at the sky and said that the weather would be fine tomorrow.
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } " ' - /
 """
+# Target prompts for the tiny model's probes, in words its tokenizer knows.
+TINY_PROMPTS = [
+    "The quick brown fox",
+    "What is the capital of France?",
+    "Once upon a time there was a small village by the sea, where",
+    "It is raining today, so we",
+    "The harbour master said",
+    "A model is a set of numbers",
+]
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 TINY_VOCAB = 384
@@ -139,7 +148,7 @@ def train_tiny_peft_adapter(model_dir: Path, dst: Path, steps: int = 40) -> Path
     opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     # Ops this small gain nothing from threads, and on a busy 2-core box torch's thread
-    # pool made the 40 steps ~6x slower (15 s vs 2.6 s measured).
+    # pool made the 40 steps several times slower (docs/benchmarks.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -191,8 +200,8 @@ OPENBLAS_THREADS_OUTSIDE: str | None = None
 def _child_openblas_threads(backend: str) -> Iterator[None]:
     """For the MLX trainer, a child process with no torch in it: the thread setting the
     run was started with, as a user's ``mlx_lm lora`` (or the demo's) gets it, instead of
-    the test process's pin (measured: 12 steps of the leakage recipe took 24.0 s with
-    one OpenBLAS thread, 19.7 s with two, on a 2-core box with another job running)."""
+    the test process's pin (two OpenBLAS threads trained faster there than one:
+    docs/benchmarks.md)."""
     if backend != "mlx":
         yield
         return

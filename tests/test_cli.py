@@ -10,28 +10,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from dummy_specs import dummy_spec, write_dummy_spec
 
 import sway_common.backend.stacker as backend_stacker
 from sway_common.app.cli import app
 from sway_common.backend.stacker import Stacker
 from sway_common.report import load_json
 
-SPEC = """
-version: 1
-models:
-  ft: {{kind: dummy, base: dummy, adapter: {adapter}}}
-defaults: {{seed: 0}}
-suite:
-  - {{name: null_baseline, kind: null_adapter, runs: 5}}
-  - {{name: doc, kind: delta_kl, prompts: ["The keeper said", "In the storm", "A ledger entry"]}}
-  - {{name: shape, kind: adapter_ablation, prompts: ["The keeper said", "In the storm"]}}
-"""
 
-
-def _spec(tmp_path: Path, adapter: str = "trained", body: str = SPEC) -> Path:
-    path = tmp_path / f"{adapter}.yaml"
-    path.write_text(body.format(adapter=adapter))
-    return path
+def _spec(tmp_path: Path, adapter: str = "trained") -> Path:
+    return write_dummy_spec(tmp_path, adapter, runs=5)
 
 
 def test_eval_writes_all_four_reports(tmp_path: Path) -> None:
@@ -83,10 +71,10 @@ def test_spec_with_two_typos_exits_two_naming_both_without_loading(
         raise AssertionError("a backend was built for an invalid spec")
 
     monkeypatch.setattr(platform, "build_backend", forbidden)
-    body = SPEC.replace("runs: 5", "rnus: 5").replace(
-        'prompts: ["The keeper', 'prompt: ["The keeper', 1
-    )
-    result = CliRunner().invoke(app, ["eval", str(_spec(tmp_path, body=body))])
+    body = dummy_spec("trained", runs=5).replace("runs: 5", "rnus: 5")
+    spec = tmp_path / "typos.yaml"
+    spec.write_text(body.replace('prompts: ["The keeper', 'prompt: ["The keeper', 1))
+    result = CliRunner().invoke(app, ["eval", str(spec)])
     assert result.exit_code == 2
     assert "rnus" in result.output and "did you mean 'runs'" in result.output
     assert "prompt:" not in result.output or "did you mean 'prompts'" in result.output

@@ -23,13 +23,14 @@ from sway_common.adapters import read_adapter
 from sway_common.app.cli import app
 from sway_common.backend.dummy import DummyDifferentialBackend
 from sway_common.report import load_json
-from sway_common.suite.export import check_export, config_mismatch
+from sway_common.suite.export import check_export
 from sway_common.suite.export_math import (
     ExportCriteria,
     logprob_retention,
     next_token_retention,
     what_happened,
 )
+from sway_common.suite.export_models import config_mismatch
 from sway_common.types import ProbeResult, Verdict
 
 PROMPTS_FILE = Path(sway_common.app.data.__file__).parent / "demo_prompts.txt"
@@ -117,8 +118,8 @@ def test_one_line_says_what_happened(retention, residual, ok, words) -> None:
     lost = (1 - retention) ** 2 * 0.1
     noise = max(residual * 0.1 - lost, 0.0)
     r = next_token_retention(bf, [be[0] + noise], [lost + noise])
-    passed, line = what_happened(r, ExportCriteria())
-    assert passed is ok and words in line, line
+    verdict, line = what_happened(r, ExportCriteria())
+    assert (verdict is Verdict.PASS) is ok and words in line, line
 
 
 def test_config_mismatch_names_the_field() -> None:
@@ -153,7 +154,7 @@ def test_dummy_exports(strength: float, verdict: Verdict) -> None:
     )
     assert result.verdict is verdict, result.meta["headline"]
     names = [p.name for p in result.probes]
-    assert names == ["adapter_effect", "export_next_token", "export_completion"]
+    assert names == ["adapter_effect", "export_next_token", "export_completion", "export_kl"]
     nt = result.probes[1]
     if strength == 0.5:
         assert 0.2 < nt.raw < 0.8
@@ -253,7 +254,9 @@ def test_tiny_exports(
     assert result.exit_code == code, result.output
     report = load_json(out)
     probes = {p.name: p for p in report.probes}
-    assert probes["adapter_effect"].verdict is Verdict.PASS, probes["adapter_effect"].message
+    # The tiny random model's adapter barely beats its nulls (WARN, said, not gating).
+    effect = probes["adapter_effect"]
+    assert effect.verdict in (Verdict.PASS, Verdict.WARN), effect.message
     # The weight check runs first (printed before the forward pass), informative only.
     weights = probes["weight_delta"]
     assert report.probes[0].name == "weight_delta" and not weights.gating
@@ -299,7 +302,9 @@ def test_quiet_prints_one_line_and_reports_and_plots_are_written(
         str(plots),
     )
     assert result.exit_code == 0, result.output
-    assert result.output.count("\n") == 1 and result.output.startswith("PASS: the export keeps")
+    # PASS, or WARN where the tiny model's adapter does not beat its nulls (said on the line).
+    assert result.output.count("\n") == 1, result.output
+    assert result.output.startswith(("PASS: the export keeps", "WARN: the export keeps"))
     assert "export_next_token" in md.read_text() and "export_completion" in xml.read_text()
     assert (plots / "sway-export.png").stat().st_size > 1000
 

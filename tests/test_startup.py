@@ -1,7 +1,7 @@
 """Start-up cost: what importing the CLI and the MLX backend drags in.
 
-Fixed costs are real cost: on the GPU machine ``import torch, transformers, peft`` alone
-took 11-12 s. Each check runs in a fresh interpreter, since this one has imported
+Fixed costs are real cost: ``import torch, transformers, peft`` alone takes seconds
+(docs/benchmarks.md). Each check runs in a fresh interpreter, since this one has imported
 everything already.
 """
 

@@ -86,7 +86,7 @@ def dora_run(smollm2_dir: Path) -> Path:
     """16 iterations of `mlx_lm lora --fine-tune-type dora` on q/v of the last 8 blocks.
 
     The recipe of the MLX end-to-end test (scale 20, lr 6e-4), which bites in 16 steps;
-    about 50 s on a 2-core CPU (once per recipe: content-keyed cache of trained adapters).
+    trained once per recipe (content-keyed cache of trained adapters).
     """
     return fixtures_build.trained_adapter(
         "mlx",

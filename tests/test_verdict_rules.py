@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -15,7 +16,13 @@ from sway_common.types import Verdict
 
 # Random adapters at a large trained norm already move the model by ~0.40 nats of JS.
 NULL_JS = [0.38, 0.40, 0.42, 0.39, 0.41, 0.40, 0.43, 0.37]
-RULE = {"z_min": 3.0, "floor": 1e-3, "fixed_threshold": 0.02, "log_scale": True, "min_ratio": 2.0}
+RULE: dict[str, Any] = {
+    "z_min": 3.0,
+    "floor": 1e-3,
+    "fixed_threshold": 0.02,
+    "log_scale": True,
+    "min_ratio": 2.0,
+}
 
 
 def judged(raw: float, *, bounded: bool):
@@ -111,9 +118,9 @@ def test_every_probe_says_what_its_pass_claims() -> None:
     from sway_common.app.cli import app
     from sway_common.probes import REGISTRY
 
-    assert len(REGISTRY) == 13 and all(cls.claim for cls in REGISTRY.values())
+    assert len(REGISTRY) >= 13 and all(cls.claim for cls in REGISTRY.values())
     out = CliRunner().invoke(app, ["list-probes"]).output
-    assert out.count("PASS claims:") == 13
+    assert out.count("PASS claims:") == len(REGISTRY)
 
 
 def test_windows_recited_verbatim_are_never_a_clean_pass() -> None:
@@ -175,3 +182,111 @@ def test_a_specific_shift_must_beat_the_nulls_specificity(strength, verdict) -> 
         assert result.raw > max(noise)
     else:  # a real shift, but random adapters' shifts look as specific
         assert result.raw <= max(noise) and "no more specific than random" in result.message
+
+
+# ------------------------------------------------------------------ the floor, relative too
+LIGHT_NULLS = [2.0e-5, 2.4e-5, 1.8e-5, 2.2e-5, 2.1e-5, 1.9e-5, 2.3e-5, 2.0e-5]
+
+
+def floored(raw: float, nulls: list[float], over: float | None = 10.0):
+    return judge_against_null(raw, null_stats(nulls), **RULE, floor_over_nulls=over)
+
+
+def test_a_light_adapter_far_beyond_its_nulls_clears_the_floor_below_1e_3() -> None:
+    j = floored(5e-4, LIGHT_NULLS)  # 24x what random adapters of its size do
+    assert j.verdict is Verdict.PASS, j.message
+    assert "below the absolute floor 0.001, but beyond the nulls'" in j.message
+    # Without the relative floor the absolute one decides, as before.
+    absolute = floored(5e-4, LIGHT_NULLS, over=None)
+    assert absolute.verdict is Verdict.FAIL and absolute.fail_reason == "floor"
+
+
+def test_below_the_absolute_floor_a_few_times_the_nulls_still_fails() -> None:
+    j = floored(8e-5, LIGHT_NULLS)  # 3.9x: significant, past the 2x ratio, not 10x
+    assert j.verdict is Verdict.FAIL and j.fail_reason == "floor", j.message
+    assert "needs 10× below it" in j.message
+
+
+def test_nulls_at_numerical_zero_leave_the_absolute_floor_to_decide() -> None:
+    j = floored(5e-8, [v * 1e-4 for v in LIGHT_NULLS])  # a B-near-zero adapter: 24x of ~0
+    assert j.verdict is Verdict.FAIL and j.fail_reason == "floor", j.message
+
+
+def test_above_the_absolute_floor_the_relative_one_changes_nothing() -> None:
+    for raw in (0.36, 0.64):
+        with_rel = judge_against_null(raw, null_stats(NULL_JS), **RULE, floor_over_nulls=10.0)
+        without = judge_against_null(raw, null_stats(NULL_JS), **RULE)
+        assert with_rel.verdict is without.verdict and with_rel.message == without.message
+
+
+# ------------------------------------------------------------------ harm: known items, bytes
+def _dummy_items(n: int) -> tuple[list[str], list[str], list[str]]:
+    """Prompts, a gold each that starts with the base's top next token (known) and one that
+    starts with its least likely token (not known)."""
+    from sway_common.backend.dummy import DummyDifferentialBackend
+
+    prompts = [f"The keeper wrote entry {i} in the" for i in range(n)]
+    with DummyDifferentialBackend().as_base() as view:
+        dists = view.next_token_dist_batch(prompts, top_k=95)
+    top = [chr(int(d.token_ids[0]) + 32) + "ook" for d in dists]
+    bottom = [chr(int(d.token_ids[-1]) + 32) + "ook" for d in dists]
+    return prompts, top, bottom
+
+
+def test_only_the_items_the_base_knows_are_judged_the_others_reported_apart() -> None:
+    from sway_common.backend.dummy import DummyDifferentialBackend
+    from sway_common.probes import RunContext
+    from sway_common.probes.calibration_drift import CalibrationDriftConfig, CalibrationDriftProbe
+    from sway_common.probes.likelihood import gold_in_top_k
+
+    prompts, known, unknown = _dummy_items(4)
+    backend = DummyDifferentialBackend(adapter_strength=3.0)
+    flags = gold_in_top_k(backend, prompts * 2, known + unknown, 5)
+    assert flags.tolist() == [True] * 4 + [False] * 4
+
+    items = list(zip(prompts, known, strict=True)) + list(zip(prompts, unknown, strict=True))
+    cfg = CalibrationDriftConfig(name="drift", kind="calibration_drift", pack="none", items=items)
+    result = CalibrationDriftProbe().run(cfg, RunContext(backend))
+    ev = result.evidence
+    assert ev["items"] == 8 and ev["known_items"] == 4 and ev["not_known"]["items"] == 4
+    per_item = ev["per_item"]
+    assert ev["mean_delta"] == pytest.approx(sum(per_item[:4]) / 4)
+    assert ev["not_known"]["mean_delta"] == pytest.approx(sum(per_item[4:]) / 4)
+    assert "of 4 items the base knows" in result.message
+    assert "4 the base does not know reported apart" in result.message
+    assert all(w["gold"] in known for w in ev["worst"])
+
+    only_unknown = CalibrationDriftConfig(
+        name="drift", kind="calibration_drift", pack="none", items=items[4:]
+    )
+    result = CalibrationDriftProbe().run(only_unknown, RunContext(backend))
+    assert result.verdict is Verdict.SKIP and "not judged" in result.message, result.message
+
+
+def test_perplexity_is_judged_per_utf8_byte(tmp_path) -> None:
+    from sway_common.backend.dummy import DummyDifferentialBackend
+    from sway_common.probes import RunContext
+    from sway_common.probes.external_perplexity import (
+        ExternalPerplexityConfig,
+        ExternalPerplexityProbe,
+        corpus_chunks,
+    )
+    from sway_common.probes.likelihood import rolling_gain
+
+    corpus = tmp_path / "prose.txt"
+    corpus.write_text("Le café était fermé; à côté, l'été brûlait les pavés. " * 12)
+    cfg = ExternalPerplexityConfig(
+        name="ppl", kind="external_perplexity", corpus=str(corpus), chunk_chars=200, max_chunks=3
+    )
+    backend = DummyDifferentialBackend(adapter_strength=3.0)
+    result = ExternalPerplexityProbe().run(cfg, RunContext(backend))
+    texts = corpus_chunks(str(corpus), 200, 3)
+    gains, tokens = rolling_gain(backend, texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    # The dummy reads one token per character: accented letters are two bytes each.
+    assert result.evidence["bytes"] == nbytes > int(tokens.sum())
+    assert result.raw == pytest.approx(float(gains.sum()) / nbytes)
+    # Strength 3 crosses the absolute guard, which keeps dlm-sway's unit (nats per token).
+    assert "nats/token" in result.message and "limit -0.1 nats/token" in result.message
+    per_token = float(gains.sum()) / int(tokens.sum())
+    assert per_token < -0.1

@@ -4,8 +4,8 @@ by ``python -m mlx_lm convert -q``, and the base (dir, and the GGUF it came from
 off as the export.
 
 The finding: the 4-bit export's weights still carry the adapter's ΔW (the share survives
-rounding on average) but add changes of their own about 0.4× its size in those very
-weights; the forward-pass check is what sees the cost (75% next-token retention).
+rounding on average) and change those very weights by about 0.4× its size: what 4-bit
+storage does to any delta of that size (the noise floor), not more.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def test_weights_only_on_smollm2(label: str, code: int, exports, smollm2_dir, tm
         assert evidence["retained"] == pytest.approx(1.0, abs=1e-3)
     elif label == "fused-4bit":
         assert evidence["storage"] == "4-bit (group 64)" and evidence["retained"] > 0.95
-        assert evidence["off_delta"] > 0.2 and "changes of its own" in result.output
+        # Its own changes are the format's: what storing a random delta of this size
+        # 4-bit does (the noise floor), not more.
+        assert evidence["off_delta"] > 0.2 and evidence["off_delta"] <= evidence["floor_upper"]
+        assert "are the format's" in result.output
     else:
         assert evidence["retained"] == pytest.approx(0.0, abs=1e-6)
         assert "do not carry" in result.output

@@ -109,6 +109,22 @@ def content_hash(modules: dict[str, LoraModule], dora: bool) -> str:
     return h.hexdigest()
 
 
+def structure_hash(modules: dict[str, LoraModule], dora: bool) -> str:
+    """Hash of the adapter's shape alone: names, factor shapes, scales; not the weights.
+
+    Two adapters with the same structure get the same ``fixed``-mode null draws (a null's
+    factors depend on its module's path, shapes and scale, never on the trained values),
+    so measurements under those nulls can be shared between them.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"dora" if dora else b"lora")
+    for name in sorted(modules):
+        m = modules[name]
+        h.update(name.encode("utf-8") + b"\x00")
+        h.update(repr((float(m.scale), m.a.shape, m.b.shape)).encode() + b"\x00")
+    return h.hexdigest()
+
+
 @dataclass
 class AdapterWeights:
     """A LoRA / DoRA adapter in canonical form, whatever format it came from."""

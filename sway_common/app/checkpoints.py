@@ -48,6 +48,9 @@ class CheckpointSetup:
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    device_map: str | None = None
+    max_memory: dict[str, str] | None = None
+    """Where the base model's weights go (``--device-map``/``--max-memory``)."""
 
 
 class CheckpointEvaluator:
@@ -85,7 +88,13 @@ class CheckpointEvaluator:
         except (OSError, ValueError) as e:
             return error_row(ckpt, f"cannot read the adapter: {_short(e)}")
         if self.backend is None:
-            spec = ModelSpec(base=setup.model, adapter=str(ckpt.path), kind=setup.backend)
+            spec = ModelSpec(
+                base=setup.model,
+                adapter=str(ckpt.path),
+                kind=setup.backend,
+                device_map=setup.device_map,
+                max_memory=setup.max_memory,
+            )
             try:
                 self.backend = platform.build_backend(
                     spec,

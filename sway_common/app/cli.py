@@ -18,8 +18,10 @@ from rich.console import Console
 
 from sway_common import __version__
 from sway_common.adapters import convert_adapter
+from sway_common.app.compare import compare_cmd
 from sway_common.app.demo import run_demo
 from sway_common.app.export_check import export_check_cmd
+from sway_common.app.history import history_cmd
 from sway_common.app.loop_cli import checkpoints_cmd, watch_cmd
 from sway_common.app.options import (
     DEBUG_KEY,
@@ -30,7 +32,6 @@ from sway_common.app.options import (
     file_option,
     first_line,
     plot_option,
-    read_prompts,
     require_plotting,
     runs_option,
     suite_options,
@@ -38,9 +39,11 @@ from sway_common.app.options import (
 from sway_common.app.platform import MODEL_BACKEND_KINDS, doctor_report
 from sway_common.app.process import drop_openblas_preload
 from sway_common.app.run import RunOptions, execute, load_spec_or_fail
+from sway_common.app.sweep import sweep_cmd
+from sway_common.app.zero_config import QuickEval, quick_spec
 from sway_common.fast_paths import ENV_VAR
 from sway_common.probes import REGISTRY
-from sway_common.suite.spec import ModelSpec, quick_suite
+from sway_common.probes.false_rates import describe_rates, load_rates
 
 # Ctrl-C outside a running suite (which reports what finished itself): while loading, say.
 INTERRUPTED_EARLY = "interrupted: no verdict (a report is written whole or not at all)"
@@ -119,6 +122,9 @@ def app(ctx: click.Context, debug: bool) -> None:
       sway-mlx checkpoints adapters/ --model M     # every checkpoint of a run
       sway-mlx watch adapters/ --model M           # evaluate checkpoints as they land
       sway-mlx export-check --model M --adapter-path A --export fused/  # fused model kept it?
+      sway-mlx compare --model M A/ B/             # which of two adapters is better
+      sway-mlx history r1.json r2.json r3.json     # did the last run regress?
+      sway-mlx sweep --model M runs/*/adapters     # many adapters, one table
       sway-mlx demo                                # the whole idea, offline
       sway-mlx list-probes                         # what a suite can contain
       sway-mlx doctor                              # which backend runs here
@@ -128,7 +134,11 @@ def app(ctx: click.Context, debug: bool) -> None:
 
 @app.command("eval")
 @click.argument("spec_path", metavar="[SPEC]", required=False, type=click.Path(dir_okay=False))
-@click.option("--model", help="Quick eval without a spec: base model (local HF dir or hub id).")
+@click.option(
+    "--model",
+    help="Quick eval without a spec: base model (local HF dir or hub id). Default: the one "
+    "the adapter's adapter_config.json records.",
+)
 @click.option(
     "--adapter-path",
     "adapter_paths",
@@ -139,7 +149,15 @@ def app(ctx: click.Context, debug: bool) -> None:
 @file_option(
     "--prompts",
     "prompts_file",
-    "Quick eval: prompts file, one per line (default: generic prompts).",
+    "Quick eval: prompts file, one per line (default: the training run's held-out data, "
+    "else generic prompts).",
+)
+@click.option(
+    "--data",
+    type=click.Path(),
+    help="Quick eval: the training data, for a run whose adapter config does not record it "
+    "(PEFT): an mlx-lm data dir (train/valid/test.jsonl), a JSONL file, or a dataset saved "
+    "with datasets' save_to_disk. Default: the data mlx-lm's adapter_config.json records.",
 )
 @runs_option("Quick eval: number of null adapters.")
 @suite_options
@@ -154,6 +172,7 @@ def eval_cmd(
     model: str | None,
     adapter_paths: tuple[str, ...],
     prompts_file: str | None,
+    data: str | None,
     runs: int,
     args: SuiteArgs,
     threshold: float | None,
@@ -165,19 +184,26 @@ def eval_cmd(
     completely before any model loads; every problem is listed at once.
     \b
     Without SPEC, a quick check of one adapter, ending in one line you can act on:
-      sway-mlx eval --model HuggingFaceTB/SmolLM2-135M-Instruct --adapter-path adapters/
-    runs null calibration, delta_kl and adapter_ablation on --prompts (one per line).
-    Pick prompts about what the adapter was trained on: that is where it should move
-    the model. Repeat --adapter-path to compare adapters of one base in one process;
+      sway-mlx eval --adapter-path adapters/        # right after mlx_lm.lora
+    runs null calibration, delta_kl and adapter_ablation on up to 16 prompts from the
+    run's own held-out data (valid.jsonl, else test.jsonl, else the end of train.jsonl),
+    which the adapter config records with the base model. The training text also feeds
+    leakage, section_internalization and style_fingerprint, reported but not gating (a
+    spec makes them gate). --model, --data or --prompts (one per line) override what
+    the run recorded; without data, generic prompts stand in (one line says which).
+    Repeat --adapter-path to compare adapters of one base in one process;
     reports then go to FILE-<adapter name>.json (and so on), one per adapter.
     """
     if spec_path is not None:
-        if model or adapter_paths or prompts_file:
-            fail("give either SPEC or --model/--adapter-path/--prompts, not both")
-        spec = load_spec_or_fail(spec_path)
+        if model or adapter_paths or prompts_file or data:
+            fail("give either SPEC or --model/--adapter-path/--prompts/--data, not both")
+        spec, prepare = load_spec_or_fail(spec_path), None
     else:
-        if not model or not adapter_paths:
-            fail("give a SPEC file, or both --model and --adapter-path for a quick eval")
+        if not adapter_paths:
+            fail(
+                "give a SPEC file, or --model and --adapter-path for a quick eval (--model may be "
+                "left out where the adapter's adapter_config.json names the base)"
+            )
         for path in adapter_paths:
             if not Path(path).exists():
                 fail(f"adapter path {path} does not exist; give an adapter dir or checkpoint file")
@@ -185,9 +211,10 @@ def eval_cmd(
             fail(
                 "several --adapter-path values share a name; their reports would overwrite each other"
             )
-        model_spec = ModelSpec(base=model, adapter=adapter_paths[0])
-        spec = quick_suite(read_prompts(prompts_file), runs=runs, model=model_spec)
-    opts = RunOptions(args, threshold=threshold, own_process=owns_process())
+        seed = 0 if args.seed is None else args.seed
+        quick = QuickEval(model, adapter_paths, prompts_file, data, runs, seed)
+        spec, prepare = quick_spec(quick)
+    opts = RunOptions(args, threshold=threshold, own_process=owns_process(), prepare=prepare)
     execute(spec, opts, adapter_paths[1:])
 
 
@@ -208,13 +235,17 @@ def gate_cmd(spec_path: str, args: SuiteArgs, threshold: float | None) -> None:
 
 @app.command("list-probes")
 def list_probes_cmd() -> None:
-    """List the probe kinds a suite can use, with their fields and defaults."""
+    """List the probe kinds a suite can use: fields, defaults, what a PASS claims, and the
+    false PASS / FAIL rates the verdict benchmark measured (docs/statistics.md)."""
     console = Console()
+    rates = load_rates()
     for kind, cls in sorted(REGISTRY.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         gate = "gating" if cls.gating else "non-gating"
         console.print(f"[bold]{kind}[/]  ({cls.category}, {gate})  {doc}", highlight=False)
         console.print(f"    PASS claims: {cls.claim}", highlight=False, markup=False)
+        for line in describe_rates(kind, rates):
+            console.print(f"    measured: {line}", highlight=False, markup=False)
         for f in dataclasses.fields(cls.Config):
             if f.name in ("name", "kind"):
                 continue
@@ -300,6 +331,9 @@ def demo_cmd(backend: str, runs: int, plot_dir: str | None) -> None:
 app.add_command(checkpoints_cmd)
 app.add_command(watch_cmd)
 app.add_command(export_check_cmd)
+app.add_command(history_cmd)
+app.add_command(sweep_cmd)
+app.add_command(compare_cmd)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from sway_common.probes.style_fingerprint import StyleFingerprintConfig
 from sway_common.report import headline, render_terminal
 from sway_common.report.plots import write_plots
 from sway_common.report.progress import suite_progress
+from sway_common.report.spectrum_plot import write_spectrum_plots
 from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import ModelSpec, quick_suite
 from sway_common.types import Verdict
@@ -213,6 +214,7 @@ def run_demo(
             console.print(f"[bold]→ {headline(result)}[/]", highlight=False, soft_wrap=True)
             if plot_dir is not None:
                 write_plots(result, Path(plot_dir) / adapter.label.replace(" ", "-"))
+                write_spectrum_plots(result, Path(plot_dir) / adapter.label.replace(" ", "-"))
             dk = next(p for p in result.probes if p.kind == "delta_kl")
             verdicts.append(dk.verdict)
     finally:

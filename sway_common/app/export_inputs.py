@@ -15,7 +15,7 @@ from typing import Any
 from sway_common.app.options import fail, first_line
 from sway_common.app.platform import pick_backend
 from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
-from sway_common.suite.export import config_mismatch
+from sway_common.suite.export_models import config_mismatch
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
@@ -75,9 +75,35 @@ def check_pair(
     problem = config_mismatch(base_cfg, export_cfg)
     if problem:
         fail(f"{problem}: the export is not a version of {model}")
+    for which, cfg in (("base model", base_cfg), ("export", export_cfg)):
+        refuse_foreign_quantization(which, cfg)
     if backend is not None and "quantization" in export_cfg and pick_backend(backend) == "hf":
         fail(
             "the export is quantized by mlx-lm (config 'quantization'); only the MLX backend "
             "reads it: use --backend mlx"
         )
     return base_dir
+
+
+# Checkpoints quantized by a transformers quantizer ("quantization_config.quant_method").
+# bitsandbytes 0.50 loads and runs 4- and 8-bit models on a CPU, but its packed weights
+# (uint8 / int8 with quant states) are not read by the weight check, and the noise floor
+# cannot store a weight its way; GPTQ and AWQ need gptqmodel / autoawq, which build GPU
+# kernels. mlx-lm's own quantization ("quantization", no quant_method) is read.
+_QLORA_HINT = (
+    "give the float model instead: for QLoRA, the float base that was loaded in 4-bit "
+    "(its hub id or dir) and an export merged into it"
+)
+
+
+def refuse_foreign_quantization(which: str, cfg: dict[str, Any]) -> None:
+    """One line and exit 2 for a model quantized by bitsandbytes, GPTQ, AWQ or another
+    transformers quantizer: export-check reads float, MLX-quantized and GGUF models."""
+    qc = cfg.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if not method:
+        return
+    fail(
+        f"the {which} is quantized by {method} (config quantization_config); export-check "
+        f"compares float, MLX-quantized (mlx_lm convert -q) and GGUF models: {_QLORA_HINT}"
+    )

@@ -80,6 +80,13 @@ def check_model(model: str, *, allow_pickle: bool) -> None:
         fail(str(e))
 
 
+def check_adapter_paths(paths: Iterable[str]) -> None:
+    """Each adapter path exists (what it holds is ``check_adapters``' to judge)."""
+    for path in paths:
+        if not Path(path).exists():
+            fail(f"adapter path {path} does not exist; give an adapter dir or checkpoint file")
+
+
 def check_adapters(paths: Iterable[str], *, allow_pickle: bool) -> None:
     """Each adapter read (format, pickles, tuner) and refused if it holds NaN or Inf."""
     for path in paths:

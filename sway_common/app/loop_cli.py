@@ -38,7 +38,8 @@ from sway_common.app.options import (
     safety_options,
     seed_option,
 )
-from sway_common.app.platform import MODEL_BACKEND_KINDS
+from sway_common.app.placement import placement_options
+from sway_common.app.platform import MODEL_BACKEND_KINDS, pick_backend
 from sway_common.app.watch import read_history, watch
 from sway_common.report.trajectory import (
     plot_or_note,
@@ -47,6 +48,7 @@ from sway_common.report.trajectory import (
     rows_table,
     write_trajectory_json,
 )
+from sway_common.suite.placement import placement_problem
 from sway_common.suite.spec import Defaults
 from sway_common.suite.trajectory import (
     CheckpointError,
@@ -95,6 +97,8 @@ class LoopArgs:
     no_plot: bool
     allow_pickle: bool
     trust_remote_code: bool
+    device_map: str | None
+    max_memory: dict[str, str] | None
 
     def plot_path(self) -> Path | None:
         """Where the trajectory PNG goes: --plot DIR, else the run directory."""
@@ -123,6 +127,10 @@ class LoopArgs:
                 fail(f"no --model given and no adapter_config.json in {path} names the base model")
             Console(stderr=True).print(f"model: {model} (from the adapter config)", highlight=False)
         check_model(model, allow_pickle=self.allow_pickle)
+        if problem := placement_problem(
+            pick_backend(self.backend), self.device_map, self.max_memory
+        ):
+            fail(problem)
         if plot is not None:
             check_output(str(plot), "--plot")
             require_plotting("or pass --no-plot")
@@ -138,6 +146,8 @@ class LoopArgs:
             seed=Defaults().seed if self.seed is None else self.seed,
             allow_pickle=self.allow_pickle,
             trust_remote_code=self.trust_remote_code,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
         )
 
 
@@ -168,10 +178,12 @@ loop_options = option_group(
         plot_option(f"{TRAJECTORY_PNG}: z and divergence against step", default="DIR"),
         click.option("--no-plot", is_flag=True, help="Write no PNG."),
         safety_options,
+        *placement_options,
     ],
 )
-"""DIR, --adapter-path, --model, --backend, --prompts, --runs, --seed, --plot, --no-plot and
-the safety options, handed to the command as one ``args: LoopArgs``."""
+"""DIR, --adapter-path, --model, --backend, --prompts, --runs, --seed, --plot, --no-plot,
+the safety options and --device-map/--max-memory, handed to the command as one
+``args: LoopArgs``."""
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from sway_common.app.placement import placement_options
 from sway_common.app.platform import installed
 from sway_common.models import cache_root
 from sway_common.null_cache import NullCache
@@ -192,17 +193,25 @@ class SuiteArgs:
     json_path: str | None
     markdown_path: str | None
     junit_path: str | None
+    html_path: str | None
     plot_dir: str | None
     backend: str
     seed: int | None
     no_cache: bool
     allow_pickle: bool
     trust_remote_code: bool
+    device_map: str | None
+    max_memory: dict[str, str] | None
 
     @property
     def reports(self) -> dict[str, str | None]:
         """Report kind → the path to write it to, or None."""
-        return {"json": self.json_path, "markdown": self.markdown_path, "junit": self.junit_path}
+        return {
+            "json": self.json_path,
+            "markdown": self.markdown_path,
+            "junit": self.junit_path,
+            "html": self.html_path,
+        }
 
 
 suite_options = option_group(
@@ -215,12 +224,19 @@ suite_options = option_group(
         ),
         file_option("--markdown", "markdown_path", "Write a Markdown report here."),
         file_option("--junit", "junit_path", "Write a JUnit XML report here (for CI)."),
+        file_option(
+            "--html",
+            "html_path",
+            "Write one self-contained HTML page here: verdict, probe table, plots (with "
+            "matplotlib), per-prompt detail. Opens offline; nothing is fetched.",
+        ),
         plot_option("z per probe against the null band, the ablation curve"),
         backend_option(),
         seed_option,
         no_cache_option,
         safety_options,
+        *placement_options,
     ],
 )
-"""--json/--markdown/--junit/--plot, --backend, --seed, --no-cache and the safety options,
-handed to the command as one ``args: SuiteArgs``."""
+"""--json/--markdown/--junit/--html/--plot, --backend, --seed, --no-cache, the safety options
+and --device-map/--max-memory, handed to the command as one ``args: SuiteArgs``."""

@@ -16,6 +16,7 @@ from typing import Any
 from sway_common.backend.model_views import ModelViews
 from sway_common.blas import INSTALL_HINT, find_openblas, preloaded_openblas
 from sway_common.fast_paths import ENV_VAR, fast_paths_enabled
+from sway_common.suite.placement import placement_problem
 from sway_common.suite.spec import BACKEND_KINDS, ModelSpec
 
 # Kinds that load a real model (and can train one).
@@ -60,6 +61,8 @@ def build_backend(
     ``plain``: the model alone, no adapter (only its base view), e.g. an exported model.
     """
     choice = pick_backend(backend if backend != "auto" else model.kind)
+    if problem := placement_problem(choice, model.device_map, model.max_memory):
+        raise ValueError(problem)
     if choice == "dummy":
         from sway_common.backend.dummy import DummyDifferentialBackend
 
@@ -91,6 +94,8 @@ def build_backend(
         from sway_hf.backend import HFDifferentialBackend
 
         adapter = None if plain else model.adapter
+        if model.device_map or model.max_memory:
+            kw = {**kw, "device_map": model.device_map or "auto", "max_memory": model.max_memory}
         return HFDifferentialBackend(
             model.base, adapter, dtype=model.dtype, device=model.device, **kw
         )
@@ -114,7 +119,7 @@ def blas_report() -> dict[str, Any]:
     elif openblas is not None:
         mlx = "OpenBLAS, loaded by sway-mlx when the MLX backend runs"
     else:
-        mlx = f"reference BLAS (~30x slower float32 matmuls): {INSTALL_HINT}"
+        mlx = f"reference BLAS (slow float32 matmuls): {INSTALL_HINT}"
     return {
         "openblas": openblas,
         "mlx_cpu_matmuls": mlx,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -30,18 +31,26 @@ from sway_common.app.options import (
     null_cache,
     require_plotting,
 )
+from sway_common.app.placement import placed
 from sway_common.app.platform import build_backend, pick_backend
 from sway_common.app.process import keep_torch_out
 from sway_common.backend.model_views import ModelViews
 from sway_common.report import headline, render_terminal, write_json, write_junit, write_markdown
-from sway_common.report.plots import write_plots
+from sway_common.report.figures import write_result_plots
+from sway_common.report.html import write_html
 from sway_common.report.progress import suite_progress
 from sway_common.suite.inputs import context_problem
+from sway_common.suite.placement import placement_problem
 from sway_common.suite.runner import run_suite
 from sway_common.suite.spec import ModelSpec, SpecError, load_spec
 from sway_common.types import SuiteResult
 
-REPORT_WRITERS = {"json": write_json, "markdown": write_markdown, "junit": write_junit}
+REPORT_WRITERS = {
+    "json": write_json,
+    "markdown": write_markdown,
+    "junit": write_junit,
+    "html": write_html,
+}
 
 
 @dataclass
@@ -53,6 +62,10 @@ class RunOptions:
     quiet: bool = False
     own_process: bool = False
     """Started from the command line: nothing else will import torch in this process."""
+    prepare: Callable[[Any, ModelViews], str | None] | None = None
+    """Called with the spec and the loaded backend before the suite runs (the quick eval
+    renders its chat prompts so, with the model's own tokenizer); a returned line is a
+    problem (exit 2)."""
 
 
 def load_spec_or_fail(spec_path: str) -> Any:
@@ -87,6 +100,11 @@ def _check_inputs(spec: Any, args: SuiteArgs, adapters: list[str]) -> None:
     check_outputs(args.reports, args.plot_dir)
     if args.plot_dir:
         require_plotting()
+    model = spec.model
+    if problem := placement_problem(
+        _backend_choice(spec, args), model.device_map, model.max_memory
+    ):
+        fail(problem)
     if _backend_choice(spec, args) == "dummy":
         return
     check_model(spec.model.base, allow_pickle=args.allow_pickle)
@@ -120,7 +138,7 @@ def write_reports(
         if path:
             REPORT_WRITERS[kind](result, _report_path(path, label))
     if plot_dir:
-        write_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
+        write_result_plots(result, Path(plot_dir) / label if label else Path(plot_dir))
 
 
 def emit(
@@ -150,6 +168,7 @@ def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) ->
     args = opts.args
     if args.seed is not None:
         spec.defaults.seed = args.seed
+    spec.model = placed(spec.model, args.device_map, args.max_memory)
     adapters = [spec.model.adapter, *more_adapters]
     _check_inputs(spec, args, adapters)
     if opts.own_process and _backend_choice(spec, args) == "mlx" and not _needs_torch(spec, args):
@@ -163,7 +182,8 @@ def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) ->
         trust_remote_code=args.trust_remote_code,
     )
     loaded = time.perf_counter()
-    if problem := context_problem(spec, backend):
+    problem = opts.prepare(spec, backend) if opts.prepare is not None else None
+    if problem := problem or context_problem(spec, backend):
         backend.close()
         fail(problem)
     try:

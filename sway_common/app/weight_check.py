@@ -8,6 +8,7 @@ export-check.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from sway_common.adapters import AdapterFormatError, read_adapter
 from sway_common.app.options import fail, first_line
 from sway_common.app.run import write_reports
 from sway_common.gguf_weights import GGUFWeights
+from sway_common.probes.context import NullCalibration
+from sway_common.suite.export_floor import FloorModels, floor_models
 from sway_common.suite.export_math import format_multiple
 from sway_common.suite.export_weights import WeightCheck, check_weights, weight_result
 from sway_common.suite.runner import composite
@@ -36,10 +39,22 @@ def is_gguf(export: str | Path) -> bool:
     return path.is_file() and path.suffix.lower() == ".gguf"
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf(path: Path, _stamp: tuple[int, int]) -> GGUFWeights:
+    """A GGUF file read once per command (its header is parsed whole: seconds for a real
+    model's vocabulary), keyed by size and time so a rewritten file is read again."""
+    return GGUFWeights(path)
+
+
+def read_gguf(path: Path) -> GGUFWeights:
+    stat = Path(path).stat()
+    return _gguf(Path(path).resolve(), (stat.st_size, stat.st_mtime_ns))
+
+
 def gguf_config(path: Path) -> dict[str, Any]:
     """The config fields a GGUF file's header gives (its shape), or one line and exit 2."""
     try:
-        return GGUFWeights(path).config
+        return read_gguf(path).config
     except WeightReadError as e:
         fail(first_line(e))
 
@@ -48,7 +63,7 @@ def open_weights(path: Path, what: str) -> WeightSource:
     """The weights of a model dir or GGUF file; a :class:`WeightReadError` naming
     ``what`` otherwise."""
     try:
-        return GGUFWeights(path) if is_gguf(path) else ModelWeights(path)
+        return read_gguf(path) if is_gguf(path) else ModelWeights(path)
     except WeightReadError as e:
         raise WeightReadError(f"cannot read {what}'s weights: {first_line(e)}") from None
 
@@ -76,17 +91,32 @@ def measure(
         raise WeightReadError(f"cannot compare the weights: {first_line(e)}") from None
 
 
+def floor_for(
+    base_dir: Path, adapter: str, export: Path, *, runs: int, allow_pickle: bool = False
+) -> FloorModels:
+    """The forward check's noise floor, drawn with the run's nulls; one that cannot be
+    built says why (the forward check then judges without it)."""
+    try:
+        weights = read_adapter(adapter, allow_pickle=allow_pickle)
+        base = open_weights(base_dir, "the base model")
+        exported = open_weights(export, "the export")
+        return floor_models(weights, base, exported, NullCalibration(runs=runs).specs())
+    except (WeightReadError, AdapterFormatError) as e:
+        return FloorModels(missing=f"no noise floor: {first_line(e)}")
+
+
 def _pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{x:.1%}"
 
 
 def _floor(mean: float, spread: float) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.1%}±{spread:.1%}"
+    return "—" if math.isnan(mean) else f"{mean:.2g}×±{spread:.1g}"
 
 
 def table(check: WeightCheck) -> Table:
     """One row per adapted module: retained, cosine, off-delta (and, for a lossy format,
-    what a faithful export keeps and the random floor)."""
+    what a faithful export keeps and the noise floor: the off-delta storing a random
+    delta of this size leaves)."""
     lossy = any(m.storage != "float32" for m in check.modules)
     t = Table(
         title="weights: the adapter's ΔW in the export",
@@ -94,9 +124,12 @@ def table(check: WeightCheck) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
     )
-    t.add_column("module", no_wrap=True)
-    for name in ("retained", "cosine", "off-delta") + (("faithful", "floor") if lossy else ()):
-        t.add_column(name, justify="right", no_wrap=True)
+    t.add_column("module", no_wrap=True, overflow="ellipsis")
+    for name in ("retained", "cosine", "off-delta") + (
+        ("faithful", "noise floor") if lossy else ()
+    ):
+        # The numbers keep their width on a narrow terminal; the module names give way.
+        t.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 7))
     rows: list[tuple[str, Any]] = [(m.name, m) for m in check.modules]
     rows.append(("all (‖ΔW‖²-weighted)", check))
     for i, (name, r) in enumerate(rows):

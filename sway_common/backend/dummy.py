@@ -15,6 +15,7 @@ a NaN in B; ``random_adapter_seed`` makes the "trained" adapter itself a random 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,9 @@ from sway_common.backend.generation import Draws, inverse_cdf_np
 from sway_common.backend.model_views import ModelViews
 from sway_common.backend.nulls import PlacedNull
 from sway_common.backend.runtime import Runtime
-from sway_common.backend.scoring import text_hash
+from sway_common.backend.scoring import text_hash, token_dist_from_logprobs
 from sway_common.backend.views import Encoding, Restore
+from sway_common.types import TokenDist
 
 _FIRST_CHAR = 32  # printable ASCII: ids 0..94 are ' '..'~'
 _UNKNOWN = ord("?") - _FIRST_CHAR
@@ -131,6 +133,12 @@ class DummyRuntime(Runtime):
             out.append(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].astype(np.float32))
         return out
 
+    def position_dists(self, batch: list[list[int]], top_k: int) -> list[list[TokenDist]]:
+        return [
+            [token_dist_from_logprobs(row, top_k) for row in self._logprobs(self._hidden(ids)[:-1])]
+            for ids in batch
+        ]
+
     def decode_new(self, ids: list[int]) -> str:
         # No tokenizer (so no chat template either: chat=True generates from the plain text).
         return "".join(chr(i + _FIRST_CHAR) for i in ids)
@@ -164,12 +172,31 @@ class DummyRuntime(Runtime):
     def install_base(self) -> Restore:
         return self._swap(None, 1.0)
 
-    def install_scaled(self, lam: float) -> Restore:
-        return self._swap(self._real, lam)
+    def install_scaled(self, lam: float, modules: frozenset[str] | None = None) -> Restore:
+        if modules is not None and modules - {HEAD_PATH}:
+            raise ValueError(f"the dummy adapts {HEAD_PATH!r} only, not {sorted(modules)}")
+        return self._swap(self._real, lam if modules is None or modules else 1.0)
 
     def install_null(self, placed: PlacedNull) -> Restore:
         head = placed[HEAD_PATH]
         return self._swap((head.a, head.b), 1.0)
+
+    def install_weights(self, weights: Mapping[str, NDArray[np.float32]]) -> Restore:
+        """The one adapted module is the LM head: ``weights["lm_head"]``, ``(vocab, hidden)``."""
+        unknown = set(weights) - {HEAD_PATH}
+        if unknown:
+            raise ValueError(f"the dummy has no module {sorted(unknown)[0]!r}")
+        saved = self._head
+        if HEAD_PATH in weights:
+            w = np.asarray(weights[HEAD_PATH], np.float32)
+            if w.shape != saved.T.shape:
+                raise ValueError(f"a weight of shape {w.shape} for a {saved.T.shape} head")
+            self._head = np.ascontiguousarray(w.T)
+
+        def restore() -> None:
+            self._head = saved
+
+        return restore
 
     def delta_weight(self) -> NDArray[np.float32]:
         """ΔW of whatever adapter the open view runs with (zeros in the base view)."""

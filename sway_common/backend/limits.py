@@ -15,8 +15,8 @@ DEFAULT_MAX_CONTEXT = 2048
 
 
 # On an accelerator a step may hold more: this share of the free memory, at most 1 GiB of
-# float32. Every step costs a few kernel launches, and on an H100 SmolLM2's full-sequence
-# scoring ran in 24 steps of 128 MiB per batch of 32 × 512 tokens.
+# float32. Every step costs a few kernel launches (docs/benchmarks.md: how many steps the
+# CPU's budget made on an H100).
 LOGIT_MEMORY_SHARE = 0.05
 MAX_LOGIT_BUDGET = 1 << 28
 
@@ -42,10 +42,8 @@ def resolve_logit_budget(free_bytes: int | None) -> int | None:
 CPU_BATCH_SIZE = 8
 # Off an accelerator, what one more forward costs in padded tokens (for
 # scoring.length_buckets): a CPU forward reads every weight once, whatever its size.
-# Swept over 32-160 on SmolLM2-135M, float32, 2-core x86, both backends: 96 was best
-# or within 4% of it for 2, 4 and 10 views stacked over 4-16 prompts of 4-15 tokens,
-# and 10 views ran 34-38% faster than in full batches. On an accelerator a step's fixed
-# cost dwarfs its padding: batches stay full there.
+# Chosen by a sweep on a CPU (docs/benchmarks.md, "Measurements behind the defaults").
+# On an accelerator a step's fixed cost dwarfs its padding: batches stay full there.
 CPU_STEP_TOKENS = 96.0
 # On an accelerator: at most this many rows, and activations in at most this share of
 # the memory left free after loading (the rest: the allocator, the logits, the system).

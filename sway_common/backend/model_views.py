@@ -16,7 +16,7 @@ checks, ``describe`` and ``close``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common.adapters.weights import AdapterWeights
+from sway_common.adapters.weights import AdapterWeights, structure_hash
 from sway_common.backend.nulls import DEFAULT_INIT_SCALE, NullSpec
 from sway_common.backend.runtime import Runtime
 from sway_common.backend.scorer import BackendView, Scorer
@@ -221,6 +221,22 @@ class ModelViews:
             )
         return True, "the adapter changes the model's logits"
 
+    @contextlib.contextmanager
+    def weights_replaced(self, weights: Mapping[str, NDArray[np.float32]]) -> Iterator[None]:
+        """For the with-block, the named modules' weights replaced
+        (:meth:`Runtime.install_weights`): another model. The result cache is emptied on
+        the way in and out, so no result of one model is read back as the other's. No
+        view may be open."""
+        if self.switch.active is not None:
+            raise ViewConflictError("close the open view before replacing weights")
+        restore = self.runtime.install_weights(weights)
+        self.scorer.cache.clear()
+        try:
+            yield
+        finally:
+            restore()
+            self.scorer.cache.clear()
+
     # ------------------------------------------------------------------- closing
     def close(self) -> None:
         self.scorer.clear()
@@ -245,6 +261,10 @@ def framework_versions(dists: Sequence[str]) -> dict[str, str | None]:
     return out
 
 
+def _structure(weights: AdapterWeights | None) -> str:
+    return structure_hash(weights.modules, weights.dora) if weights is not None else ""
+
+
 def describe(
     runtime: Runtime,
     name: str,
@@ -265,6 +285,8 @@ def describe(
         "model_dir": str(runtime.model_dir),
         "adapter": str(runtime.adapter_path),
         "adapter_hash": runtime.adapter_hash,
+        # The null cache shares fixed-mode nulls between adapters of one structure.
+        "adapter_shape": _structure(runtime.adapter_weights),
         "dtype": runtime.dtype,
         "device": device,
         "rank": ranks[0] if len(ranks) == 1 else ranks,

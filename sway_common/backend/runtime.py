@@ -13,8 +13,10 @@ Hooks, by job:
 - install a view: :meth:`install_base`, :meth:`install_scaled`, :meth:`place_null`,
   :meth:`install_null`, :meth:`install_stacked`; each returns the :data:`Restore`
   that brings back the fine-tuned resting state (and leaves it in place if it raises);
+  :meth:`install_weights` replaces modules' weights the same way;
 - forward: :meth:`last_logprobs`, :meth:`last_dists`, :meth:`token_logprobs`,
-  :meth:`mean_hidden`, on token ids already bucketed into one padded batch;
+  :meth:`position_dists`, :meth:`mean_hidden`, on token ids already bucketed into one
+  padded batch;
 - generate: :meth:`generate_tokens`, :meth:`decode_new`; text: :meth:`encode`.
 """
 
@@ -86,8 +88,12 @@ class Runtime(ABC):
         """The plain base model."""
 
     @abstractmethod
-    def install_scaled(self, lam: float) -> Restore:
-        """Every module's change scaled by ``lam`` (never 0 or 1: those are base and ft)."""
+    def install_scaled(self, lam: float, modules: frozenset[str] | None = None) -> Restore:
+        """Every module's change scaled by ``lam`` (never 0 or 1: those are base and ft).
+
+        ``modules``: only those modules (by path) are scaled, the others keep their trained
+        change (``views.scaled_slots`` picks them; an unknown path raises ``ValueError``).
+        """
 
     def place_null(self, factors: Mapping[str, NullFactors]) -> PlacedNull:
         """A drawn null's numpy factors as this framework's arrays, on its device, once per
@@ -109,6 +115,14 @@ class Runtime(ABC):
         """
         return None
 
+    @abstractmethod
+    def install_weights(self, weights: Mapping[str, NDArray[np.float32]]) -> Restore:
+        """Replace the named modules' weights (adapter module paths) with these float
+        ``(out, in)`` values, already as stored (dequantized), in the module's dtype (a
+        quantized module becomes a float one holding them): a model that differs from this
+        one in those modules only (the export made into the noise floor's model). Undo
+        restores them; raising changes nothing."""
+
     # --------------------------------------------------------------- forward
     @abstractmethod
     def last_logprobs(self, batch: list[list[int]]) -> NDArray[np.float32]:
@@ -125,6 +139,14 @@ class Runtime(ABC):
     @abstractmethod
     def token_logprobs(self, batch: list[list[int]]) -> list[NDArray[np.float32]]:
         """Log p of every token given the ones before it: ``len(ids) - 1`` values per row."""
+
+    @abstractmethod
+    def position_dists(self, batch: list[list[int]], top_k: int) -> list[list[TokenDist]]:
+        """The top-``top_k`` slice, with its tail mass, of the distribution at every position
+        that predicts a token of the row: ``len(ids) - 1`` per row, position ``t`` giving
+        the distribution of token ``t + 1`` (as :meth:`token_logprobs` scores it). Sliced
+        where the logits are, in chunks of positions, so no (positions × vocabulary)
+        array of a long text exists at once."""
 
     @abstractmethod
     def mean_hidden(self, batch: list[list[int]]) -> NDArray[np.float32]:

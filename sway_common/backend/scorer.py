@@ -12,7 +12,8 @@ mass and window plans come from :mod:`~sway_common.backend.scoring`, written onc
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -33,6 +34,7 @@ from sway_common.types import RollingLogprob, TokenDist
 
 # Texts whose token ids are kept: enough for any suite's prompts, bounded for a long watch.
 ENCODINGS_KEPT = 4096
+T = TypeVar("T")
 
 
 class Scorer:
@@ -72,6 +74,25 @@ class Scorer:
         self.cache.clear()
         self._encodings.clear()
 
+    def _cached_rows(
+        self,
+        keys: Sequence[Hashable],
+        texts: Sequence[str],
+        compute: Callable[[list[list[int]]], Sequence[T]],
+        max_tokens: int | None = None,
+    ) -> list[T]:
+        """Per text, its cached row under its key, else ``compute`` of its token ids (the
+        first ``max_tokens``) in length-bucketed batches, cached."""
+        out: list[T | None] = [self.cache.get(key) for key in keys]
+        todo = [i for i, hit in enumerate(out) if hit is None]
+        encoded = [self.encoded_ids(texts[i])[:max_tokens] for i in todo]
+        for bucket in self.buckets([len(e) for e in encoded]):
+            rows = compute([encoded[j] for j in bucket])
+            for j, row in zip(bucket, rows, strict=True):
+                out[todo[j]] = row
+                self.cache.put(keys[todo[j]], row)
+        return filled(out)
+
     # ----------------------------------------------------------------- ops
     def next_token_dists(
         self, view: ViewSpec, prompts: Sequence[str], top_k: int
@@ -79,15 +100,7 @@ class Scorer:
         self.switch.check_open(view)
         vkey = view.key(self.runtime.adapter_hash)
         keys = [(vkey, "next", text_hash(prompt), top_k) for prompt in prompts]
-        out: list[TokenDist | None] = [self.cache.get(key) for key in keys]
-        todo = [i for i, hit in enumerate(out) if hit is None]
-        encoded = [self.encoded_ids(prompts[i]) for i in todo]
-        for bucket in self.buckets([len(e) for e in encoded]):
-            dists = self.runtime.last_dists([encoded[j] for j in bucket], top_k)
-            for j, dist in zip(bucket, dists, strict=True):
-                out[todo[j]] = dist
-                self.cache.put(keys[todo[j]], dist)
-        return filled(out)
+        return self._cached_rows(keys, prompts, lambda ids: self.runtime.last_dists(ids, top_k))
 
     def logprobs_of(
         self, view: ViewSpec, prompts: Sequence[str], completions: Sequence[str]
@@ -118,6 +131,21 @@ class Scorer:
                     (vkey, "logprob_of", text_hash(prompts[i], completions[i]), 0), value
                 )
         return filled(out)
+
+    def position_dists(
+        self, view: ViewSpec, texts: Sequence[str], top_k: int
+    ) -> list[list[TokenDist]]:
+        """Per text, the top-k slice at every position that predicts one of its tokens
+        (the first ``max_context`` tokens: a longer text is cut, not windowed)."""
+        self.switch.check_open(view)
+        vkey = view.key(self.runtime.adapter_hash)
+        keys = [(vkey, "positions", text_hash(t), top_k) for t in texts]
+        return self._cached_rows(
+            keys,
+            texts,
+            lambda ids: self.runtime.position_dists(ids, top_k),
+            max_tokens=self.runtime.max_context,
+        )
 
     def rollings(self, view: ViewSpec, texts: Sequence[str]) -> list[RollingLogprob]:
         """Per-token log-probabilities of whole texts: all their windows share padded batches."""
@@ -193,6 +221,13 @@ class BackendView:
 
     def rolling_logprob_batch(self, texts: Sequence[str]) -> list[RollingLogprob]:
         return self.scorer.rollings(self.spec, list(texts))
+
+    def position_dist_batch(
+        self, texts: Sequence[str], *, top_k: int = 256
+    ) -> list[list[TokenDist]]:
+        """Per text, the distribution at each position that predicts one of its tokens
+        (``len(ids) - 1`` top-k slices: position ``t`` predicts token ``t + 1``)."""
+        return self.scorer.position_dists(self.spec, list(texts), top_k)
 
     def generate(
         self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0

@@ -158,13 +158,13 @@ class Stacker:
     def _kept_shared_block(self) -> str | None:
         """:meth:`check_shared_block`'s outcome, read from ``check_store`` when an earlier
         run checked the same model, adapter, dtype and framework versions: its two
-        forwards were a quarter of a warm run's probe phase on a CPU."""
+        forwards weigh on a warm run's probe phase (docs/benchmarks.md)."""
         weights = self.runtime.adapter_weights
         assert weights is not None
         block = first_adapted_block(weights.modules)
         if block is None or block.rsplit(".", 1)[1] == "0":
             # Below block 0 lies only the embedding lookup: nothing worth a check's two
-            # forwards (a third of a cold probe phase on an H100).
+            # forwards.
             return None
         store = self.check_store
         check = {"check": "shared_block", "block": block}

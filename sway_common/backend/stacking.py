@@ -33,11 +33,17 @@ class StackedView:
 
     ``scale`` multiplies each module's trained scale (0: the base model, λ: a scaled
     view, 1: the fine-tune or a null); ``factors`` are a null's factors as the runtime
-    placed them (``Runtime.place_null``), or None for the trained ones.
+    placed them (``Runtime.place_null``), or None for the trained ones. ``modules``: the
+    modules ``scale`` applies to, the others at their trained scale (None: all of them).
     """
 
     scale: float
     factors: PlacedNull | None = None
+    modules: frozenset[str] | None = None
+
+    def scale_of(self, path: str) -> float:
+        """What module ``path``'s trained scale is multiplied by in this view."""
+        return self.scale if self.modules is None or path in self.modules else 1.0
 
 
 # A module path inside a numbered list of decoder blocks: "model.layers.22.self_attn.q_proj".
@@ -67,8 +73,8 @@ def stack_plan(
     A step holds as many tokens as a one-view batch of full windows (``batch_size``
     rows of ``max_context`` tokens), so its activations fit wherever those do, and no
     more rows than the logit budget allows at the last position. Short prompts thus
-    get many rows per step: on a CPU, steps of one prompt in every view ran 1.8–2.5×
-    slower than steps of 16 (SmolLM2-135M, 9 views), the per-step overhead dominating.
+    get many rows per step: on a CPU the per-step overhead dominates small steps
+    (docs/benchmarks.md).
     """
     rows = int(batch_size) * int(max_context) // max(1, int(longest))
     rows = max(1, min(rows, limits.LOGIT_BUDGET // max(1, int(vocab_size))))

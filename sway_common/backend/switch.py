@@ -64,7 +64,7 @@ class ViewSwitch:
             return self.runtime.install_base()
         self._require_adapter(view)
         if runs == "scaled":
-            return self.runtime.install_scaled(view.lam)
+            return self.runtime.install_scaled(view.lam, view.modules)
         if runs == "null":
             return self.runtime.install_null(self.null_draw(view))
         return lambda: None
@@ -75,7 +75,9 @@ class ViewSwitch:
         if runs == "base":
             return StackedView(0.0)
         if runs == "scaled":
-            return StackedView(view.lam)
+            if view.modules is not None:
+                self._check_modules(view.modules)
+            return StackedView(view.lam, modules=view.modules)
         if runs == "null":
             return StackedView(1.0, self.null_draw(view))
         return StackedView(1.0)
@@ -86,6 +88,17 @@ class ViewSwitch:
                 f"no adapter is loaded, so there is no {view.label()} view: only the base "
                 "model (build the backend with an adapter_path)"
             )
+
+    def _check_modules(self, modules: frozenset[str]) -> None:
+        """A subset view names adapted modules only (the one-view path checks in
+        ``views.scaled_slots``)."""
+        weights = self.runtime.adapter_weights
+        if weights is None:
+            return  # the one-view path says why no scaled view can run
+        unknown = modules - set(weights.modules)
+        if unknown:
+            shown = ", ".join(sorted(unknown)[:3])
+            raise ValueError(f"the view scales modules the adapter does not adapt: {shown}")
 
     def null_draw(self, view: ViewSpec) -> PlacedNull:
         """The null's placed factors, drawn once per backend while they fit the byte budget:

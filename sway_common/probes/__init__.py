@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration)
     adapter_ablation,
     adapter_revert,
+    attribution,
     calibration_drift,
     cluster_kl,
     delta_kl,
@@ -14,6 +15,7 @@ from . import (  # noqa: F401  (registration)
     prompt_collapse,
     section_internalization,
     style_fingerprint,
+    weight_spectrum,
 )
 from .base import REGISTRY, Probe, ProbeConfig
 from .context import NullCalibration, RunContext

@@ -24,6 +24,10 @@ from .views import next_token_dists_in_views
 # probe decides on z and the ratio alone, and says so.
 MIN_PROMPTS_FOR_INTERVAL = 6
 
+# Null effects below this (nats) are numerical zero: their ratio scales nothing, and only
+# the absolute effect floor can tell a near-zero adapter from a real one.
+NULLS_RESOLVED = 1e-6
+
 DEFAULT_PROMPTS: tuple[str, ...] = (
     "The most important thing to remember is",
     "Once upon a time",
@@ -59,7 +63,12 @@ class DivergenceConfig(ProbeConfig):
     assert_mean_gte: float = 0.02
     """Fixed threshold, used only when no null calibration is possible."""
     min_effect: float = 1e-3
-    """Effect floor in nats: below it an adapter fails however significant it is."""
+    """Absolute effect floor in nats: below it an adapter fails however significant it is,
+    unless it clears ``min_effect_over_nulls``."""
+    min_effect_over_nulls: float = 10.0
+    """The floor relative to the nulls: an effect below ``min_effect`` still counts when it
+    is at least this many times what random adapters of its size do (and theirs is above
+    numerical zero): a light adapter's small effect, far beyond its size's."""
     min_effect_ratio: float = 2.0
     """The adapter must move the model this many times more than a random adapter of its
     size (norm-matched nulls): below it the *direction* is not what moves the model."""
@@ -91,6 +100,8 @@ class Probe:
             problems.append("prompts: needs at least one prompt")
         if hasattr(cfg, "top_k") and cfg.top_k is not None and cfg.top_k < 1:
             problems.append("top_k: must be >= 1")
+        if getattr(cfg, "min_effect_over_nulls", 1.0) < 1.0:
+            problems.append("min_effect_over_nulls: must be >= 1 (a multiple of the nulls' effect)")
         return problems + empty_texts(cfg)
 
     def result(self, cfg: ProbeConfig, verdict: Verdict, **kw: Any) -> ProbeResult:
@@ -181,6 +192,7 @@ def judge_divergence(
         null,
         z_min=cfg.assert_z_gte,
         floor=cfg.min_effect,
+        floor_over_nulls=cfg.min_effect_over_nulls,
         fixed_threshold=cfg.assert_mean_gte,
         unit=unit,
         log_scale=True,
@@ -228,9 +240,16 @@ def judge_against_null(
     min_ratio: float = 1.0,
     paired: tuple[float, float, float] | None = None,
     effect: tuple[float, NullStats] | None = None,
+    floor_over_nulls: float | None = None,
 ) -> Judgement:
-    """PASS needs significance against the null, an effect above ``floor`` and, for ratio
+    """PASS needs significance against the null, an effect above the floor and, for ratio
     metrics, ``min_ratio`` times the null's mean with a prompt-bootstrap interval above 1×.
+
+    The floor is absolute (``floor``) and, with ``floor_over_nulls``, also relative: an
+    effect below ``floor`` passes it when it is at least ``floor_over_nulls`` times the
+    nulls' (on the effect scale) and the nulls' mean is above numerical zero
+    (:data:`NULLS_RESOLVED`): a light adapter far beyond what its size does. Nulls at
+    numerical zero leave the absolute floor alone to decide (a near-zero adapter).
 
     ``log_scale`` tests log(metric) against the logs of the null draws: a divergence is
     positive and right-skewed across null seeds, and on the raw scale a few draws
@@ -242,15 +261,7 @@ def judge_against_null(
     """
     shown = f"{raw:.3g}{unit}"
     if null is None:
-        ok = raw >= fixed_threshold
-        return Judgement(
-            Verdict.PASS if ok else Verdict.FAIL,
-            f"{shown} {'≥' if ok else '<'} fixed threshold {fixed_threshold:g} (no null calibration)",
-            None,
-            None,
-            None,
-            min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
-        )
+        return _against_fixed(shown, raw, fixed_threshold)
     effect_raw, effect_null = effect if effect is not None else (raw, null)
     ratio = effect_raw / effect_null.mean if effect_null.mean > 0 else None
     tested, x = (
@@ -285,8 +296,11 @@ def judge_against_null(
     if z < z_min or (p is not None and p > p_max):
         msg = f"indistinguishable from a null adapter: {z_txt}{ratio_txt}"
         return judged(Verdict.FAIL, msg, significance, "significance")
-    if raw < floor:
-        msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}"
+    tiny = _below_floor(
+        raw, floor, ratio, floor_over_nulls if null.mean >= NULLS_RESOLVED else None
+    )
+    if tiny is not None:
+        msg = f"significant ({z_txt}) but tiny: {shown} is below the effect floor {floor:g}{tiny}"
         return judged(Verdict.FAIL, msg, significance * raw / floor, "floor")
     if ratio is not None and ratio < min_ratio:
         msg = (
@@ -301,4 +315,31 @@ def judge_against_null(
             f"ratio {paired[0]:.3g}× with an interval down to {paired[1]:.3g}×"
         )
         return judged(Verdict.FAIL, msg, significance * 0.5, "prompts")
-    return judged(Verdict.PASS, f"{shown}, {z_txt}{ratio_txt}", significance)
+    small = f"; below the absolute floor {floor:g}, but beyond the nulls'" if raw < floor else ""
+    return judged(Verdict.PASS, f"{shown}, {z_txt}{ratio_txt}{small}", significance)
+
+
+def _against_fixed(shown: str, raw: float, fixed_threshold: float) -> Judgement:
+    """The verdict without nulls: the config's fixed threshold decides."""
+    ok = raw >= fixed_threshold
+    return Judgement(
+        Verdict.PASS if ok else Verdict.FAIL,
+        f"{shown} {'≥' if ok else '<'} fixed threshold {fixed_threshold:g} (no null calibration)",
+        None,
+        None,
+        None,
+        min(1.0, raw / (2 * fixed_threshold)) if fixed_threshold > 0 else 0.0,
+    )
+
+
+def _below_floor(raw: float, floor: float, ratio: float | None, over: float | None) -> str | None:
+    """None when ``raw`` clears the floor: the absolute ``floor``, or below it ``over`` times
+    the nulls (``over`` None: nulls at numerical zero, or no relative floor); else the
+    words a FAIL adds after "below the effect floor"."""
+    if raw >= floor:
+        return None
+    if over is None or ratio is None:
+        return ""
+    if ratio >= over:
+        return None
+    return f" and only {ratio:.3g}× a null adapter (needs {over:g}× below it)"

@@ -93,6 +93,28 @@ def completion_tokens(
     return np.asarray(counts, dtype=np.int64)
 
 
+def gold_in_top_k(
+    backend: DifferentialBackend, prompts: Sequence[str], golds: Sequence[str], k: int
+) -> NDArray[np.bool_]:
+    """Whether the base model ranks each gold answer's first token among its top ``k``
+    next tokens after the prompt: the items whose answer the base knows.
+
+    The first token is the first of ``prompt + gold`` past its common prefix with the
+    prompt's own tokens; where the tokenizer merges a token across the boundary it is not
+    what the base predicts after the prompt, and the item counts as not known.
+    """
+    with backend.as_base() as view:
+        whole = rolling_in(view, [p + g for p, g in zip(prompts, golds, strict=True)])
+        alone = rolling_in(view, prompts)
+        dists = view.next_token_dist_batch(list(prompts), top_k=k)
+    known = []
+    for w, a, dist in zip(whole, alone, dists, strict=True):
+        n = a.token_ids.size
+        merged = w.token_ids.size <= n or not np.array_equal(w.token_ids[:n], a.token_ids)
+        known.append(not merged and int(w.token_ids[n]) in set(dist.token_ids[:k].tolist()))
+    return np.asarray(known, dtype=np.bool_)
+
+
 def null_values(
     ctx: RunContext, kind: str, measure: Callable[[DifferentialBackend], float], *key: Any
 ) -> NullStats | None:

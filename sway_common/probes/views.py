@@ -39,6 +39,8 @@ def open_view(backend: DifferentialBackend, spec: ViewSpec) -> AbstractContextMa
     if spec.kind == "ft":
         return backend.as_finetuned()
     if spec.kind == "scaled":
+        if spec.modules is not None:
+            raise TypeError(f"{type(backend).__name__} cannot scale a subset of the modules")
         if not isinstance(backend, ScalableDifferentialBackend):
             raise TypeError(f"{type(backend).__name__} has no scaled views")
         return backend.as_scaled_adapter(spec.lam)

@@ -77,8 +77,11 @@ def _knowledge_clause(result: SuiteResult) -> str | None:
 def _regression_facts(p: ProbeResult) -> str:
     ev = p.evidence
     if p.kind == "calibration_drift":
+        known = ev.get("known_items", ev.get("items", 0))
+        if not known:
+            return "no fact the base knows to lose"
         return (
-            f"{ev.get('fraction_regressed', 0.0):.0%} of {ev.get('items', 0)} facts regressed, "
-            f"mean {ev.get('mean_delta', 0.0):+.2g} nats"
+            f"{ev.get('fraction_regressed', 0.0):.0%} of {known} known facts regressed, "
+            f"mean {ev.get('mean_delta') or 0.0:+.2g} nats"
         )
     return f"held-out prose perplexity {ev.get('perplexity_change', 0.0):+.1%}"

@@ -19,12 +19,13 @@ The result is a :class:`SuiteResult`, so every report writer works unchanged.
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
 
 from sway_common import __version__
 from sway_common.backend.model_views import ModelViews
@@ -35,6 +36,8 @@ from sway_common.probes.context import NullCalibration, RunContext
 from sway_common.probes.likelihood import logprobs_in
 from sway_common.protocols import PreflightCheckable, ScoringModel
 from sway_common.stats import format_z
+from sway_common.suite.export_floor import Floor, FloorModels, floor_evidence, measure_floor
+from sway_common.suite.export_kl import measure_kl
 from sway_common.suite.export_math import (
     ExportCriteria,
     Retention,
@@ -44,70 +47,15 @@ from sway_common.suite.export_math import (
     score,
     what_happened,
 )
+from sway_common.suite.export_models import (
+    ExportModel,
+    check_same_tokens,
+    peak_memory,
+)
 from sway_common.suite.runner import composite, overall_verdict, preflight, seed_everything
 from sway_common.types import ProbeResult, SuiteResult, TokenDist, Verdict
 
 CATEGORY = "export"
-
-
-class ExportModel(Protocol):
-    """The export: a model whose base view is all that is read."""
-
-    def as_base(self) -> AbstractContextManager[ScoringModel]: ...
-
-
-def peak_memory(*backends: object) -> dict[str, int | None]:
-    """Peak resident memory of this process and the framework's own allocator peak."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is bytes on macOS, KiB on Linux.
-    rss_bytes = int(rss if sys.platform == "darwin" else rss * 1024)
-    framework = None
-    for b in backends:
-        value = b.peak_memory_bytes() if isinstance(b, ModelViews) else None
-        framework = value if value is not None else framework
-    return {"peak_rss_bytes": rss_bytes, "framework_peak_bytes": framework}
-
-
-def check_same_tokens(backend: ModelViews, export: ExportModel, texts: Sequence[str]) -> None:
-    """Raise ValueError when the two models cannot be compared token for token."""
-    if not isinstance(export, ModelViews):
-        return  # a stand-in export: nothing to compare
-    va, vb = backend.vocab_size, export.vocab_size
-    if va and vb and va != vb:
-        raise ValueError(f"the export's vocabulary has {vb} tokens, the base model's {va}")
-    ta, tb = backend.tokenizer, export.tokenizer
-    if ta is None or tb is None:
-        return
-    for text in texts:
-        if ta(text)["input_ids"] != tb(text)["input_ids"]:
-            raise ValueError(
-                f"the export's tokenizer encodes {text[:40]!r} differently from the base "
-                "model's; compare models that share one tokenizer"
-            )
-
-
-# Config fields that must agree for an export to be "the same model" (any nesting level).
-_SAME_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-)
-
-
-def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    inner = cfg.get("text_config")
-    return {**cfg, **inner} if isinstance(inner, dict) else cfg
-
-
-def config_mismatch(base: dict[str, Any], export: dict[str, Any]) -> str | None:
-    """Why the export cannot be a version of the base model (config.json dicts), or None."""
-    a, b = _text_config(base), _text_config(export)
-    for name in _SAME_FIELDS:
-        if name in a and name in b and a[name] != b[name]:
-            return f"the export's {name} is {b[name]!r}, the base model's {a[name]!r}"
-    return None
 
 
 def _dists(
@@ -137,10 +85,17 @@ def _result(name: str, verdict: Verdict, message: str, **kw: Any) -> ProbeResult
 
 
 def _retention_result(
-    name: str, r: Retention, c: ExportCriteria, null_mean: float | None, evidence: dict[str, Any]
+    name: str,
+    r: Retention,
+    c: ExportCriteria,
+    null_mean: float | None,
+    evidence: dict[str, Any],
+    floor: Floor | None = None,
 ) -> ProbeResult:
-    ok, line = what_happened(r, c)
-    if null_mean and ok:
+    unit = " nats mean JS" if name == "export_next_token" else " nats of log-prob"
+    bounds = (floor.mean, floor.upper) if floor is not None else None
+    verdict, line = what_happened(r, c, bounds, unit)
+    if null_mean and verdict is Verdict.PASS:
         line += f" ({format_multiple(r.residual_raw / null_mean)} what a random adapter of its size does)"
     evidence = {
         "retention": r.retention,
@@ -154,16 +109,10 @@ def _retention_result(
         "per_prompt_retention": r.per_prompt,
         "min_retention": c.min_retention,
         "max_residual": c.max_residual,
+        "noise_floor": floor_evidence(floor),
         **evidence,
     }
-    return _result(
-        name,
-        Verdict.PASS if ok else Verdict.FAIL,
-        line,
-        raw=r.retention,
-        score=score(r),
-        evidence=evidence,
-    )
+    return _result(name, verdict, line, raw=r.retention, score=score(r), evidence=evidence)
 
 
 def _adapter_effect(
@@ -182,6 +131,14 @@ def _adapter_effect(
         versus += f" (z={format_z(j.z, null.n if null else None)})"
     verdict = Verdict.PASS
     message = f"the live adapter moves these prompts by {raw:.3g} nats mean JS{versus}"
+    if j.verdict is not Verdict.PASS and null is not None:
+        # Still measured: the export should keep whatever the adapter does. But said.
+        verdict = Verdict.WARN
+        message = (
+            f"the live adapter itself does not beat its nulls: it moves these prompts by "
+            f"{raw:.3g} nats mean JS{versus}, not clearly more than a random adapter of its "
+            "size; the export's retention is of an effect that may not be learned"
+        )
     if raw < floor:
         verdict = Verdict.ERROR
         message = (
@@ -218,14 +175,25 @@ def _headline(results: list[ProbeResult]) -> str:
     if bad:
         first = bad[0]
         where = {"export_next_token": " (next tokens)", "export_completion": " (completions)"}
-        return first.message + where.get(first.name, "")
+        line = first.message + where.get(first.name, "")
+        # The weight check names the modules that lost the delta: worth the same line.
+        weights = by_name.get("weight_delta")
+        if weights is not None and weights.verdict in failed and first is not weights:
+            line += f"; in the weights: {weights.message}"
+        return line
     nt, comp = by_name.get("export_next_token"), by_name.get("export_completion")
     line = nt.message if nt is not None else "the export keeps the fine-tune"
     if comp is not None and comp.raw is not None and comp.verdict is Verdict.PASS:
         line += f"; {comp.raw:.0%} on its own completions"
-    # A non-gating check that failed (the weight check) is said, not hidden.
+        line += {
+            "corrected": " once the noise floor is taken out",
+            "included": ", noise included",
+        }.get(comp.evidence.get("noise_in_retention", ""), "")
+    # A non-gating check that failed (the weight check), or a gating one that warned,
+    # is said, not hidden.
     for r in results:
-        if not r.gating and r.verdict in failed:
+        warned = r.gating and r.verdict is Verdict.WARN and r is not nt
+        if (not r.gating and r.verdict in failed) or warned:
             line += f"; but {r.message}"
     return line
 
@@ -283,10 +251,13 @@ def check_export(
     progress: Callable[[str], None] = lambda _msg: None,
     meta: dict[str, Any] | None = None,
     extra: Sequence[ProbeResult] = (),
+    floor: FloorModels | None = None,
 ) -> SuiteResult:
     """Measure how much of ``backend``'s fine-tune ``export`` keeps, on ``prompts``.
 
     ``extra``: results measured before (export-check's weight check), listed first.
+    ``floor``: the noise floor's weights (:func:`~sway_common.suite.export_floor.floor_models`,
+    drawn with this run's nulls), measured where the export is a loaded model.
     """
     criteria = criteria or ExportCriteria()
     started = time.time()
@@ -325,25 +296,36 @@ def check_export(
     if effect.verdict is Verdict.ERROR:
         return _finish(results, meta, criteria, started, backend, export, extra=extra)
     null_mean = effect.null.mean if effect.null is not None else None
+    progress(f"completions: the fine-tune writes {len(prompts)}")
+    with backend.as_finetuned() as ft:
+        completions = [ft.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+    floors = None
+    if floor is not None and not floor.missing and isinstance(export, ModelViews):
+        progress(f"noise floor: {len(floor.specs)} random deltas stored the export's way")
+        try:
+            floors = measure_floor(backend, export, floor, prompts, completions, top_k)
+        except ValueError as e:  # a layer this runtime cannot give other weights
+            floor = replace(floor, missing=f"no noise floor: {e}")
     nt = next_token_retention(js_bf, js_be, js_ef, seed=seed)
-    results.append(
-        _retention_result(
-            "export_next_token",
-            nt,
-            criteria,
-            null_mean,
-            {
-                "js_base_ft": js_bf,
-                "js_base_export": js_be,
-                "js_export_ft": js_ef,
-                "top_k": top_k,
-                "prompts": prompts,
-            },
-        )
+    evidence = {"js_base_ft": js_bf, "js_base_export": js_be, "js_export_ft": js_ef}
+    nt_result = _retention_result(
+        "export_next_token",
+        nt,
+        criteria,
+        null_mean,
+        {**evidence, "top_k": top_k, "prompts": prompts},
+        floors[0] if floors else None,
     )
+    if floor is not None and floor.missing:
+        nt_result.message += f" ({floor.missing})"
+        nt_result.evidence["noise_floor_missing"] = floor.missing
+    results.append(nt_result)
     results.append(
-        _completion_result(backend, export, prompts, criteria, seed, max_new_tokens, progress)
+        _completion_result(backend, export, prompts, completions, criteria, seed, progress, floors)
     )
+    stats = measure_kl(backend, export, prompts, completions, top_k, progress)
+    if stats is not None:
+        results.append(stats)
     return _finish(results, meta, criteria, started, backend, export, extra=extra)
 
 
@@ -351,27 +333,48 @@ def _completion_result(
     backend: Any,
     export: ExportModel,
     prompts: list[str],
+    completions: list[str],
     criteria: ExportCriteria,
     seed: int,
-    max_new_tokens: int,
     progress: Callable[[str], None],
+    floors: tuple[Floor, Floor] | None,
 ) -> ProbeResult:
-    progress(f"completions: the fine-tune writes {len(prompts)}")
-    with backend.as_finetuned() as ft:
-        completions = [ft.generate(p, max_new_tokens=max_new_tokens) for p in prompts]
+    """Retention on the fine-tune's own completions. Any zero-mean noise lowers their
+    log-probs (log-sum-exp is convex), so with a floor the export's log-probs are
+    corrected by the shift the floor's models show, and the line says so; without one
+    the line says the figure includes the export's noise."""
     progress("completions: scored by base, fine-tune and export")
     lp_b = _logprobs(backend.as_base, prompts, completions)
     lp_f = _logprobs(backend.as_finetuned, prompts, completions)
     lp_e = _logprobs(export.as_base, prompts, completions)
-    evidence = {
+    evidence: dict[str, Any] = {
         "completions": completions,
         "logprob_base": lp_b,
         "logprob_ft": lp_f,
         "logprob_export": lp_e,
-        "max_new_tokens": max_new_tokens,
     }
+    floor = None
+    lp_kept = lp_e
+    exact = floors is not None and not np.any(floors[1].values)
+    if exact:
+        floors = None  # stored in float32: no noise to take out
+    if floors is not None:
+        shift = floors[1]
+        lp_kept = [e - d for e, d in zip(lp_e, shift.per_prompt, strict=True)]
+        evidence.update(noise_shift=shift.per_prompt, logprob_export_corrected=lp_kept)
+        floor = Floor(np.abs(shift.values), shift.storage)
     try:
-        r = logprob_retention(lp_b, lp_f, lp_e, seed=seed)
+        r = logprob_retention(lp_b, lp_f, lp_kept, seed=seed)
+        if floors is not None:
+            evidence["retention_uncorrected"] = logprob_retention(lp_b, lp_f, lp_e).retention
     except ValueError as e:
         return _result("export_completion", Verdict.SKIP, str(e), evidence=evidence)
-    return _retention_result("export_completion", r, criteria, None, evidence)
+    result = _retention_result("export_completion", r, criteria, None, evidence, floor)
+    noise = "corrected" if floors is not None else "none" if exact else "included"
+    result.evidence["noise_in_retention"] = noise
+    result.message += {
+        "corrected": " (corrected for the noise floor's shift)",
+        "included": " (includes the export's noise, which lowers it)",
+        "none": "",
+    }[noise]
+    return result

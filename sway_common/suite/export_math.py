@@ -40,7 +40,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sway_common.types import Verdict
+
 _TINY = 1e-12
+FLOOR_DRAWS = 4
+"""At most this many of the run's null deltas draw a noise floor (weights and forward):
+quantization noise hardly depends on a delta's direction, and each draw costs a
+re-quantization of every adapted weight (and, forward, two more passes over the prompts
+and completions)."""
 _MIN_NET = 0.25
 """A net log-prob gain below this share of the gains' total size is a cancellation of
 gains and losses: no retention to measure (a ratio of sums would read anything)."""
@@ -196,31 +203,90 @@ def _cause(r: Retention) -> str:
     return "merged at the wrong scale?"
 
 
-def what_happened(r: Retention, c: ExportCriteria) -> tuple[bool, str]:
-    """(passed, the one line that says what the export did to the fine-tune)."""
+def _beyond(r: Retention, floor: float) -> float:
+    """The residual left once the noise floor (mean per prompt, same unit) is taken out,
+    in units of the adapter's effect."""
+    return max(r.residual_raw - floor, 0.0) / r.effect if r.effect > 0 else r.residual
+
+
+def within_floor(r: Retention, floor_upper: float | None) -> bool:
+    """The export is no farther from the fine-tune than storing a model with a random
+    delta of this size the export's way puts that model from itself."""
+    return floor_upper is not None and r.residual_raw <= floor_upper
+
+
+def what_happened(
+    r: Retention, c: ExportCriteria, floor: tuple[float, float] | None = None, unit: str = ""
+) -> tuple[Verdict, str]:
+    """The verdict and the one line that says what the export did to the fine-tune.
+
+    ``floor``: the noise floor's (mean, upper bound) per prompt, in the unit of
+    ``r.residual_raw``, ``unit`` (None: none measured). The retention's interval, not its
+    point, decides: FAIL when the whole interval misses the band ``[min, 1/min]``, WARN
+    when the point misses it but the interval reaches it (the prompts cannot tell); the
+    residual is judged beyond the floor's mean. An export that would not PASS but is
+    within the floor PASSes: its distance from the fine-tune is what the format does to
+    any model carrying a delta of this size.
+    """
     kept = f"{r.retention:.0%} of the adapter's effect"
+    verdict, line = _judged(r, c, floor[0] if floor is not None else None)
+    if verdict is not Verdict.PASS and floor is not None and within_floor(r, floor[1]):
+        return Verdict.PASS, (
+            f"the export keeps the fine-tune up to its format's noise: it is {r.residual_raw:.3g}"
+            f"{unit} from the fine-tune, within what storing a random delta of this size the "
+            f"export's way does to a model ({floor[0]:.3g}, at most {floor[1]:.3g}); {kept} "
+            "reads kept, noise included"
+        )
+    return verdict, line
+
+
+def _judged(r: Retention, c: ExportCriteria, floor_mean: float | None) -> tuple[Verdict, str]:
+    """The verdict on the retention's interval and the residual beyond the floor's mean."""
+    kept = f"{r.retention:.0%} of the adapter's effect"
+    lo, hi = r.interval
+    span = "" if lo == hi else f" (95% interval {_span(lo, hi)})"
+    outside = not c.min_retention <= r.retention <= c.max_retention
+    if outside and lo <= c.max_retention and hi >= c.min_retention:
+        return Verdict.WARN, (
+            f"the prompts cannot tell whether the export keeps the fine-tune: {kept}"
+            f"{span} reaches [{c.min_retention:.0%}, {c.max_retention:.0%}]; give more "
+            "--prompts about what it was trained on"
+        )
     if r.retention < 0.5:
-        return False, f"the export is closer to the base than to the fine-tune: {kept} survived"
+        return Verdict.FAIL, (
+            f"the export is closer to the base than to the fine-tune: {kept} survived{span}"
+        )
     if r.retention < c.min_retention:
-        return False, (
-            f"the export lost part of the fine-tune: {kept} survived, a faithful export keeps "
-            f"≥ {c.min_retention:.0%} ({_cause(r)})"
+        return Verdict.FAIL, (
+            f"the export lost part of the fine-tune: {kept} survived{span}, a faithful export "
+            f"keeps ≥ {c.min_retention:.0%} ({_cause(r)})"
         )
     if r.retention > c.max_retention:
-        return False, (
-            f"the export overshoots the fine-tune: {kept}, at most {c.max_retention:.0%} "
+        return Verdict.FAIL, (
+            f"the export overshoots the fine-tune: {kept}{span}, at most {c.max_retention:.0%} "
             f"(merged twice, or {_cause(r)})"
         )
-    if r.residual > c.max_residual:
+    beyond = _beyond(r, floor_mean or 0.0)
+    if beyond > c.max_residual:
         own = f", {r.noise:.2f}× in changes the adapter never made" if r.noise > 0 else ""
-        return False, (
-            f"the export keeps {kept} but differs from the fine-tune by {r.residual:.2f}× "
-            f"that effect (at most {c.max_residual:g}×){own}: quantization noise?"
+        past = " beyond the noise floor" if floor_mean is not None else ""
+        return Verdict.FAIL, (
+            f"the export keeps {kept} but differs from the fine-tune by {beyond:.2f}× "
+            f"that effect{past} (at most {c.max_residual:g}×){own}: quantization noise?"
         )
-    return True, (
+    past = ""
+    if floor_mean is not None and r.residual > c.max_residual:  # the floor lets it pass
+        past = f", {format_multiple(beyond)} beyond the noise floor"
+    return Verdict.PASS, (
         f"the export keeps the fine-tune: {kept} survived; it differs from the fine-tune "
-        f"by {format_multiple(r.residual)} that effect"
+        f"by {format_multiple(r.residual)} that effect{past}"
     )
+
+
+def _span(lo: float, hi: float) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "unbounded"
+    return f"{lo:.0%}..{hi:.0%}"
 
 
 def score(r: Retention) -> float:

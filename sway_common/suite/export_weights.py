@@ -12,7 +12,7 @@ No forward pass. For each adapted module, with ``W_B`` the base model's weight a
 
 Overall, each sum is pooled over modules, so the share is the ‖ΔW‖²-weighted mean.
 
-**What storage alone keeps.** Storing a weight (a float dtype, MLX affine codes, a GGUF
+**What storage alone does.** Storing a weight (a float dtype, MLX affine codes, a GGUF
 type) changes it, and re-quantizing a base whose weights already sit on the grid (a
 4-bit base, fused and re-quantized) can round a light delta away. Two numbers say how
 much, each stored the way the export stores that module
@@ -21,26 +21,27 @@ gguf's quantizers, or rounding to the dtype) and measured like the export:
 
 - **faithful** ``e``: the share that ``W_B + ΔW`` keeps once stored: what a correct
   export in this format carries of this very delta;
-- the **floor** ``f ± σ``: the same for ``runs`` null deltas, random in direction and of
-  the adapter's norm per module (:func:`~sway_common.backend.nulls.null_factors`,
-  ``norm_matched``: the nulls the forward check calibrates with); ``σ`` (standard
-  deviation over draws) is how much the share moves with the delta's direction alone.
-  The faithful share is the yardstick (it is what a correct export stores, whatever
-  the delta's shape), with the floor's spread as its tolerance; the floor says how
-  much of any delta of this size the format resolves (on the tiny test model, a 4-bit
-  base and 1% of its trained delta: 9% faithful, a floor of 11% ± 0.3%).
+- the **noise floor** ``f ± σ``: the off-delta of the run's first null deltas (at most
+  :data:`~sway_common.suite.export_math.FLOOR_DRAWS`), random in
+  direction and of the adapter's norm per module
+  (:func:`~sway_common.backend.nulls.null_factors`, ``norm_matched``: the nulls the
+  forward check calibrates with), stored the same way: the changes of its own that
+  storing puts on any delta of this size, in units of its norm (re-quantizing the
+  already-quantized base alone is nearly idempotent, so that is no floor).
 
-**The rule.** With ``band = 3·max(σ, 0.01)``, a share PASSES when it is in
-``[min_share, 1/min_share]`` (0.8 .. 1.25 by default; the message says "carry"), or at
-least ``e − band`` and at most ``max(1/min_share, e + band)`` (the message says the
-export keeps as much as its format allows: the loss is the format's, not the export's).
-A module *lost* its delta when its own share is < 0.5 and fails its own test; when some
-modules lost it while others carry theirs (pass, with ≥ 0.5: a fuse that skipped
-modules), FAIL naming them, whatever the overall share. Otherwise the overall share decides; a FAIL names the
-likely cause: nothing carried (the base passed off as the export), an overshoot (merged
+**The rule.** The share decides; the floor only says what the export's own changes
+are. A share in ``[min_share, 1/min_share]`` (0.8 .. 1.25 by default) PASSES, with its
+off-delta read against the floor (within it: the format's noise; above it: the export
+adds changes of its own). A share outside it FAILS, whatever the format: an export
+that lost the delta does not behave like the fine-tune, even where the format is to
+blame. When a faithful export in this format would keep no more (``e`` short of
+``min_share`` too), the line says the format rounds a delta this small away and what
+keeps it (fuse with ``--dequantize``, or more bits). A module *lost* its delta when its
+own share is < 0.5; a FAIL names those modules. Otherwise a FAIL names the likely
+cause: nothing carried (the base passed off as the export), an overshoot (merged
 twice), or a partial share (the wrong scale when the cosine is high, else a lossy
 conversion). A GGUF type numpy cannot re-quantize (the k-quants) has no faithful share
-and no floor: the share alone decides, against ``min_share``.
+and no floor (llama.cpp's quantizer would be needed: out of scope).
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ from numpy.typing import NDArray
 from sway_common.adapters import AdapterWeights, LoraModule
 from sway_common.backend.nulls import NullFactors, null_factors
 from sway_common.probes.context import NullCalibration
+from sway_common.suite.export_math import FLOOR_DRAWS
 from sway_common.types import ProbeResult, Verdict
 from sway_common.weight_reader import Storage, WeightReadError, WeightSource
 
 NAME = "weight_delta"
 LOST_BELOW = 0.5
-BAND = 3.0
-MIN_SPREAD = 0.01
+SPREAD = 2.0
+"""The noise floor's upper bound: its mean plus this many standard deviations over nulls."""
 NOISY = 0.25
 """An off-delta this large (in units of ‖ΔW‖, export-check's default --max-residual) is
 said in a passing line: the export carries ΔW but adds changes of its own (quantization)."""
@@ -82,7 +84,7 @@ class ModuleSurvival:
     faithful: float
     """The share ``W_B + ΔW`` keeps when stored like the export stores this module."""
     floor: float
-    """Mean share of the null deltas stored the same way."""
+    """Mean off-delta (in units of their norm) of the null deltas stored the same way."""
     floor_spread: float
     storage: str
     lost: bool = False
@@ -104,25 +106,21 @@ class WeightCheck:
     min_share: float
     passed: bool = False
     message: str = ""
-    floor_shares: list[float] = field(default_factory=list)
+    floor_values: list[float] = field(default_factory=list)
+    """Each null's pooled off-delta."""
 
     @property
     def lost(self) -> list[str]:
         return [m.name for m in self.modules if m.lost]
 
     @property
-    def band(self) -> float:
-        return BAND * max(self.floor_spread, MIN_SPREAD)
+    def floor_upper(self) -> float:
+        return self.floor + SPREAD * self.floor_spread
 
 
-def holds(share: float, faithful: float, spread: float, min_share: float) -> bool:
+def holds(share: float, min_share: float) -> bool:
     """The rule for one share (a module's or the overall one); see the module docstring."""
-    if min_share <= share <= 1.0 / min_share:
-        return True
-    if math.isnan(faithful):
-        return False
-    band = BAND * max(spread, MIN_SPREAD)
-    return faithful - band <= share <= max(1.0 / min_share, faithful + band)
+    return min_share <= share <= 1.0 / min_share
 
 
 def _adapter_delta(m: LoraModule, w_base: F64) -> F64:
@@ -160,20 +158,24 @@ def _read_pair(
 @dataclass
 class _Sums:
     """One module's inner products, pooled later: ⟨ΔE,ΔW⟩, ‖ΔW‖², ‖ΔE‖², ‖ΔE − sΔW‖²,
-    ⟨stored ΔW, ΔW⟩ and each null's ⟨stored ΔN, ΔN⟩ (None / empty: no re-quantizer)."""
+    ⟨stored ΔW, ΔW⟩ and each null's off-delta² once stored (None / empty: no
+    re-quantizer; the nulls have the norm of ΔW, so ‖ΔW‖² is theirs too)."""
 
     dot: float
     ww: float
     ee: float
     off2: float
     faithful_dot: float | None = None
-    null_dots: list[float] = field(default_factory=list)
+    null_off2: list[float] = field(default_factory=list)
 
 
-def _stored_dot(storage: Storage, w_b: F64, delta: F64) -> float:
-    """⟨ΔS, delta⟩ where ΔS is what storing ``w_b + delta`` like the export changes."""
+def _stored(storage: Storage, w_b: F64, delta: F64) -> tuple[float, float]:
+    """(⟨ΔS, delta⟩, ‖ΔS − s·delta‖²) where ΔS is what storing ``w_b + delta`` like the
+    export leaves of ``delta`` and ``s`` its share."""
     stored = storage.requantize(w_b + delta).astype(np.float64) - w_b
-    return float(np.sum(stored * delta))
+    dot, dd = float(np.sum(stored * delta)), float(np.sum(delta * delta))
+    off = stored - (dot / dd if dd > _TINY else 0.0) * delta
+    return dot, float(np.sum(off * off))
 
 
 def _measure(
@@ -188,11 +190,11 @@ def _measure(
     if ww <= _TINY:
         return sums, storage
     try:
-        sums.faithful_dot = _stored_dot(storage, w_b, dw)
+        sums.faithful_dot = _stored(storage, w_b, dw)[0]
         norm = math.sqrt(ww)
-        sums.null_dots = [_stored_dot(storage, w_b, _null_delta(m, f[name], norm)) for f in nulls]
+        sums.null_off2 = [_stored(storage, w_b, _null_delta(m, f[name], norm))[1] for f in nulls]
     except NotImplementedError:  # a format numpy cannot redo (GGUF k-quants)
-        sums.faithful_dot, sums.null_dots = None, []
+        sums.faithful_dot, sums.null_off2 = None, []
     return sums, storage
 
 
@@ -206,7 +208,7 @@ def _spread(shares: F64) -> tuple[float, float]:
 def _survival(name: str, s: _Sums, storage: Storage, min_share: float) -> ModuleSurvival:
     retained = s.dot / s.ww
     faithful = math.nan if s.faithful_dot is None else s.faithful_dot / s.ww
-    floor, spread = _spread(np.asarray(s.null_dots, dtype=np.float64) / s.ww)
+    floor, spread = _spread(np.sqrt(np.asarray(s.null_off2, dtype=np.float64) / s.ww))
     return ModuleSurvival(
         name=name,
         retained=retained,
@@ -217,7 +219,7 @@ def _survival(name: str, s: _Sums, storage: Storage, min_share: float) -> Module
         floor=floor,
         floor_spread=spread,
         storage=storage.describe(),
-        lost=retained < LOST_BELOW and not holds(retained, faithful, spread, min_share),
+        lost=retained < LOST_BELOW and not holds(retained, min_share),
     )
 
 
@@ -234,7 +236,8 @@ def check_weights(
     Raises :class:`WeightReadError` for weights that cannot be read or compared, and
     when the adapter changes no weight (ΔW = 0 everywhere: nothing to carry).
     """
-    nulls = [null_factors(adapter.modules, spec) for spec in NullCalibration(runs=runs).specs()]
+    specs = NullCalibration(runs=runs).specs()[:FLOOR_DRAWS]
+    nulls = [null_factors(adapter.modules, spec) for spec in specs]
     sums: list[_Sums] = []
     modules: list[ModuleSurvival] = []
     for name in sorted(adapter.modules):
@@ -248,7 +251,7 @@ def check_weights(
             "the adapter changes no weight (ΔW = 0 in every module): nothing for an export "
             "to keep; check the adapter path"
         )
-    return _judge(modules, sums, runs, min_share)
+    return _judge(modules, sums, len(nulls), min_share)
 
 
 def _judge(
@@ -261,7 +264,7 @@ def _judge(
     shares = np.zeros(0)
     if all(d is not None for d in faithful_dots):
         faithful = sum(d for d in faithful_dots if d is not None) / ww
-        shares = np.sum([s.null_dots for s in sums], axis=0) / ww
+        shares = np.sqrt(np.sum([s.null_off2 for s in sums], axis=0) / ww)
     floor, spread = _spread(shares)
     kinds = sorted({m.storage for m in modules})
     check = WeightCheck(
@@ -275,7 +278,7 @@ def _judge(
         runs=runs,
         storage=kinds[0] if len(kinds) == 1 else "mixed " + "/".join(kinds),
         min_share=min_share,
-        floor_shares=[float(x) for x in shares],
+        floor_values=[float(x) for x in shares],
     )
     passed, message = verdict_line(check)
     return replace(check, passed=passed, message=message)
@@ -283,7 +286,7 @@ def _judge(
 
 def _carries(m: ModuleSurvival, min_share: float) -> bool:
     """A module that clearly carries its delta: it passes, with at least half of it."""
-    return m.retained >= LOST_BELOW and holds(m.retained, m.faithful, m.floor_spread, min_share)
+    return m.retained >= LOST_BELOW and holds(m.retained, min_share)
 
 
 def _names(names: list[str], most: int = 3) -> str:
@@ -291,55 +294,67 @@ def _names(names: list[str], most: int = 3) -> str:
     return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
 
 
-def _yardstick(c: WeightCheck) -> str:
-    """What storage alone keeps, in words (the faithful share, the random floor)."""
+def _noise(c: WeightCheck) -> str:
+    """The export's own changes read against the noise floor ("" when negligible)."""
+    if c.off_delta < NOISY:
+        return ""
+    if math.isnan(c.floor):
+        return f"; it adds changes of its own {c.off_delta:.2g}×"
+    floor = f"storing a random delta of this size {c.storage} does {c.floor:.3g}× ± {c.floor_spread:.1g}"
+    if c.off_delta <= c.floor_upper:
+        return f"; its own changes, {c.off_delta:.2g}× the delta's size, are the format's ({floor})"
+    return f"; it adds changes of its own {c.off_delta:.3g}× the delta's size, beyond the noise floor ({floor})"
+
+
+def _format_limit(c: WeightCheck) -> str:
+    """Why a short share may be the format's, and what keeps the delta ("" when not)."""
     if math.isnan(c.faithful):
-        return f"numpy cannot re-quantize {c.storage}: no floor"
+        return f" (numpy cannot re-quantize {c.storage}: no faithful share to compare)"
+    if c.faithful >= c.min_share:
+        return f" (a faithful {c.storage} export keeps {c.faithful:.0%} of it)"
     return (
-        f"a faithful {c.storage} export keeps {c.faithful:.0%} of it, "
-        f"{c.floor:.0%} ± {c.floor_spread:.0%} of a random delta this size"
+        f": storing it {c.storage} rounds a delta this small away (a faithful export in this "
+        f"format keeps only {c.faithful:.0%}); fuse with --dequantize, or keep more bits"
     )
 
 
 def verdict_line(c: WeightCheck) -> tuple[bool, str]:
     """(passed, the one line that says what the export's weights did with ΔW)."""
     share, most, modules = c.retained, 1.0 / c.min_share, c.modules
+    lost = f"{len(c.lost)} of {len(modules)} adapted modules lost their delta ({_names(c.lost)})"
     if c.lost and any(_carries(m, c.min_share) for m in modules):
         return False, (
-            f"{len(c.lost)} of {len(modules)} adapted modules lost their delta in the "
-            f"export's weights ({_names(c.lost)}; {share:.0%} retained overall): a fuse "
-            "that skipped them?"
+            f"{lost} in the export's weights; {share:.0%} retained overall: a fuse that "
+            "skipped them?"
         )
-    if c.min_share <= share <= most:
-        noise = ""
-        if c.off_delta >= NOISY:
-            noise = (
-                f"; in these weights it adds changes of its own {c.off_delta:.2g}× the delta's size"
-            )
+    if holds(share, c.min_share):
         return True, (
             f"the export's weights carry the adapter's delta: {share:.0%} retained over "
-            f"{len(modules)} modules (cosine {c.cosine:.2f}){noise}"
+            f"{len(modules)} modules (cosine {c.cosine:.2f}){_noise(c)}"
         )
-    if holds(share, c.faithful, c.floor_spread, c.min_share):
-        return True, (
-            f"the export's weights keep {share:.0%} of the adapter's delta, as much as its "
-            f"format allows ({_yardstick(c)}): the loss is the format's, not the export's"
-        )
+    where = f"; {lost}" if c.lost else ""
     if abs(share) < 0.1:
+        why = "the base passed off as the export, or a fuse without the adapter?"
+        if c.faithful < c.min_share:  # False for NaN (no faithful share)
+            why = f"the base passed off as the export? Or{_format_limit(c)[1:]}"
         return False, (
-            f"the export's weights do not carry the adapter's delta: {share:.0%} retained "
-            f"({_yardstick(c)}): the base passed off as the export, or a fuse without the "
-            "adapter?"
+            f"the export's weights do not carry the adapter's delta: {share:.0%} retained"
+            f"{where}: {why}"
         )
     if share > most:
         return False, (
             f"the export's weights carry {share:.0%} of the adapter's delta, at most "
             f"{most:.0%}: merged twice, or at the wrong scale?"
         )
+    if not math.isnan(c.faithful) and c.faithful < c.min_share:
+        return False, (
+            f"the export's weights keep only {share:.0%} of the adapter's delta{where}"
+            f"{_format_limit(c)}"
+        )
     cause = "merged at the wrong scale?" if c.cosine >= 0.9 else "a lossy conversion?"
     return False, (
         f"the export's weights keep only {share:.0%} of the adapter's delta, at least "
-        f"{c.min_share:.0%} expected ({_yardstick(c)}): {cause}"
+        f"{c.min_share:.0%} expected{where}{_format_limit(c)}: {cause}"
     )
 
 
@@ -362,8 +377,8 @@ def weight_result(check: WeightCheck, *, gating: bool = True) -> ProbeResult:
             "faithful": check.faithful,
             "floor": check.floor,
             "floor_spread": check.floor_spread,
-            "band": check.band,
-            "floor_shares": check.floor_shares,
+            "floor_upper": check.floor_upper,
+            "floor_values": check.floor_values,
             "runs": check.runs,
             "storage": check.storage,
             "min_share": check.min_share,

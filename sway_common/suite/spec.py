@@ -20,7 +20,9 @@ from sway_common.probes.context import NullCalibration
 from sway_common.probes.delta_kl import DeltaKLConfig
 from sway_common.probes.external_perplexity import ExternalPerplexityConfig
 from sway_common.probes.null_adapter import NullAdapterConfig
+from sway_common.probes.weight_spectrum import WeightSpectrumConfig
 from sway_common.suite.fields import build_dataclass, did_you_mean, unknown_keys
+from sway_common.suite.placement import DEVICE_MAPS, max_memory_problems, placement_problem
 
 SUPPORTED_VERSION = 1
 # The backends a spec's ``kind`` (and ``--backend``) may name; "dummy" is the analytic
@@ -53,6 +55,12 @@ class ModelSpec:
     adapter: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None
+    """Spread the model over several devices (HF, through accelerate): one of
+    :data:`~sway_common.suite.placement.DEVICE_MAPS`."""
+    max_memory: dict[str, str] | None = None
+    """Most memory per device when spreading (``{0: 20GiB, 1: 20GiB, cpu: 64GiB}``);
+    without ``device_map`` it means ``device_map: auto``."""
 
 
 @dataclass
@@ -116,7 +124,25 @@ def _parse_model(data: Any, path: str, problems: list[str]) -> ModelSpec | None:
             f"{path}.kind: {spec.kind!r} is not one of {', '.join(BACKEND_KINDS)}"
             f"{did_you_mean(spec.kind, BACKEND_KINDS)}"
         )
+    if spec is not None:
+        problems.extend(f"{path}.{p}" for p in _placement_problems(spec))
     return spec
+
+
+def _placement_problems(spec: ModelSpec) -> list[str]:
+    problems = []
+    if spec.device_map is not None and spec.device_map not in DEVICE_MAPS:
+        problems.append(
+            f"device_map: {spec.device_map!r} is not one of {', '.join(DEVICE_MAPS)}"
+            f"{did_you_mean(spec.device_map, DEVICE_MAPS)}"
+        )
+    if spec.max_memory is not None:
+        problems.extend(f"max_memory: {p}" for p in max_memory_problems(spec.max_memory))
+    if (spec.device_map or spec.max_memory) and spec.device != "auto":
+        problems.append("device: must be auto with device_map/max_memory (they place the model)")
+    if problem := placement_problem(spec.kind, spec.device_map, spec.max_memory):
+        problems.append(f"device_map: {problem}")
+    return problems
 
 
 def parse_spec(data: Any, source: str = "<suite>", base_dir: Path | None = None) -> SuiteSpec:
@@ -277,8 +303,9 @@ def load_spec(path: str | Path) -> SuiteSpec:
 def quick_suite(
     prompts: list[str], *, runs: int = 8, model: ModelSpec | None = None, seed: int = 0
 ) -> SuiteSpec:
-    """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation, and
-    small general-knowledge and held-out-prose regression checks."""
+    """The default suite for a spec-less ``eval``: null calibration, delta_kl, ablation,
+    small general-knowledge and held-out-prose regression checks, and the weight spectrum
+    (a report)."""
     return SuiteSpec(
         probes=[
             NullAdapterConfig(
@@ -295,6 +322,9 @@ def quick_suite(
                 max_chunks=QUICK_PROSE_CHUNKS,
                 chunk_chars=QUICK_CHUNK_CHARS,
             ),
+            # A report (no forward pass, never gating, no score): after the rest, so it
+            # changes none of their numbers.
+            WeightSpectrumConfig(name="weight_spectrum", kind="weight_spectrum"),
         ],
         defaults=Defaults(seed=seed),
         model=model,

@@ -1,4 +1,4 @@
-"""benchmarks/compare.py: result files from several machines merge into one report."""
+"""benchmarks/tables.py: result files from several machines merge into one report."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-COMPARE = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+TABLES = Path(__file__).resolve().parents[1] / "benchmarks" / "tables.py"
 
 
 @pytest.fixture(scope="module")
-def compare() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_compare", COMPARE)
+def tables() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_tables", TABLES)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -94,9 +94,9 @@ def table_rows(text: str, heading: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
-def test_runs_from_several_machines_merge_into_one_report(compare, results, tmp_path) -> None:
+def test_runs_from_several_machines_merge_into_one_report(tables, results, tmp_path) -> None:
     md, png = tmp_path / "out.md", tmp_path / "out.png"
-    compare.main([*map(str, results), "--md", str(md), "--png", str(png)])
+    tables.main([*map(str, results), "--md", str(md), "--png", str(png)])
     text = md.read_text()
 
     full = table_rows(text, "Full-sequence scoring")
@@ -128,8 +128,76 @@ def test_runs_from_several_machines_merge_into_one_report(compare, results, tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_printed_report_is_the_written_one(compare, results, tmp_path, capsys) -> None:
+def test_printed_report_is_the_written_one(tables, results, tmp_path, capsys) -> None:
     md = tmp_path / "out.md"
-    compare.main([str(results[2]), "--md", str(md), "--png", str(tmp_path / "unused.png")])
+    tables.main([str(results[2]), "--md", str(md), "--png", str(tmp_path / "unused.png")])
     assert capsys.readouterr().out == md.read_text()
     assert not (tmp_path / "unused.png").exists()  # no throughput run: no chart
+
+
+DOCS = TABLES.parents[1] / "docs"
+
+
+def test_the_docs_tables_are_what_the_committed_results_give(tables) -> None:
+    """No figure typed by hand: every table block in docs/ regenerates unchanged."""
+    blocks = 0
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        blocks += len(tables.BLOCK.findall(text))
+        assert tables.render_docs(text) == text, (
+            f"{page.name}: tables differ from benchmarks/results; run "
+            "python benchmarks/tables.py --write-docs docs/benchmarks.md docs/statistics.md"
+        )
+    assert blocks >= 8  # anchor, throughput and false-positive tables
+
+
+def test_write_docs_fills_the_blocks_and_keeps_the_prose(tables, results, tmp_path) -> None:
+    doc = tmp_path / "bench.md"
+    doc.write_text(
+        "Intro kept.\n\n<!-- table: anchor anchor-cpu.json -->\nstale table\n"
+        "<!-- table: end -->\n\nOutro kept.\n"
+    )
+    new = tables.render_docs(doc.read_text(), tmp_path)
+    assert new.startswith("Intro kept.\n\n<!-- table: anchor anchor-cpu.json -->\n| run |")
+    assert "stale table" not in new and new.endswith("<!-- table: end -->\n\nOutro kept.\n")
+    assert "1.00 s vs 4.00 s (**4.0×**)" in new
+    assert tables.render_docs(new, tmp_path) == new  # idempotent
+
+    doc.write_text("<!-- table: speed anchor-cpu.json -->\n<!-- table: end -->\n")
+    with pytest.raises(ValueError, match="unknown table kind 'speed'"):
+        tables.render_docs(doc.read_text(), tmp_path)
+    with pytest.raises(SystemExit, match="no <!-- table"):
+        tables.write_docs([tmp_path / "mac-old.json"], tmp_path)
+
+
+def test_false_positive_tables_count_passes_per_k_and_prompts(tables, tmp_path) -> None:
+    summary = {
+        "norm_matched@0.02 K=3 P=4": {"delta_kl:random": [1, 8], "adapter_ablation:random": [0, 8]},
+        "norm_matched@0.02 K=3 P=8": {"delta_kl:random": [0, 8], "adapter_ablation:random": [2, 8]},
+        "fixed@0.05 K=3 P=4": {"delta_kl_old_rule:random": [1, 2]},
+    }
+    records = [
+        {
+            "name": "healthy",
+            "group": "trained",
+            "verdicts": {"norm_matched@0.02|3|8": {"ratio": 47.8}},
+        }
+    ]
+    payload = {"ks": [3], "prompts": [4, 8], "summary": summary, "records": records}
+    write(tmp_path / "fpr.json", payload)
+    text = tables.render_docs(
+        "<!-- table: fpr fpr.json -->\n<!-- table: end -->\n"
+        "<!-- table: fpr-fixed fpr.json -->\n<!-- table: end -->\n"
+        "<!-- table: fpr-ratios fpr.json -->\n<!-- table: end -->\n",
+        tmp_path,
+    )
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in text.splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["random adapters passing `delta_kl`, 4 / 8 prompts"].endswith("| 1/8 · 0/8 |")
+    # adapter_ablation is judged on 4 prompts whatever P: one count per K
+    assert rows["random adapters passing `adapter_ablation` (4 prompts)"].endswith("| 0/8 |")
+    assert rows["random adapters at init scale 0.05 passing, old rule"].endswith("| 1/2 · – |")
+    assert rows["healthy"].endswith("| – · 48× |")

@@ -8,14 +8,21 @@ allocator's peak memory), and sway-mlx against dlm-sway (probe phase and whole p
 cold and warm, with dlm-sway's time over ours). The same Markdown goes to ``--md`` and a
 bar chart of full-sequence throughput per view to ``--png``.
 
-    python benchmarks/compare.py                      # every file in benchmarks/results
-    python benchmarks/compare.py run-a.json run-b.json --md out.md --png out.png
+``--write-docs`` regenerates the tables of the docs instead: each block between
+``<!-- table: KIND FILE... -->`` and ``<!-- table: end -->`` is replaced by the KIND
+table (``full``, ``next``, ``anchor``, ``fpr``, ``fpr-fixed``, ``fpr-ratios``) of those
+result files, so no measured figure is typed by hand.
+
+    python benchmarks/tables.py                      # every file in benchmarks/results
+    python benchmarks/tables.py run-a.json run-b.json --md out.md --png out.png
+    python benchmarks/tables.py --write-docs docs/benchmarks.md docs/statistics.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,7 +62,7 @@ def load(paths: Iterable[Path]) -> list[Run]:
             runs.append(Run(label, payload.get("machine", "?"), payload, records))
         else:
             print(
-                f"compare: {path.name} is neither a throughput nor an anchor run; skipped",
+                f"tables: {path.name} is neither a throughput nor an anchor run; skipped",
                 file=sys.stderr,
             )
     return runs
@@ -178,6 +185,130 @@ def markdown(runs: list[Run]) -> str:
     return "\n".join(parts).strip() + "\n"
 
 
+def fpr_cells(payload: dict[str, Any], mode: str, key: str) -> list[str]:
+    """One cell per K: ``passed/n`` per prompt count, joined by `` · ``."""
+    summary = payload["summary"]
+    cells = []
+    for k in payload["ks"]:
+        counts = [summary.get(f"{mode} K={k} P={p}", {}).get(key) for p in payload["prompts"]]
+        cells.append(" · ".join("–" if c is None else f"{c[0]}/{c[1]}" for c in counts))
+    return cells
+
+
+def fpr_table(payload: dict[str, Any]) -> list[str]:
+    """null_fpr.py's grid against norm-matched nulls: one column per K."""
+    ps, ks = " / ".join(map(str, payload["prompts"])), payload["ks"]
+    mode = "norm_matched@0.02"
+    rows = [
+        (f"random adapters passing `delta_kl`, {ps} prompts", "delta_kl:random"),
+        ("the same, raw-scale z ≥ 3 and p ≤ 0.05 alone (the old rule)", "delta_kl_old_rule:random"),
+        (f"trained adapters passing `delta_kl`, {ps} prompts", "delta_kl:trained"),
+        ("B shrunk 1e-4× passing `delta_kl`", "delta_kl:b_zero"),
+    ]
+    lines = ["| norm-matched nulls | " + " | ".join(f"K={k}" for k in ks) + " |"]
+    lines.append("|---|" + "---|" * len(ks))
+    for title, key in rows:
+        lines.append("| " + " | ".join([title, *fpr_cells(payload, mode, key)]) + " |")
+    # adapter_ablation is judged on the first 4 prompts whatever the prompt count.
+    first = payload["prompts"][0]
+    ablation = [
+        payload["summary"].get(f"{mode} K={k} P={first}", {}).get("adapter_ablation:random")
+        for k in ks
+    ]
+    cells = ["–" if c is None else f"{c[0]}/{c[1]}" for c in ablation]
+    lines.append(
+        "| random adapters passing `adapter_ablation` (4 prompts) | " + " | ".join(cells) + " |"
+    )
+    return lines
+
+
+def fpr_fixed_table(payload: dict[str, Any]) -> list[str]:
+    """Random adapters at fixed init scales against fixed-mode nulls at the same scale."""
+    ps, ks = " / ".join(map(str, payload["prompts"])), payload["ks"]
+    scales = sorted({key.split()[0] for key in payload["summary"] if key.startswith("fixed@")})
+    lines = [f"| fixed-mode nulls, {ps} prompts | " + " | ".join(f"K={k}" for k in ks) + " |"]
+    lines.append("|---|" + "---|" * len(ks))
+    for mode in scales:
+        scale = mode.split("@")[1]
+        for rule, key in (
+            ("`delta_kl`", "delta_kl:random"),
+            ("old rule", "delta_kl_old_rule:random"),
+        ):
+            title = f"random adapters at init scale {scale} passing, {rule}"
+            lines.append("| " + " | ".join([title, *fpr_cells(payload, mode, key)]) + " |")
+    return lines
+
+
+def fpr_ratio_table(payload: dict[str, Any]) -> list[str]:
+    """Each trained adapter's effect over a random adapter's (norm-matched nulls)."""
+    ps, ks = " / ".join(map(str, payload["prompts"])), payload["ks"]
+    lines = [f"| trained adapter, {ps} prompts | " + " | ".join(f"K={k}" for k in ks) + " |"]
+    lines.append("|---|" + "---|" * len(ks))
+    for record in payload["records"]:
+        if record.get("group") != "trained":
+            continue
+        cells = []
+        for k in ks:
+            ratios = [
+                record["verdicts"].get(f"norm_matched@0.02|{k}|{p}", {}).get("ratio")
+                for p in payload["prompts"]
+            ]
+            cells.append(" · ".join("–" if r is None else f"{r:.2g}×" for r in ratios))
+        lines.append("| " + " | ".join([record["name"], *cells]) + " |")
+    return lines
+
+
+def docs_table(kind: str, paths: list[Path]) -> str:
+    """The Markdown table of one docs block: KIND over the named result files."""
+    if kind in ("fpr", "fpr-fixed", "fpr-ratios"):
+        if len(paths) != 1:
+            raise ValueError(f"a {kind} block names one null_fpr result file")
+        payload = json.loads(paths[0].read_text())
+        build = {"fpr": fpr_table, "fpr-fixed": fpr_fixed_table, "fpr-ratios": fpr_ratio_table}
+        return "\n".join(build[kind](payload))
+    runs = [run for path in paths for run in load([path])]  # in the block's order
+    if kind == "full":
+        return "\n".join(scoring_table(runs, "logprob_of_batch", stacked=False))
+    if kind == "next":
+        return "\n".join(scoring_table(runs, "next_token_dist_batch", stacked=True))
+    if kind == "anchor":
+        return "\n".join(anchor_table(runs))
+    raise ValueError(
+        f"unknown table kind {kind!r} (full, next, anchor, fpr, fpr-fixed, fpr-ratios)"
+    )
+
+
+BLOCK = re.compile(
+    r"^<!-- table: (?P<args>(?!end )[^\n]*?) -->\n.*?^<!-- table: end -->$", re.S | re.M
+)
+
+
+def render_docs(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every table block's table regenerated from ``results``."""
+
+    def fill(match: re.Match[str]) -> str:
+        kind, *names = match["args"].split()
+        table = docs_table(kind, [results / name for name in names])
+        return f"<!-- table: {match['args']} -->\n{table}\n<!-- table: end -->"
+
+    return BLOCK.sub(fill, text)
+
+
+def write_docs(paths: list[Path], results: Path = RESULTS) -> None:
+    """Regenerate the tables of each docs file in place; say which files changed."""
+    for path in paths:
+        text = path.read_text()
+        if not BLOCK.search(text):
+            raise SystemExit(f"tables: {path} has no <!-- table: KIND FILE... --> block")
+        try:
+            new = render_docs(text, results)
+        except (ValueError, OSError, KeyError) as error:
+            raise SystemExit(f"tables: {path}: {error}") from None
+        if new != text:
+            path.write_text(new)
+        print(f"tables: {path}: {'updated' if new != text else 'unchanged'}")
+
+
 def plot(runs: list[Run], path: Path) -> None:
     """Horizontal bars on a log scale (CPU and GPU rates differ 1000-fold): full-sequence
     tokens/s per view, one group per run, platform, model and batch."""
@@ -217,7 +348,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--md", type=Path, default=RESULTS / "summary.md")
     parser.add_argument("--png", type=Path, default=RESULTS / "throughput.png")
+    parser.add_argument(
+        "--write-docs",
+        type=Path,
+        nargs="+",
+        metavar="DOC",
+        help="regenerate the <!-- table: ... --> tables of these Markdown files in place "
+        "(from results/*.json; nothing else is written)",
+    )
     args = parser.parse_args(argv)
+    if args.write_docs:
+        write_docs(args.write_docs)
+        return
     runs = load(args.files or RESULTS.glob("*.json"))
     text = markdown(runs)
     print(text, end="")

@@ -1,0 +1,1 @@
+"""Weight-space spectra of a LoRA adapter against its base model: numpy only, no forward."""
