@@ -174,7 +174,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
         lines += [overall_row(shape, by["overall"]) for shape, by in s["by_shape"].items()]
         lines.append("")
     lines.append(
-        "Each cell: k of n, then the one-sided 95% upper bound on the rate (Clopper-Pearson)."
+        "A false rate: k of n, then the one-sided 95% upper bound on the rate (Clopper-Pearson);"
+        " a rate the verdict should reach (healthy PASS, damage caught): k of n and the share."
     )
     return "\n".join(lines)
 
