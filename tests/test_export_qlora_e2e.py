@@ -16,11 +16,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import mlx_lm  # noqa: E402, F401  (the mlx extra: a missing one is a failure, not a skip)
 import numpy as np
 import pytest
-
-pytest.importorskip("mlx_lm")
-
 from click.testing import CliRunner  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 

@@ -3,13 +3,11 @@
 The Ray tests start one local cluster for the module (``ray.init(num_cpus=2)``) and
 sweep six small adapters of the tiny Llama: the numbers must be those of the one-process
 sweep, a worker killed mid-sweep must cost nothing but a retry, and the table must hold
-every adapter. They are skipped only where Ray is not installed (`make install` installs
-it: the ``ray`` extra).
+every adapter. Ray is the ``ray`` extra, which `make install` installs: without it they fail.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -25,9 +23,6 @@ from sway_common.app.cli import app
 from sway_common.app.sweep_worker import SweepJob, SweepWorker, adapter_names, run_local
 from sway_common.report.sweep import sorted_rows
 from sway_common.suite.spec import load_spec
-
-HAS_RAY = importlib.util.find_spec("ray") is not None
-needs_ray = pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install ray)")
 
 PROMPTS = ["The keeper said", "In the storm the lamp", "A ledger entry", "The gallery at night"]
 SPEC = """
@@ -184,7 +179,6 @@ def ray_sweep(ray_cluster, six_adapters, spec_file, tmp_path_factory) -> dict:
     return json.loads((out / "s.json").read_text())
 
 
-@needs_ray
 def test_a_ray_sweep_gives_the_one_process_numbers(ray_sweep, one_process) -> None:
     s = ray_sweep["sweep"]
     # Two workers (num_cpus=2), each loading the base once, pulling adapters from a queue.
@@ -199,7 +193,6 @@ def test_a_ray_sweep_gives_the_one_process_numbers(ray_sweep, one_process) -> No
     ]
 
 
-@needs_ray
 def test_a_worker_killed_mid_sweep_costs_only_a_retry(ray_sweep, six_adapters) -> None:
     died = Path(six_adapters[-1]).parent / f".{VICTIM}.died"
     assert died.exists()  # a worker did die, while evaluating VICTIM
@@ -297,7 +290,6 @@ def test_fixed_nulls_are_computed_once_per_adapter_shape(
         assert counts[1] == counts[0] and first != second
 
 
-@needs_ray
 def test_a_ray_address_nobody_answers_is_one_line(six_adapters, spec_file, tmp_path, monkeypatch):
     import socket
 

@@ -218,7 +218,8 @@ def test_a_saved_dataset_without_the_datasets_package_is_named(
 
 
 def test_a_saved_dataset_is_read_by_split(tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets", reason="the datasets package is optional")
+    import datasets
+
     rows = {"text": ["A saved row. More."]}
     dd = datasets.DatasetDict(
         {"train": datasets.Dataset.from_dict(rows), "validation": datasets.Dataset.from_dict(rows)}

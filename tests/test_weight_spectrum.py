@@ -174,8 +174,6 @@ def _run(backend, cache: Path | None = None, **cfg):
 
 @pytest.fixture(scope="module")
 def mlx_and_hf():
-    pytest.importorskip("mlx_lm")
-    pytest.importorskip("peft")
     from sway_hf.backend import HFDifferentialBackend
     from sway_mlx.backend import MLXDifferentialBackend
 
@@ -243,7 +241,6 @@ def test_spec_fields_are_checked() -> None:
 def smollm2(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """An MLX backend on SmolLM2 with the mlx-lm adapter every e2e test shares, the
     adapter, and a null cache of this module's own."""
-    pytest.importorskip("mlx_lm")
     from test_mlx_e2e import smollm2_trained_adapter
 
     from sway_mlx.backend import MLXDifferentialBackend
@@ -285,7 +282,6 @@ def test_a_trained_adapter_stands_apart_from_random_ones_of_its_norm(
 def test_a_module_grown_tenfold_stands_out_and_the_heat_map_shows_it(
     smollm2, tmp_path: Path
 ) -> None:
-    pytest.importorskip("matplotlib")
     from sway_common.report.spectrum_plot import write_spectrum_plots
 
     backend, adapter, cache = smollm2
