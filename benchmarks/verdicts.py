@@ -83,7 +83,8 @@ class Shape:
     num_layers: int
     dora: bool = False
     rate_factor: float = 1.0
-    """Times the rate: rank 16 on every linear layer learns ~10x faster per step."""
+    """Times the rate: rank 16 on every linear layer at the full rate damaged the model
+    in the first panel (``panel0-h100-hf-b.json``)."""
 
     def rate(self, backend: str) -> float:
         """The demo's rate, scaled so that scale x rate stays the demo's."""

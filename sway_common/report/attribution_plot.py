@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sway_common.report.plots import COLORS, LINE_COLOR, RC, PathLike, _save
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
@@ -20,7 +22,6 @@ def attribution_probes(result: SuiteResult) -> list[ProbeResult]:
 def plot_attribution(probe: ProbeResult, path: PathLike) -> Path:
     """Shares with their intervals (left) and a groups × prompts heat map of them (right)."""
     import matplotlib
-    import numpy as np
     from matplotlib.figure import Figure
 
     rows = probe.evidence.get("groups") or []

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sway_common.report.plots import RC, PathLike, _save
 from sway_common.types import ProbeResult, SuiteResult
 
@@ -22,8 +24,6 @@ def spectrum_probes(result: SuiteResult) -> list[ProbeResult]:
 
 def _grid(rows: list[dict[str, Any]], figure: str) -> tuple[list[int], list[str], Any]:
     """(layers, module types, a layers × types array of ``figure``; NaN where not adapted)."""
-    import numpy as np
-
     layered = [r for r in rows if r.get("layer") is not None]
     layers = sorted({int(r["layer"]) for r in layered})
     kinds = sorted({str(r["type"]) for r in layered})
@@ -37,8 +37,6 @@ def _grid(rows: list[dict[str, Any]], figure: str) -> tuple[list[int], list[str]
 
 def _annotate(ax: Any, counts: Any, top: int) -> None:
     """Each count written in its cell, when the grid is small enough to read them."""
-    import numpy as np
-
     if counts.size > ANNOTATED_CELLS:
         return
     for (i, j), count in np.ndenumerate(counts):
@@ -51,7 +49,6 @@ def plot_spectrum(probe: ProbeResult, path: PathLike) -> Path:
     """Two heat maps, layers down and module types across: ‖ΔW‖_F/‖W‖_F (log colour) and
     intruder dimensions; a module that stands out is boxed."""
     import matplotlib
-    import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle

@@ -79,7 +79,7 @@ class TopSVD:
 
 def thin_qr(x: F64) -> tuple[F64, F64]:
     """The thin QR of a tall ``x``: CholeskyQR2 (two Cholesky passes on the small Gram
-    matrix, matrix products only; Fukaya et al. 2014), many times faster than Householder
+    matrix, matrix products only; Fukaya et al. 2014), cheaper than Householder
     QR on a tall thin matrix; Householder QR where ``x`` is too ill-conditioned for it
     (the Cholesky fails, or the columns come out less than orthonormal)."""
     try:
