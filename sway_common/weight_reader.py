@@ -12,8 +12,11 @@ base): ``<module>.weight`` (uint32 codes) with ``<module>.scales`` and
 ``<module>.biases``; ``config.json``'s ``quantization`` gives ``group_size`` and
 ``bits``, and mlx-lm writes an entry per module path where one differs (mixed-bit
 recipes). Both are dequantized exactly as ``mx.dequantize`` does
-(:mod:`sway_common.affine_quant`). Other formats (MLX's mxfp4/nvfp4 modes, GPTQ/AWQ
-``qweight``, 8-bit float) are refused with a :class:`WeightReadError` naming them.
+(:mod:`sway_common.affine_quant`). bitsandbytes 4- and 8-bit weights (transformers'
+``load_in_4bit`` / ``load_in_8bit``, then ``save_pretrained``) are dequantized by
+bitsandbytes itself (:mod:`sway_common.bnb_quant`). Other formats (MLX's mxfp4/nvfp4
+modes, GPTQ/AWQ ``qweight``, 8-bit float) are refused with a :class:`WeightReadError`
+naming them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from sway_common import affine_quant
+from sway_common import affine_quant, bnb_quant
 from sway_common.affine_quant import FloatName
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -108,7 +111,7 @@ def read_tensor(info: TensorInfo) -> NDArray[Any]:
     if info.dtype not in _RAW:
         raise WeightReadError(
             f"{info.file} stores a tensor as {info.dtype}: the weight check reads float "
-            "(F32/F16/BF16) and MLX-quantized weights only"
+            "(F32/F16/BF16), MLX-quantized and bitsandbytes weights only"
         )
     raw_dtype = _RAW[info.dtype]
     count = info.nbytes // np.dtype(raw_dtype).itemsize
@@ -123,6 +126,18 @@ def read_tensor(info: TensorInfo) -> NDArray[Any]:
     elif info.dtype in ("F16", "F64"):
         arr = arr.astype(np.float32)
     return arr.reshape(info.shape)
+
+
+def read_bytes(info: TensorInfo) -> NDArray[np.uint8]:
+    """One tensor's raw bytes (a bitsandbytes 4-bit weight is packed bytes whatever
+    dtype its storage names)."""
+    try:
+        arr = np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+    except OSError as e:
+        raise WeightReadError(f"cannot read {info.file}: {e}") from None
+    if arr.size != info.nbytes:
+        raise WeightReadError(f"{info.file} is truncated; re-save or re-download it")
+    return arr
 
 
 def index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
@@ -151,23 +166,36 @@ def index_tensors(model_dir: Path) -> dict[str, TensorInfo]:
 
 @dataclass(frozen=True)
 class Storage:
-    """How an export stores a weight: a float dtype, MLX affine codes in groups, or a
-    GGUF (llama.cpp) tensor type."""
+    """How an export stores a weight: a float dtype, MLX affine codes in groups, a GGUF
+    (llama.cpp) tensor type, or bitsandbytes codes."""
 
-    kind: Literal["float", "affine", "gguf"]
+    kind: Literal["float", "affine", "gguf", "bnb"]
     dtype: FloatName = "float32"
-    """The float dtype, or the dtype of an affine weight's scales and biases."""
+    """The float dtype, or the dtype of an affine weight's scales and biases (bnb: the
+    dtype it was quantized from)."""
     bits: int = 0
     group_size: int = 0
+    """Affine: inputs per group; bnb 4-bit: values per block."""
     qtype: str = ""
-    """GGUF: the tensor type's name (``Q4_K``, ``Q8_0``, ``F16`` ...)."""
+    """GGUF: the tensor type's name (``Q4_K``, ``Q8_0``, ``F16`` ...); bnb: ``nf4``,
+    ``fp4`` or ``int8``."""
+    nested: bool = False
+    """bnb 4-bit: double quantization (the block scales quantized too)."""
 
     def describe(self) -> str:
         if self.kind == "float":
             return self.dtype
         if self.kind == "gguf":
             return f"GGUF {self.qtype}"
+        if self.kind == "bnb":
+            if self.qtype == "int8":
+                return "bnb int8"
+            nested = ", double-quant" if self.nested else ""
+            return f"bnb {self.qtype} (block {self.group_size}{nested})"
         return f"{self.bits}-bit (group {self.group_size})"
+
+    def bnb_format(self) -> bnb_quant.BnbFormat:
+        return bnb_quant.BnbFormat(self.qtype, self.group_size, self.nested, self.dtype)
 
     def requantize(self, w: NDArray[np.floating]) -> NDArray[np.float32]:
         """What storing ``w`` this way keeps of it (rounding, or re-quantization).
@@ -187,6 +215,8 @@ class Storage:
             except (NotImplementedError, quants.QuantError) as e:
                 raise NotImplementedError(f"cannot re-quantize to {self.qtype}: {e}") from None
             return np.asarray(stored, dtype=np.float32)
+        if self.kind == "bnb":
+            return bnb_quant.requantize(w, self.bnb_format())
         return affine_quant.requantize(w, self.group_size, self.bits, self.dtype)
 
 
@@ -220,7 +250,7 @@ class ModelWeights:
         if f"{module}.qweight" in self.tensors:
             raise WeightReadError(
                 f"{self.model_dir} stores {module} GPTQ/AWQ-packed (qweight); the weight "
-                "check reads float and MLX-quantized weights only"
+                "check reads float, MLX-quantized and bitsandbytes weights only"
             )
         raise WeightReadError(f"{self.model_dir} has no weight {name}")
 
@@ -236,11 +266,15 @@ class ModelWeights:
         name = self.weight_name(module)
         info = self.tensors[name]
         stem = name[: -len(".weight")]
+        if f"{stem}.SCB" in self.tensors or any(
+            f"{name}.{bnb_quant.QUANT_STATE}{t}" in self.tensors for t in ("nf4", "fp4")
+        ):
+            return self._bnb(stem, info)
         if f"{stem}.scales" not in self.tensors:
             if info.dtype not in _FLOAT_DTYPES:
                 raise WeightReadError(
                     f"{self.model_dir} stores {name} as {info.dtype}: the weight check reads "
-                    "float (F32/F16/BF16) and MLX-quantized weights only"
+                    "float (F32/F16/BF16), MLX-quantized and bitsandbytes weights only"
                 )
             return read_tensor(info).astype(np.float32), Storage("float", _FLOAT_DTYPES[info.dtype])
         return self._affine(stem, info, shape)
@@ -271,6 +305,35 @@ class ModelWeights:
             storage.dtype,
         )
         return w, storage
+
+    def _bnb(self, stem: str, info: TensorInfo) -> tuple[NDArray[np.float32], Storage]:
+        """A bitsandbytes weight, dequantized by bitsandbytes (int8 rows or 4-bit blocks)."""
+        name = f"{stem}.weight"
+        try:
+            if f"{stem}.SCB" in self.tensors:
+                layout = self.tensors.get(f"{stem}.weight_format")
+                if info.dtype != "I8":
+                    raise ValueError(f"8-bit codes stored as {info.dtype}, not I8")
+                if layout is not None and int(read_tensor(layout).reshape(-1)[0]) != 0:
+                    raise ValueError("its weight_format is not row-major (0)")
+                scales = read_tensor(self.tensors[f"{stem}.SCB"])
+                w = bnb_quant.dequantize_int8(read_tensor(info), scales)
+                return w, Storage("bnb", "float16", 8, 0, "int8")
+            keys = [*bnb_quant.STATE_KEYS, *(bnb_quant.QUANT_STATE + t for t in ("nf4", "fp4"))]
+            state = {
+                k: read_tensor(self.tensors[f"{name}.{k}"])
+                for k in keys
+                if f"{name}.{k}" in self.tensors
+            }
+            w, fmt = bnb_quant.dequantize_4bit(read_bytes(info), state)
+        except ImportError as e:
+            raise WeightReadError(str(e)) from None
+        except (ValueError, RuntimeError) as e:
+            raise WeightReadError(
+                f"{self.model_dir}: bitsandbytes cannot dequantize {name} ({e}); re-save it "
+                "with transformers' save_pretrained"
+            ) from None
+        return w, Storage("bnb", fmt.dtype, 4, fmt.blocksize, fmt.qtype, fmt.nested)
 
     def _quant_params(self, stem: str) -> dict[str, Any]:
         own = self.quantization.get(stem)

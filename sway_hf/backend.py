@@ -47,6 +47,7 @@ from sway_hf.loading import (
     no_bars_unless_watched,
     pick_device,
     pick_dtype,
+    quiet_int8_casts,
     remote_code_translated,
 )
 
@@ -86,6 +87,7 @@ class HFRuntime(Runtime):
         self.model_dir = resolve_model_dir(model)
         check_model_dir(self.model_dir, allow_pickle=allow_pickle)
         check_remote_code(self.model_dir, trust_remote_code)
+        quiet_int8_casts()
         self.allow_pickle = allow_pickle
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)

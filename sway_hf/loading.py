@@ -4,6 +4,7 @@ refusing a model that needs its own Python code (unless the user trusts it)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -65,6 +66,22 @@ def no_bars_unless_watched() -> Iterator[None]:
         yield
     finally:
         hf_logging.enable_progress_bar()
+
+
+class _NoInt8CastNotes(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16"
+    at every forward of every 8-bit layer: hundreds of lines per check, on how LLM.int8
+    always computes, with nothing for the user to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_casts() -> None:
+    """Drop that note (only it) from bitsandbytes' log; once per process."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _NoInt8CastNotes) for f in logger.filters):
+        logger.addFilter(_NoInt8CastNotes())
 
 
 def _remote_code_refused(model_dir: Path) -> ModelFormatError:

@@ -176,8 +176,9 @@ def test_a_random_adapter_faithfully_exported_warns_that_it_does_not_beat_its_nu
 def test_a_model_quantized_by_a_transformers_quantizer_is_refused_in_one_line(
     tiny_model_dir, tiny_peft_adapter, tmp_path, monkeypatch
 ) -> None:
-    """Base or export (bitsandbytes, GPTQ, AWQ: any quant_method), weights-only or not:
-    exit 2 before any model loads, naming the quantizer and the fix."""
+    """Base or export (any quant_method but bitsandbytes, which is read:
+    ``test_export_bnb_e2e.py``), weights-only or not: exit 2 before any model loads,
+    naming the quantizer, why and the fix."""
     from test_export_check import _bad_copy, _invoke
 
     import sway_common.app.run as run
@@ -190,9 +191,11 @@ def test_a_model_quantized_by_a_transformers_quantizer_is_refused_in_one_line(
 
     for method, model, export, extra in (
         ("gptq", tiny_model_dir, copy("gptq"), ("--backend", "hf")),
-        ("bitsandbytes", copy("bitsandbytes"), tiny_model_dir, ("--weights-only",)),
+        ("hqq", copy("hqq"), tiny_model_dir, ("--weights-only",)),
     ):
         result = _invoke(model, tiny_peft_adapter, export, *extra)
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and text.count("error:") == 1, text
-        assert f"quantized by {method}" in text and "float base that was loaded in 4-bit" in text
+        assert f"quantized by {method}" in text and "give the float model instead" in text
+        why = "gptqmodel, a GPU build" if method == "gptq" else "reads float, MLX-quantized"
+        assert why in text, text

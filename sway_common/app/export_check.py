@@ -227,7 +227,8 @@ def _run(job: ExportJob, ready: Prepared, note: Callable[[str], None]) -> SuiteR
     "export",
     required=True,
     help="The exported model: a dir (mlx_lm fuse, mlx_lm convert -q, PEFT "
-    "merge_and_unload + save_pretrained) or a .gguf file (needs the gguf extra).",
+    "merge_and_unload + save_pretrained, also bitsandbytes 4/8-bit on the HF backend) or a "
+    ".gguf file (needs the gguf extra).",
 )
 @file_option(
     "--prompts",
@@ -254,7 +255,8 @@ def _run(job: ExportJob, ready: Prepared, note: Callable[[str], None]) -> SuiteR
     "--weights-only",
     is_flag=True,
     help="Only the weight-space check: does each adapted weight of the export carry the "
-    "adapter's ΔW? No model loads (seconds); a safetensors export dir (float or MLX-quantized).",
+    "adapter's ΔW? No model loads (seconds); a safetensors export dir (float, MLX-quantized or "
+    "bitsandbytes 4/8-bit) or a GGUF file.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @suite_options

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sway_common import bnb_quant
 from sway_common.app.options import fail, first_line
 from sway_common.app.platform import pick_backend
 from sway_common.models import ModelNotFoundError, gguf_model_dir, resolve_model_dir
@@ -77,6 +78,8 @@ def check_pair(
         fail(f"{problem}: the export is not a version of {model}")
     for which, cfg in (("base model", base_cfg), ("export", export_cfg)):
         refuse_foreign_quantization(which, cfg)
+        if quant_method(cfg) == BNB:
+            check_bnb(which, backend)
     if backend is not None and "quantization" in export_cfg and pick_backend(backend) == "hf":
         fail(
             "the export is quantized by mlx-lm (config 'quantization'); only the MLX backend "
@@ -86,24 +89,49 @@ def check_pair(
 
 
 # Checkpoints quantized by a transformers quantizer ("quantization_config.quant_method").
-# bitsandbytes 0.50 loads and runs 4- and 8-bit models on a CPU, but its packed weights
-# (uint8 / int8 with quant states) are not read by the weight check, and the noise floor
-# cannot store a weight its way; GPTQ and AWQ need gptqmodel / autoawq, which build GPU
-# kernels. mlx-lm's own quantization ("quantization", no quant_method) is read.
-_QLORA_HINT = (
-    "give the float model instead: for QLoRA, the float base that was loaded in 4-bit "
-    "(its hub id or dir) and an export merged into it"
+# bitsandbytes (4- and 8-bit) runs on a CPU: the HF backend loads it, the weight check
+# and the noise floor dequantize and re-quantize its weights with bitsandbytes' own
+# functions. GPTQ and AWQ need gptqmodel / autoawq, whose kernels are GPU builds: refused.
+# mlx-lm's own quantization ("quantization", no quant_method) is read too.
+BNB = "bitsandbytes"
+_GPU_BUILDS = {"gptq": "gptqmodel", "awq": "autoawq"}
+_FLOAT_HINT = (
+    "give the float model instead (for an adapter trained on the quantized model: the float "
+    "model it was quantized from, and an export merged into it)"
 )
 
 
-def refuse_foreign_quantization(which: str, cfg: dict[str, Any]) -> None:
-    """One line and exit 2 for a model quantized by bitsandbytes, GPTQ, AWQ or another
-    transformers quantizer: export-check reads float, MLX-quantized and GGUF models."""
+def quant_method(cfg: dict[str, Any]) -> str | None:
+    """The transformers quantizer a config names (``quantization_config.quant_method``)."""
     qc = cfg.get("quantization_config")
     method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if not method:
+    return str(method) if method else None
+
+
+def refuse_foreign_quantization(which: str, cfg: dict[str, Any]) -> None:
+    """One line and exit 2 for a model quantized by GPTQ, AWQ or another transformers
+    quantizer but bitsandbytes: export-check reads float, MLX-quantized, bitsandbytes
+    and GGUF models."""
+    method = quant_method(cfg)
+    if method is None or method == BNB:
         return
-    fail(
-        f"the {which} is quantized by {method} (config quantization_config); export-check "
-        f"compares float, MLX-quantized (mlx_lm convert -q) and GGUF models: {_QLORA_HINT}"
+    package = _GPU_BUILDS.get(method.lower())
+    why = (
+        f"its kernels come from {package}, a GPU build this tool does not run"
+        if package
+        else "export-check reads float, MLX-quantized, bitsandbytes and GGUF models"
     )
+    fail(f"the {which} is quantized by {method} (config quantization_config): {why}; {_FLOAT_HINT}")
+
+
+def check_bnb(which: str, backend: str | None) -> None:
+    """A bitsandbytes model needs bitsandbytes, and the HF backend to run it."""
+    if not bnb_quant.available():
+        fail(
+            f"the {which} is quantized by bitsandbytes, which is not installed: {bnb_quant.INSTALL}"
+        )
+    if backend is not None and pick_backend(backend) == "mlx":
+        fail(
+            f"the {which} is quantized by bitsandbytes; only the HF backend runs it: "
+            "use --backend hf"
+        )

@@ -5,7 +5,8 @@ For each of the run's null adapters (norm-matched, the draws the adapter's effec
 judged against), the floor's model is the loaded export with each adapted module's
 weight replaced by ``Q(W_B + ΔN)``: the base weight plus the null's delta, stored the
 way the export stores that module (its dtype; MLX affine bits and group size; a GGUF
-type numpy can quantize), read by :mod:`sway_common.weight_reader`. Every other module
+type numpy can quantize; bitsandbytes' nf4/fp4/int8 by bitsandbytes' own quantizer),
+read by :mod:`sway_common.weight_reader`. Every other module
 is the export's own, so the floor carries all of the export's other rounding. Its
 reference is the base with the null attached live (``B + N``). Per prompt:
 
@@ -62,7 +63,8 @@ class FloorModels:
 
     def weights(self, spec: NullSpec) -> dict[str, F32]:
         """``Q(W_B + ΔN)`` per adapted module for the null ``spec``: the values the export's
-        storage keeps of it (its dtype; mlx's affine codes dequantized; a GGUF type)."""
+        storage keeps of it (its dtype; mlx's affine codes dequantized; a GGUF type;
+        bitsandbytes' codes dequantized)."""
         assert self.adapter is not None and self.base is not None and self.export is not None
         factors = null_factors(self.adapter.modules, spec)
         out: dict[str, F32] = {}

@@ -13,11 +13,11 @@ No forward pass. For each adapted module, with ``W_B`` the base model's weight a
 Overall, each sum is pooled over modules, so the share is the ‖ΔW‖²-weighted mean.
 
 **What storage alone does.** Storing a weight (a float dtype, MLX affine codes, a GGUF
-type) changes it, and re-quantizing a base whose weights already sit on the grid (a
+type, bitsandbytes nf4/fp4/int8) changes it, and re-quantizing a base whose weights already sit on the grid (a
 4-bit base, fused and re-quantized) can round a light delta away. Two numbers say how
 much, each stored the way the export stores that module
 (:meth:`~sway_common.weight_reader.Storage.requantize`: mlx's own affine recipe,
-gguf's quantizers, or rounding to the dtype) and measured like the export:
+gguf's quantizers, bitsandbytes' own, or rounding to the dtype) and measured like the export:
 
 - **faithful** ``e``: the share that ``W_B + ΔW`` keeps once stored: what a correct
   export in this format carries of this very delta;
