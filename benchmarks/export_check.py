@@ -4,13 +4,15 @@ Offline, on the MLX backend (mlx-lm's quantized exports need it). Built once and
 under ``<sway cache>/export-bench/`` (delete it to rebuild):
 
 - a strong adapter, trained by mlx-lm on the float base with the demo's document and
-  the recipe of the end-to-end tests (:data:`RECIPE`: r=8, scale 20, 16 steps), and a
-  light one: the same with B × ``LIGHT`` (no training);
+  the recipe of the end-to-end tests (:data:`RECIPE`: r=8, scale 20, 16 steps), a light
+  one: the same with B × ``LIGHT``, and a stronger one with B × ``STRONG`` (no training;
+  issue 25's case: ≥ 0.5 nats mean JS from the base);
 - a 4-bit base, ``mlx_lm convert -q``, the base of the QLoRA cases (the adapters were
   trained on the float base: a QLoRA adapter is built this way in seconds, not trained
   for many minutes on a CPU);
 - the exports: ``mlx_lm fuse`` of the float base (fuse), that fuse converted to 4 and 8
-  bits (``convert -q``), ``mlx_lm fuse --export-gguf`` (GGUF f16), the 4-bit base with
+  bits (``convert -q``), the same for the B × ``STRONG`` adapter, ``mlx_lm fuse
+  --export-gguf`` (GGUF f16), the 4-bit base with
   each adapter fused re-quantized (mlx-lm's default) and with ``--dequantize``, and the
   base itself passed off as the export.
 
@@ -43,6 +45,8 @@ DOC = REPO / "docs" / "export-check.md"
 BEGIN, END = "<!-- export-table:begin -->", "<!-- export-table:end -->"
 LIGHT = 0.2
 """The light adapter's B, as a share of the trained one's."""
+STRONG = 3.0
+"""The stronger adapter's B, as a multiple of the trained one's."""
 RECIPE = {
     "steps": 16,
     "rank": 8,
@@ -62,7 +66,7 @@ class Case:
     base: str
     """"float" or "q4": the base the adapter is live on."""
     adapter: str
-    """"trained" or "light"."""
+    """"trained", "light" or "strong"."""
     export: str
     """A path relative to the bench dir, or "base" for the float base itself."""
 
@@ -71,6 +75,20 @@ CASES = [
     Case("fuse", "fuse", "float", "trained", "fuse"),
     Case("fuse-q4", "fuse, then convert -q (4-bit)", "float", "trained", "fuse-q4"),
     Case("fuse-q8", "fuse, then convert -q --q-bits 8", "float", "trained", "fuse-q8"),
+    Case(
+        "strong-fuse-q4",
+        f"strong ×{STRONG:g}, fuse, then convert -q (4-bit)",
+        "float",
+        "strong",
+        "s-fuse-q4",
+    ),
+    Case(
+        "strong-fuse-q8",
+        f"strong ×{STRONG:g}, fuse, then convert -q --q-bits 8",
+        "float",
+        "strong",
+        "s-fuse-q8",
+    ),
     Case("gguf", "fuse --export-gguf", "float", "trained", "gguf/ggml-model-f16.gguf"),
     Case("qlora-strong-requant", "QLoRA strong, fuse (re-quantized)", "q4", "trained", "q-strong"),
     Case("qlora-strong-deq", "QLoRA strong, fuse --dequantize", "q4", "trained", "q-strong-deq"),
@@ -95,7 +113,7 @@ def _mlx_lm(log: Path, *args: str) -> None:
         raise SystemExit(f"mlx_lm {args[0]} failed; see {log}")
 
 
-def _light_copy(trained: Path, dst: Path) -> Path:
+def _scaled_copy(trained: Path, dst: Path, factor: float) -> Path:
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -106,7 +124,7 @@ def _light_copy(trained: Path, dst: Path) -> Path:
     tmp.mkdir(parents=True)
     shutil.copy(trained / "adapter_config.json", tmp / "adapter_config.json")
     tensors = load_file(str(trained / "adapters.safetensors"))
-    scaled = {k: v * np.float32(LIGHT) if "lora_b" in k else v for k, v in tensors.items()}
+    scaled = {k: v * np.float32(factor) if "lora_b" in k else v for k, v in tensors.items()}
     save_file(scaled, str(tmp / "adapters.safetensors"))
     tmp.rename(dst)
     return dst
@@ -124,7 +142,13 @@ def build(root: Path, log: Path) -> dict[str, Path]:
     if not (trained / "adapters.safetensors").is_file():
         print("training the strong adapter", file=sys.stderr, flush=True)
         train_lora(float_base, document_chunks(demo_document()), trained, **RECIPE)
-    paths = {"float": model, "trained": trained, "light": _light_copy(trained, root / "light")}
+    paths = {
+        "float": model,
+        "trained": trained,
+        "light": _scaled_copy(trained, root / "light", LIGHT),
+        "strong": _scaled_copy(trained, root / f"strong-x{STRONG:g}", STRONG),
+    }
+    strong = str(paths["strong"])
     steps: list[tuple[str, list[str]]] = [
         ("q4", ["convert", "--hf-path", float_base, "-q", "--q-bits", "4", "--mlx-path"]),
         ("fuse", ["fuse", "--model", float_base, "--adapter-path", str(trained), "--save-path"]),
@@ -132,6 +156,12 @@ def build(root: Path, log: Path) -> dict[str, Path]:
         (
             "fuse-q8",
             ["convert", "--hf-path", str(root / "fuse"), "-q", "--q-bits", "8", "--mlx-path"],
+        ),
+        ("s-fuse", ["fuse", "--model", float_base, "--adapter-path", strong, "--save-path"]),
+        ("s-fuse-q4", ["convert", "--hf-path", str(root / "s-fuse"), "-q", "--mlx-path"]),
+        (
+            "s-fuse-q8",
+            ["convert", "--hf-path", str(root / "s-fuse"), "-q", "--q-bits", "8", "--mlx-path"],
         ),
         (
             "gguf",
@@ -198,6 +228,9 @@ def _record(case: Case, report: dict[str, Any], code: int, seconds: float) -> di
             "verdict": nt.get("verdict"),
             "retention": nt.get("raw"),
             "interval": ev_nt.get("retention_interval"),
+            "after_floor": ev_nt.get("retention_after_floor"),
+            "floor_retention": floor.get("retention"),
+            "floor_at": floor.get("at"),
             "residual": ev_nt.get("residual"),
             "js_export_ft": ev_nt.get("residual_raw"),
             "floor_mean": floor.get("mean"),
@@ -270,6 +303,7 @@ def _save(records: dict[str, dict[str, Any]]) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
         "light_b_share": LIGHT,
+        "strong_b_multiple": STRONG,
         "records": sorted(records.values(), key=lambda r: order.index(r["case"])),
     }
     RESULTS.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -285,6 +319,12 @@ def _span(interval: list[float] | None) -> str:
     return f"({interval[0]:.0%}..{interval[1]:.0%})"
 
 
+def _after(nt: dict[str, Any]) -> str:
+    """The retention as a share of what the floor's models read, where that differs."""
+    after = nt.get("after_floor")
+    return "" if after is None or _pct(after) == _pct(nt["retention"]) else f", {_pct(after)}"
+
+
 def _g(x: float | None, spec: str = ".2g") -> str:
     return "—" if x is None else format(x, spec)
 
@@ -293,7 +333,8 @@ def table(data: dict[str, Any]) -> str:
     """The Markdown table, one row per case."""
     head = (
         "| export | verdict | weights: retained (own changes / noise floor, storage) | next "
-        "tokens: retention (95% interval) | JS(F,E) / noise floor | completions: retention (uncorrected) | "
+        "tokens: retention (95% interval), after the floor | JS(F,E) / noise floor | completions: "
+        "retention (uncorrected) | "
         "KL(F‖E) mean / p99 / max | same top token (base) | --weights-only |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -313,7 +354,7 @@ def table(data: dict[str, Any]) -> str:
         rows.append(
             f"| {r['label']} | {r['verdict']} | {_pct(w['retained'])} "
             f"({_g(w['off_delta'])}× / {_g(w['floor'])}×, {w['storage']}) "
-            f"| {_pct(nt['retention'])} {_span(nt['interval'])} "
+            f"| {_pct(nt['retention'])} {_span(nt['interval'])}{_after(nt)} "
             f"| {_g(nt['js_export_ft'])} / {floor} "
             f"| {_pct(c['retention'])} ({_pct(c['uncorrected'])}) "
             f"| {_g(fe.get('mean'))} / {_g(fe.get('p99'))} / {_g(fe.get('max'))} "

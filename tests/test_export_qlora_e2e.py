@@ -13,14 +13,11 @@ fused with ``--dequantize`` it PASSes, and the strong one re-quantized PASSes;
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlx_lm  # noqa: E402, F401  (the mlx extra: a missing one is a failure, not a skip)
-import numpy as np
 import pytest
 from click.testing import CliRunner  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import sway_common.app.data  # noqa: E402
 from sway_common.app.cli import app  # noqa: E402
@@ -40,14 +37,9 @@ CASES = {  # (adapter, export) -> exit code
 
 
 def _light(adapter: Path, dst: Path) -> Path:
-    dst.mkdir()
-    shutil.copy(adapter / "adapter_config.json", dst / "adapter_config.json")
-    tensors = load_file(str(adapter / "adapters.safetensors"))
-    save_file(
-        {k: v * np.float32(LIGHT) if "lora_b" in k else v for k, v in tensors.items()},
-        str(dst / "adapters.safetensors"),
-    )
-    return dst
+    from test_export_e2e import scaled_copy
+
+    return scaled_copy(adapter, dst, LIGHT)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from sway_common.suite.export_kl import measure_kl
 from sway_common.suite.export_math import (
     ExportCriteria,
     Retention,
+    after_floor,
     format_multiple,
     logprob_retention,
     next_token_retention,
@@ -94,12 +95,16 @@ def _retention_result(
 ) -> ProbeResult:
     unit = " nats mean JS" if name == "export_next_token" else " nats of log-prob"
     bounds = (floor.mean, floor.upper) if floor is not None else None
-    verdict, line = what_happened(r, c, bounds, unit)
+    kept = floor.kept_mean if floor is not None else None
+    at = floor.at if floor is not None else "null"
+    verdict, line = what_happened(r, c, bounds, unit, at, kept)
+    judged = after_floor(r, kept)
     if null_mean and verdict is Verdict.PASS:
         line += f" ({format_multiple(r.residual_raw / null_mean)} what a random adapter of its size does)"
     evidence = {
         "retention": r.retention,
         "retention_interval": list(r.interval),
+        "retention_after_floor": None if judged is r else judged.retention,
         "residual": r.residual,
         "lost": r.lost,
         "noise": r.noise,
@@ -112,7 +117,7 @@ def _retention_result(
         "noise_floor": floor_evidence(floor),
         **evidence,
     }
-    return _result(name, verdict, line, raw=r.retention, score=score(r), evidence=evidence)
+    return _result(name, verdict, line, raw=r.retention, score=score(judged), evidence=evidence)
 
 
 def _adapter_effect(
@@ -362,7 +367,7 @@ def _completion_result(
         shift = floors[1]
         lp_kept = [e - d for e, d in zip(lp_e, shift.per_prompt, strict=True)]
         evidence.update(noise_shift=shift.per_prompt, logprob_export_corrected=lp_kept)
-        floor = Floor(np.abs(shift.values), shift.storage)
+        floor = Floor(np.abs(shift.values), shift.storage, shift.at)
     try:
         r = logprob_retention(lp_b, lp_f, lp_kept, seed=seed)
         if floors is not None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -215,27 +215,63 @@ def within_floor(r: Retention, floor_upper: float | None) -> bool:
     return floor_upper is not None and r.residual_raw <= floor_upper
 
 
+def after_floor(r: Retention, floor_kept: float | None) -> Retention:
+    """The retention (point and interval) as a share of what the noise floor's models read,
+    ``floor_kept``: a faithful export in this format keeps all of the effect yet reads
+    ``floor_kept`` (< 1 near JS's ln 2 bound). Only a shortfall is explained: a reading
+    is lifted at most to 1 (never into an overshoot), and a floor reading below 0.5 (noise
+    that swamps the effect) or none leaves ``r`` as it is."""
+    if floor_kept is None or not 0.5 <= floor_kept < 1.0:
+        return r
+
+    def lift(x: float) -> float:
+        return min(x / floor_kept, max(x, 1.0)) if math.isfinite(x) else x
+
+    lo, hi = r.interval
+    return replace(r, retention=lift(r.retention), interval=(lift(lo), lift(hi)))
+
+
 def what_happened(
-    r: Retention, c: ExportCriteria, floor: tuple[float, float] | None = None, unit: str = ""
+    r: Retention,
+    c: ExportCriteria,
+    floor: tuple[float, float] | None = None,
+    unit: str = "",
+    at: str = "null",
+    floor_kept: float | None = None,
 ) -> tuple[Verdict, str]:
     """The verdict and the one line that says what the export did to the fine-tune.
 
     ``floor``: the noise floor's (mean, upper bound) per prompt, in the unit of
-    ``r.residual_raw``, ``unit`` (None: none measured). The retention's interval, not its
-    point, decides: FAIL when the whole interval misses the band ``[min, 1/min]``, WARN
-    when the point misses it but the interval reaches it (the prompts cannot tell); the
-    residual is judged beyond the floor's mean. An export that would not PASS but is
+    ``r.residual_raw``, ``unit`` (None: none measured), measured ``at`` the fine-tune or
+    a null's model (:mod:`sway_common.suite.export_floor`). The retention's interval, not
+    its point, decides: FAIL when the whole interval misses the band ``[min, 1/min]``,
+    WARN when the point misses it but the interval reaches it (the prompts cannot tell);
+    the residual is judged beyond the floor's mean. An export that would not PASS but is
     within the floor PASSes: its distance from the fine-tune is what the format does to
-    any model carrying a delta of this size.
+    the fine-tune (or to a model carrying a delta of this size). Near JS's ln 2 bound
+    noise cannot move the export farther from the base, so it reads as lost retention:
+    ``floor_kept``, the retention the floor's models read, is what a faithful export in
+    this format reads, and the retention is judged as a share of it (:func:`after_floor`).
     """
     kept = f"{r.retention:.0%} of the adapter's effect"
-    verdict, line = _judged(r, c, floor[0] if floor is not None else None)
+    judged = after_floor(r, floor_kept)
+    verdict, line = _judged(judged, c, floor[0] if floor is not None else None)
+    if f"{judged.retention:.0%}" != f"{r.retention:.0%}":
+        line += (
+            f" (after the noise floor: it reads {r.retention:.0%} where a faithful export in "
+            f"this format reads {floor_kept:.0%})"
+        )
     if verdict is not Verdict.PASS and floor is not None and within_floor(r, floor[1]):
+        bounds = f"{floor[0]:.3g}, at most {floor[1]:.3g}"
+        where = (
+            f"the export's format does to the fine-tune itself ({bounds}: its weights stored "
+            "the export's way, a random delta's rounding on the adapted ones)"
+            if at == "fine-tune"
+            else f"storing a random delta of this size the export's way does to a model ({bounds})"
+        )
         return Verdict.PASS, (
             f"the export keeps the fine-tune up to its format's noise: it is {r.residual_raw:.3g}"
-            f"{unit} from the fine-tune, within what storing a random delta of this size the "
-            f"export's way does to a model ({floor[0]:.3g}, at most {floor[1]:.3g}); {kept} "
-            "reads kept, noise included"
+            f"{unit} from the fine-tune, within what {where}; {kept} reads kept, noise included"
         )
     return verdict, line
 
