@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,31 @@ def overall_rates(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def reported(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What is shown, not counted: the 4-step adapters (the detection limit) per shape, and
+    each mlx-lm-defaults adapter's reading."""
+    faint = [r for r in records if r["group"] == "faint"]
+    return {
+        "faint_pass": {
+            s: rate(
+                sum(r["overall"] == "PASS" for r in faint if r["shape"] == s),
+                sum(r["shape"] == s for r in faint),
+            )
+            for s in sorted({r["shape"] for r in faint})
+        },
+        "mlx_defaults": [
+            {
+                "name": r["name"],
+                "overall": r["overall"],
+                "decided_by": r["decided_by"],
+                "delta_kl": r["probes"].get("delta_kl", {}).get("message"),
+            }
+            for r in records
+            if r["group"] == "mlx_defaults"
+        ],
+    }
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     kinds = sorted({p["kind"] for r in records for p in r["probes"].values()})
     judged = [k for k in kinds if k in EFFECT_KINDS + HARM_KINDS]
@@ -88,6 +114,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "probes": {k: probe_rates(records, k) for k in judged},
         "overall": overall_rates(records),
+        "reported": reported(records),
         "by_shape": {
             s: {
                 "overall": overall_rates([r for r in records if r["shape"] == s]),
@@ -128,6 +155,13 @@ def overall_row(label: str, o: dict[str, Any]) -> str:
     )
 
 
+def judged_counts(res: dict[str, Any]) -> dict[str, int]:
+    """Adapters judged per group, over every shape and command merged into ``res``."""
+    if "records" not in res:
+        return dict(res["counts"])
+    return dict(Counter(r["group"] for r in res["records"]))
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     """The tables docs/statistics.md shows, one set per results file."""
     lines = []
@@ -135,10 +169,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         s = res["summary"]
         lines += [
             f"**{res['backend']} backend**, {res['machine']}, {res['date']}: "
-            f"{', '.join(res['shapes'])}; K = {res['runs']} nulls; per shape "
-            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in res["counts"].items())
+            f"{', '.join(res['shapes'])}; K = {res['runs']} nulls; judged "
+            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in judged_counts(res).items())
             + f" ({res['wall_s'] / 60:.0f} min).",
-            f"Command: `{res['command']}`",
+            f"Command: `{res['command']}`" + (f" ({res['note']})" if res.get("note") else ""),
             "",
             "| probe | false PASS (random, B≈0) | false FAIL or WARN (healthy) |",
             "|---|---|---|",
@@ -172,12 +206,29 @@ def markdown(results: list[dict[str, Any]]) -> str:
             overall_row("all shapes", o),
         ]
         lines += [overall_row(shape, by["overall"]) for shape, by in s["by_shape"].items()]
+        lines += reported_lines(s.get("reported", {}))
         lines.append("")
     lines.append(
         "A false rate: k of n, then the one-sided 95% upper bound on the rate (Clopper-Pearson);"
         " a rate the verdict should reach (healthy PASS, damage caught): k of n and the share."
     )
     return "\n".join(lines)
+
+
+def reported_lines(rep: dict[str, Any]) -> list[str]:
+    """The 4-step adapters' PASS share per shape and the mlx-lm-defaults readings."""
+    lines = []
+    if rep.get("faint_pass"):
+        shares = ", ".join(f"{shape} {share(r)}" for shape, r in rep["faint_pass"].items())
+        lines += ["", f"4-step adapters (the detection limit, not counted above): PASS {shares}."]
+    if rep.get("mlx_defaults"):
+        lines += ["", "| mlx-lm's defaults (lr 1e-5) | overall | decided by | delta_kl |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            row(d["name"], d["overall"], d["decided_by"] or "", d["delta_kl"] or "–")
+            for d in rep["mlx_defaults"]
+        ]
+    return lines
 
 
 def replace_between_markers(path: Path, text: str) -> None:
@@ -224,6 +275,7 @@ def merge_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m["shapes"].update(res["shapes"])
         m["wall_s"] += res["wall_s"]
         m["command"].append(res["command"])
+        m["note"] = "; ".join(n for n in (m.get("note"), res.get("note")) if n)
     for m in merged.values():
         m["summary"] = summarise(m["records"])
         m["command"] = "; ".join(m["command"])

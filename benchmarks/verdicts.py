@@ -5,8 +5,14 @@ wheel), for each adapter shape:
 
 - healthy: adapters trained lightly to moderately on the demo document (a fictional
   ledger that contradicts no general knowledge) with the backend's own trainer, at several
-  seeds, step counts and learning rates. They must PASS delta_kl and the ablation and FAIL
-  no harm probe; the overall verdict should read PASS;
+  seeds, step counts (6-10) and learning rates. They must PASS delta_kl and the ablation and
+  FAIL no harm probe; the overall verdict should read PASS;
+- faint: 4 steps at the healthy rates, the detection limit: reported, not counted as
+  false (in bfloat16 on a GPU these moved the model no more than random adapters of their
+  norm: docs/statistics.md);
+- mlx_defaults (all_linear_s20 only): mlx-lm's own defaults (lr 1e-5, batch 4, rank 8,
+  scale 20, every linear layer of 16 blocks) for 12 and 40 steps, trained by mlx-lm and
+  converted for the HF backend: what a new user's first adapter reads;
 - damaging: the same shape trained too hard (the full rate for 14 steps, 5x it for 32). They must FAIL
   a harm probe;
 - random: Gaussian adapters at a healthy adapter's per-module norm (a fresh seed per adapter
@@ -68,9 +74,13 @@ CONTROL_OFFSET = {"hf": 0, "mlx": 10_000}  # distinct random adapters per backen
 # layer already cost facts and held-out perplexity beyond any tolerance (a first panel run
 # trained so; those are damaging, not healthy). Damaging: the full rate for 14 steps
 # (moderate damage) and 5x it for 32 steps (wrecked).
-HEALTHY_STEPS = (4, 6, 8)
+HEALTHY_STEPS = (6, 8, 10)
 HEALTHY_RATE = (0.35, 0.5)
+FAINT_STEPS = 4
 DAMAGE = ((1.0, 14), (5.0, 32))
+MLX_DEFAULTS_SHAPE = "all_linear_s20"
+MLX_DEFAULTS_RATE = 1e-5  # mlx_lm.lora's default learning_rate
+MLX_DEFAULTS_STEPS = (12, 40)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,9 @@ class Training:
     steps: int
     rate_multiplier: float
     seed: int
+    learning_rate: float | None = None
+    """An absolute rate instead of the shape's (mlx-lm's defaults)."""
+    batch_size: int | None = None
 
 
 def healthy_runs(n: int) -> list[Training]:
@@ -120,6 +133,20 @@ def healthy_runs(n: int) -> list[Training]:
     ]
 
 
+def faint_runs(n: int) -> list[Training]:
+    return [
+        Training(f"faint-{i}", FAINT_STEPS, HEALTHY_RATE[i % len(HEALTHY_RATE)], 200 + i)
+        for i in range(n)
+    ]
+
+
+def mlx_defaults_runs(n: int) -> list[Training]:
+    return [
+        Training(f"mlx-defaults-{steps}", steps, 1.0, 0, MLX_DEFAULTS_RATE, batch_size=4)
+        for steps in MLX_DEFAULTS_STEPS[:n]
+    ]
+
+
 def damaging_runs(n: int) -> list[Training]:
     return [
         Training(f"damaging-{i}", DAMAGE[i % 2][1], DAMAGE[i % 2][0], 100 + i) for i in range(n)
@@ -131,12 +158,14 @@ def train(backend: str, shape: Shape, run: Training, model_dir: Path, console: C
     settings = {
         "rank": shape.rank,
         "alpha": shape.scale * shape.rank,
-        "learning_rate": shape.rate(backend) * run.rate_multiplier,
+        "learning_rate": run.learning_rate or shape.rate(backend) * run.rate_multiplier,
         "num_layers": shape.num_layers,
         "dora": shape.dora,
         "seed": run.seed,
         "steps": run.steps,
     }
+    if run.batch_size:
+        settings["batch_size"] = run.batch_size
     targets = [f"{MLX_PARENT[t]}.{t}" if backend == "mlx" else t for t in shape.targets]
     key = json.dumps(
         {**settings, "targets": targets, "backend": backend, "doc": demo_document()},
@@ -172,7 +201,8 @@ def trained(
     path = train(trainer, shape, run, model_dir, Console(stderr=True))
     if trainer == backend:
         return path
-    return Path(convert_adapter(path, work / f"{run.label}-{backend}", to=backend))
+    fmt = "peft" if backend == "hf" else "mlx"
+    return Path(convert_adapter(path, work / f"{run.label}-{backend}", to=fmt))
 
 
 def build_panel(
@@ -189,10 +219,19 @@ def build_panel(
     panel = []
     for run in healthy_runs(counts["healthy"]):
         path = trained(backend, trainer, shape, run, model_dir, work)
-        panel.append({"name": run.label, "group": "healthy", "path": path})
+        panel.append({"name": run.label, "group": "healthy", "path": path, "trainer": trainer})
     for run in damaging_runs(counts["damaging"]):
         path = trained(backend, trainer, shape, run, model_dir, work)
-        panel.append({"name": run.label, "group": "damaging", "path": path})
+        panel.append({"name": run.label, "group": "damaging", "path": path, "trainer": trainer})
+    for run in faint_runs(counts["faint"]):
+        path = trained(backend, trainer, shape, run, model_dir, work)
+        panel.append({"name": run.label, "group": "faint", "path": path, "trainer": trainer})
+    if shape_name == MLX_DEFAULTS_SHAPE:
+        for run in mlx_defaults_runs(counts["mlx_defaults"]):
+            path = trained(backend, "mlx", shape, run, model_dir, work)
+            panel.append(
+                {"name": run.label, "group": "mlx_defaults", "path": path, "trainer": "mlx"}
+            )
     healthy = [read_adapter(p["path"]) for p in panel if p["group"] == "healthy"]
     if not healthy:
         raise SystemExit("--healthy must be ≥ 1: random controls take a trained adapter's norm")
@@ -268,7 +307,7 @@ def run_shape(
                     continue
                 rec = judge(backend, entry, i, runs, lean)
                 rec["shape"] = shape_name
-                rec["trainer"] = trainer or kind
+                rec["trainer"] = entry.get("trainer", kind)
                 records.append(rec)
                 shown = " ".join(f"{n}={v['verdict']}" for n, v in rec["probes"].items())
                 print(
@@ -288,7 +327,14 @@ def main() -> None:
     ap.add_argument("--healthy", type=int, default=10, help="healthy adapters per shape")
     ap.add_argument("--damaging", type=int, default=2, help="damaging adapters per shape")
     ap.add_argument("--random", type=int, default=20, help="random adapters per shape")
-    ap.add_argument("--b-zero", type=int, default=2, help="B≈0 adapters per shape")
+    ap.add_argument("--b-zero", type=int, default=1, help="B≈0 adapters per shape")
+    ap.add_argument("--faint", type=int, default=2, help="4-step adapters per shape")
+    ap.add_argument(
+        "--mlx-defaults",
+        type=int,
+        default=2,
+        help=f"mlx-lm-default adapters ({MLX_DEFAULTS_SHAPE})",
+    )
     ap.add_argument("--runs", type=int, default=8, help="null adapters per evaluation (K)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
@@ -303,7 +349,9 @@ def main() -> None:
         "--trained-by-shapes", default="", help="comma-separated shapes for --trained-by"
     )
     ap.add_argument(
-        "--groups", default="healthy,damaging,random,b_zero", help="which groups to judge"
+        "--groups",
+        default="healthy,damaging,random,b_zero,faint,mlx_defaults",
+        help="which groups to judge",
     )
     ap.add_argument(
         "--lean-controls",
@@ -335,14 +383,17 @@ def main() -> None:
         "damaging": args.damaging,
         "random": args.random,
         "b_zero": args.b_zero,
+        "faint": args.faint,
+        "mlx_defaults": args.mlx_defaults,
     }
+    groups = set(args.groups.split(","))
+    counts |= {g: 0 for g in ("faint", "mlx_defaults") if g not in groups}  # nothing to train
     started = time.perf_counter()
     if args.train_only:
         with tempfile.TemporaryDirectory() as tmp:
             for shape_name in args.shapes.split(","):
-                build_panel(
-                    kind, shape_name, {**counts, "random": 0, "b_zero": 0}, model_dir, Path(tmp)
-                )
+                no_controls = {**counts, "random": 0, "b_zero": 0}
+                build_panel(kind, shape_name, no_controls, model_dir, Path(tmp))
         return
     records = []
     for shape_name in args.shapes.split(","):
@@ -355,7 +406,7 @@ def main() -> None:
             model_dir,
             args.dtype,
             trainer,
-            set(args.groups.split(",")),
+            groups,
             args.lean_controls,
         )
         out = {
@@ -366,7 +417,7 @@ def main() -> None:
             "counts": counts,
             "groups": args.groups,
             "lean_controls": args.lean_controls,
-            "shapes": {s: asdict(SHAPES[s]) for s in args.shapes.split(",")},
+            "shapes": {s: asdict(SHAPES[s]) for s in dict.fromkeys(r["shape"] for r in records)},
             "wall_s": round(time.perf_counter() - started, 1),
             "command": " ".join(sys.argv),
             "summary": summarise(records),

@@ -99,6 +99,24 @@ def test_summary_counts_what_each_claim_makes_false():
     assert "| delta_kl | 0/2 (≤ 77.6%) | 1/2" in text
 
 
+def test_faint_and_mlx_defaults_are_shown_not_counted():
+    records = [
+        _record("healthy", "a", "PASS", "every probe passed", dk="PASS", gk="PASS"),
+        _record("faint", "a", "FAIL", "gating dk failed", dk="FAIL", gk="PASS"),
+        _record("faint", "a", "PASS", "every probe passed", dk="PASS", gk="PASS"),
+        _record("mlx_defaults", "a", "PASS", "every probe passed", dk="PASS", gk="PASS"),
+    ]
+    records[-1]["name"] = "mlx-defaults-12"
+    s = verdict_tables.summarise(records)
+    # Neither group enters a false rate: one healthy adapter, one PASS.
+    assert s["probes"]["delta_kl"]["false_fail_or_warn"]["n"] == 1
+    assert s["overall"]["healthy_pass"]["n"] == 1
+    assert (s["reported"]["faint_pass"]["a"]["k"], s["reported"]["faint_pass"]["a"]["n"]) == (1, 2)
+    lines = "\n".join(verdict_tables.reported_lines(s["reported"]))
+    assert "PASS a 1/2 (50%)" in lines
+    assert "| mlx-defaults-12 | PASS | every probe passed | – |" in lines
+
+
 def test_docs_block_is_replaced_in_place(tmp_path):
     doc = tmp_path / "statistics.md"
     doc.write_text(
