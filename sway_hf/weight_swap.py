@@ -7,7 +7,7 @@ everywhere except the adapted modules, which get ``W_B + ΔN`` stored the export
 and the undo copies the saved weights back. A bitsandbytes layer (a quantized export) is
 swapped for a new layer of its own class and settings holding the values, quantized by
 bitsandbytes (the values come stored that way already: re-quantizing them gives them
-back, within 5e-4 of their norm with double quantization), so the floor runs the export's
+back, as tests/test_export_bnb_e2e.py checks), so the floor runs the export's
 own kernels (LLM.int8 quantizes the activations too). The undo puts the original back.
 """
 

@@ -71,8 +71,8 @@ class DivergenceConfig(ProbeConfig):
     numerical zero): a light adapter's small effect, far beyond its size's."""
     min_effect_ratio: float = 1.5
     """The adapter must move the model this many times more than a random adapter of its
-    size (norm-matched nulls): below it the *direction* is not what moves the model. Random
-    adapters at trained norms reach about 1.3× their nulls when significant (docs/statistics.md)."""
+    size (norm-matched nulls): below it the *direction* is not what moves the model. What
+    random adapters at trained norms reach: docs/statistics.md."""
 
 
 class Probe:
