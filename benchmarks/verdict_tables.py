@@ -248,15 +248,21 @@ def replace_between_markers(path: Path, text: str) -> None:
 
 
 def rates_file(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per probe kind and backend, what list-probes prints: rates with their provenance."""
-    out: dict[str, Any] = {}
+    """Per probe kind and backend, what list-probes prints: the rates of every record of
+    that backend pooled over machines (their random adapters are independent draws), with
+    their provenance."""
+    by_backend: dict[str, list[dict[str, Any]]] = {}
     for res in results:
-        for kind, r in res["summary"]["probes"].items():
-            out.setdefault(kind, {})[res["backend"]] = {
+        by_backend.setdefault(res["backend"], []).append(res)
+    out: dict[str, Any] = {}
+    for backend, runs in by_backend.items():
+        records = [r for res in runs for r in res["records"]]
+        for kind, r in summarise(records)["probes"].items():
+            out.setdefault(kind, {})[backend] = {
                 **r,
-                "date": res["date"],
-                "machine": res["machine"],
-                "shapes": list(res["shapes"]),
+                "date": max(res["date"] for res in runs),
+                "machine": "; ".join(dict.fromkeys(res["machine"] for res in runs)),
+                "shapes": sorted({rec["shape"] for rec in records}),
             }
     return out
 

@@ -70,6 +70,7 @@ BASE_RATE = {"hf": 3e-3, "mlx": 5e-4}
 NULL_SEED_BASE = 1000
 NULL_SEED_STRIDE = 97  # > K: the null seeds of two adapters never overlap
 CONTROL_OFFSET = {"hf": 0, "mlx": 10_000}  # distinct random adapters per backend
+PANEL_SEED_STRIDE = 100_000  # --panel-seed: controls and nulls no other panel run draws
 # Light to moderate: on SmolLM2 at 10-14 steps x the full rate, adapters of every linear
 # layer already cost facts and held-out perplexity beyond any tolerance (a first panel run
 # trained so; those are damaging, not healthy). Damaging: the full rate for 14 steps
@@ -212,6 +213,7 @@ def build_panel(
     model_dir: Path,
     work: Path,
     trainer: str | None = None,
+    panel_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Trained adapters of one shape and the random controls at their norms."""
     shape = SHAPES[shape_name]
@@ -238,6 +240,7 @@ def build_panel(
     for i in range(counts["random"]):
         like = healthy[i % len(healthy)]
         seed = CONTROL_OFFSET[backend] + 1000 * list(SHAPES).index(shape_name) + i
+        seed += PANEL_SEED_STRIDE * panel_seed
         path = write_like(random_like(like, seed), like.fmt, work / f"random-{i}")
         panel.append({"name": f"random-{i}", "group": "random", "path": path})
     for i in range(counts["b_zero"]):
@@ -251,7 +254,7 @@ EFFECT_ONLY = ("null_adapter", "delta_kl", "adapter_ablation")
 
 
 def judge(
-    backend: Any, entry: dict[str, Any], index: int, runs: int, lean: bool = False
+    backend: Any, entry: dict[str, Any], null_seed: int, runs: int, lean: bool = False
 ) -> dict[str, Any]:
     """The quick eval of one adapter, against nulls drawn for it alone (``lean``: a
     control gets the effect probes only, whose false PASS it measures)."""
@@ -261,7 +264,7 @@ def judge(
         suite.probes = [p for p in suite.probes if p.kind in EFFECT_ONLY]
     nulls = suite.probes[0]
     assert isinstance(nulls, NullAdapterConfig)
-    nulls.seed_base = NULL_SEED_BASE + NULL_SEED_STRIDE * index
+    nulls.seed_base = null_seed
     t0 = time.perf_counter()
     result = run_suite(suite, backend=backend)
     overall, decided_by = decide(result.probes, result.score, result.threshold)
@@ -285,29 +288,37 @@ def judge(
     }
 
 
-def run_shape(
-    kind: str,
-    shape_name: str,
-    counts: dict[str, int],
-    runs: int,
-    model_dir: Path,
-    dtype: str,
-    trainer: str | None,
-    groups: set[str],
-    lean: bool,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class PanelRun:
+    """What one invocation judges, shared by every shape."""
+
+    kind: str
+    counts: dict[str, int]
+    runs: int
+    model_dir: Path
+    dtype: str
+    groups: set[str]
+    lean: bool
+    panel_seed: int
+
+
+def run_shape(cfg: PanelRun, shape_name: str, trainer: str | None) -> list[dict[str, Any]]:
     records = []
     with tempfile.TemporaryDirectory() as tmp:
-        panel = build_panel(kind, shape_name, counts, model_dir, Path(tmp), trainer)
-        spec = ModelSpec(base=str(model_dir), adapter=str(panel[0]["path"]), dtype=dtype)
-        backend = build_backend(spec, kind)
+        panel = build_panel(
+            cfg.kind, shape_name, cfg.counts, cfg.model_dir, Path(tmp), trainer, cfg.panel_seed
+        )
+        spec = ModelSpec(base=str(cfg.model_dir), adapter=str(panel[0]["path"]), dtype=cfg.dtype)
+        backend = build_backend(spec, cfg.kind)
         try:
             for i, entry in enumerate(panel):
-                if entry["group"] not in groups:
+                if entry["group"] not in cfg.groups:
                     continue
-                rec = judge(backend, entry, i, runs, lean)
+                null_seed = NULL_SEED_BASE + NULL_SEED_STRIDE * i
+                null_seed += PANEL_SEED_STRIDE * cfg.panel_seed
+                rec = judge(backend, entry, null_seed, cfg.runs, cfg.lean)
                 rec["shape"] = shape_name
-                rec["trainer"] = entry.get("trainer", kind)
+                rec["trainer"] = entry.get("trainer", cfg.kind)
                 records.append(rec)
                 shown = " ".join(f"{n}={v['verdict']}" for n, v in rec["probes"].items())
                 print(
@@ -316,6 +327,22 @@ def run_shape(
         finally:
             backend.close()
     return records
+
+
+def machine_name(kind: str) -> str:
+    """The OS and processor, and the GPU where the backend runs on one."""
+    name = f"{platform.system()} {platform.machine()}"
+    if kind == "hf":
+        import torch
+
+        if torch.cuda.is_available():
+            name += f", {torch.cuda.get_device_name(0)}"
+    elif kind == "mlx":
+        import mlx.core as mx
+
+        if mx.default_device().type == mx.DeviceType.gpu:
+            name += f", {mx.device_info().get('device_name', 'GPU')}"
+    return name
 
 
 def main() -> None:
@@ -337,6 +364,12 @@ def main() -> None:
     )
     ap.add_argument("--runs", type=int, default=8, help="null adapters per evaluation (K)")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--panel-seed",
+        type=int,
+        default=0,
+        help="another run's random adapters and nulls (independent of seed 0's)",
+    )
     ap.add_argument(
         "--train-only", action="store_true", help="fill the adapter cache, judge nothing"
     )
@@ -395,23 +428,18 @@ def main() -> None:
                 no_controls = {**counts, "random": 0, "b_zero": 0}
                 build_panel(kind, shape_name, no_controls, model_dir, Path(tmp))
         return
+    cfg = PanelRun(
+        kind, counts, args.runs, model_dir, args.dtype, groups, args.lean_controls, args.panel_seed
+    )
     records = []
     for shape_name in args.shapes.split(","):
         trainer = args.trained_by if shape_name in args.trained_by_shapes.split(",") else None
-        records += run_shape(
-            kind,
-            shape_name,
-            counts,
-            args.runs,
-            model_dir,
-            args.dtype,
-            trainer,
-            groups,
-            args.lean_controls,
-        )
+        records += run_shape(cfg, shape_name, trainer)
         out = {
             "backend": kind,
-            "machine": f"{platform.system()} {platform.machine()}",
+            "machine": machine_name(kind),
+            "dtype": args.dtype,
+            "panel_seed": args.panel_seed,
             "date": time.strftime("%Y-%m-%d"),
             "runs": args.runs,
             "counts": counts,

@@ -78,3 +78,18 @@ def test_an_interrupted_run_is_never_a_verdict_on_the_adapter() -> None:
     )
     result = SuiteResult(probes=[dk], verdict=Verdict.ERROR, score=None, meta={"interrupted": True})
     assert headline(result) == "interrupted after 0 of 1 probes: no verdict on the adapter"
+
+
+def test_half_precision_names_its_rounding_and_the_fix() -> None:
+    """A light adapter can read as a null in bfloat16 (docs/statistics.md): the line says
+    the run was in half precision and what to try; in float32 it says nothing of it."""
+    result = run_suite(
+        quick_suite(PROMPTS, runs=5), backend=DummyDifferentialBackend(random_adapter_seed=0)
+    )
+    assert "--dtype" not in headline(result)
+    result.meta["dtype"] = "bfloat16"
+    line = headline(result)
+    assert "indistinguishable" in line
+    assert "run in bfloat16, whose rounding moves every adapter: try --dtype float32" in line
+    result.meta["dtype"] = "float32"
+    assert "--dtype" not in headline(result)

@@ -1,4 +1,4 @@
-"""--device-map / --max-memory (and a spec's models.ft.device_map / max_memory).
+"""--device-map / --max-memory / --dtype (and a spec's models.ft.device_map / max_memory).
 
 On this CPU a device map can only place everything on the CPU, so these tests check
 what a spread must not change: the same views, λ and nulls, the same numbers, bit for
@@ -139,3 +139,22 @@ def test_every_op_of_a_placed_model_matches_a_plain_one(tiny_model_dir, tiny_pef
     for placement in ({"device_map": {"": "cpu"}}, {"max_memory": {"cpu": "8GiB"}}):
         for x, y in zip(plain, measure(**placement), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ["hf", "mlx"])
+def test_dtype_reaches_the_model_and_the_report(
+    backend, tiny_model_dir, tiny_peft_adapter, tiny_mlx_adapter, tmp_path
+) -> None:
+    """--dtype overrides the spec's precision; the report records the one the model ran in."""
+    adapter = tiny_peft_adapter if backend == "hf" else tiny_mlx_adapter
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    args = ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(adapter)]
+    args += ["--prompts", str(prompts), "--runs", "2", "--backend", backend, "--no-cache"]
+    for dtype in ("bfloat16", "float32"):
+        out = tmp_path / f"{dtype}.json"
+        result = CliRunner().invoke(app, [*args, "--dtype", dtype, "--json", str(out)])
+        assert result.exit_code in (0, 1), result.output
+        assert json.loads(out.read_text())["meta"]["dtype"] == dtype
+    result = CliRunner().invoke(app, [*args, "--dtype", "fp8"])
+    assert result.exit_code == 2 and "fp8" in result.output

@@ -51,6 +51,7 @@ class CheckpointSetup:
     device_map: str | None = None
     max_memory: dict[str, str] | None = None
     """Where the base model's weights go (``--device-map``/``--max-memory``)."""
+    dtype: str = "auto"
 
 
 class CheckpointEvaluator:
@@ -94,6 +95,7 @@ class CheckpointEvaluator:
                 kind=setup.backend,
                 device_map=setup.device_map,
                 max_memory=setup.max_memory,
+                dtype=setup.dtype,
             )
             try:
                 self.backend = platform.build_backend(

@@ -134,6 +134,8 @@ class ExportJob:
     device_map: str | None = None
     max_memory: dict[str, str] | None = None
     """Where both models' weights go (``--device-map``/``--max-memory``)."""
+    dtype: str | None = None
+    """The precision both models run in (``--dtype``)."""
 
 
 @dataclass
@@ -178,7 +180,12 @@ def _run(job: ExportJob, ready: Prepared, note: Callable[[str], None]) -> SuiteR
     safety = {"allow_pickle": job.allow_pickle, "trust_remote_code": job.trust_remote_code}
     note("loading the base model and the adapter")
     main = build_or_fail(
-        placed(ModelSpec(base=str(base_dir), adapter=job.adapter), job.device_map, job.max_memory),
+        placed(
+            ModelSpec(base=str(base_dir), adapter=job.adapter),
+            job.device_map,
+            job.max_memory,
+            job.dtype,
+        ),
         job.backend,
         "the adapter",
         **safety,
@@ -187,7 +194,7 @@ def _run(job: ExportJob, ready: Prepared, note: Callable[[str], None]) -> SuiteR
     try:
         note("loading the export (a second model in memory)")
         exported = build_or_fail(
-            placed(ModelSpec(base=str(export_dir)), job.device_map, job.max_memory),
+            placed(ModelSpec(base=str(export_dir)), job.device_map, job.max_memory, job.dtype),
             job.backend,
             "the export",
             plain=True,
@@ -332,6 +339,7 @@ def export_check_cmd(
         weights_only=weights_only,
         device_map=args.device_map,
         max_memory=args.max_memory,
+        dtype=args.dtype,
     )
     try:
         result = _check(job, quiet)

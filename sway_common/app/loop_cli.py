@@ -99,6 +99,7 @@ class LoopArgs:
     trust_remote_code: bool
     device_map: str | None
     max_memory: dict[str, str] | None
+    dtype: str | None
 
     def plot_path(self) -> Path | None:
         """Where the trajectory PNG goes: --plot DIR, else the run directory."""
@@ -148,6 +149,7 @@ class LoopArgs:
             trust_remote_code=self.trust_remote_code,
             device_map=self.device_map,
             max_memory=self.max_memory,
+            dtype=self.dtype or "auto",
         )
 
 
@@ -182,7 +184,7 @@ loop_options = option_group(
     ],
 )
 """DIR, --adapter-path, --model, --backend, --prompts, --runs, --seed, --plot, --no-plot,
-the safety options and --device-map/--max-memory, handed to the command as one
+the safety options and --device-map/--max-memory/--dtype, handed to the command as one
 ``args: LoopArgs``."""
 
 

@@ -202,6 +202,7 @@ class SuiteArgs:
     trust_remote_code: bool
     device_map: str | None
     max_memory: dict[str, str] | None
+    dtype: str | None
 
     @property
     def reports(self) -> dict[str, str | None]:
@@ -239,4 +240,4 @@ suite_options = option_group(
     ],
 )
 """--json/--markdown/--junit/--html/--plot, --backend, --seed, --no-cache, the safety options
-and --device-map/--max-memory, handed to the command as one ``args: SuiteArgs``."""
+and --device-map/--max-memory/--dtype, handed to the command as one ``args: SuiteArgs``."""

@@ -1,18 +1,21 @@
-"""--device-map and --max-memory: a base model larger than one GPU, on every model command.
+"""--device-map, --max-memory and --dtype: where and in what precision the models run, on
+every model command.
 
 The values land in the run's :class:`~sway_common.suite.spec.ModelSpec` (where a spec's
-``models.ft.device_map`` / ``max_memory`` would put them; the command line wins), and the
-HF backend hands them to accelerate. The MLX backend refuses them (one line, exit 2).
+``models.ft.device_map`` / ``max_memory`` / ``dtype`` would put them; the command line
+wins). The HF backend hands the placement to accelerate; the MLX backend refuses it (one
+line, exit 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import click
 
+from sway_common.models import DType
 from sway_common.suite.placement import DEVICE_MAPS, MAX_MEMORY_HELP, parse_max_memory
 from sway_common.suite.spec import ModelSpec
 
@@ -45,16 +48,30 @@ max_memory_option: Decorator = click.option(
     "(alone, it means --device-map auto).",
 )
 
-placement_options: list[Decorator] = [device_map_option, max_memory_option]
-"""Both options, for a command's ``option_group`` (fields ``device_map``, ``max_memory``)."""
+dtype_option: Decorator = click.option(
+    "--dtype",
+    type=click.Choice(get_args(DType)),
+    default=None,
+    help="Precision the models run in [default: the spec's, else auto: float32 on a CPU, "
+    "the model's half precision on a GPU]. Half precision rounds every forward, which "
+    "moves the model as a light adapter does: such an adapter can read no different from "
+    "random ones there and separate in float32.",
+)
+
+placement_options: list[Decorator] = [device_map_option, max_memory_option, dtype_option]
+"""The three options, for a command's ``option_group`` (fields ``device_map``,
+``max_memory``, ``dtype``)."""
 
 
-def placed(model: ModelSpec, device_map: str | None, max_memory: Any) -> ModelSpec:
-    """``model`` with the command line's placement over the spec's."""
-    if device_map is None and max_memory is None:
+def placed(
+    model: ModelSpec, device_map: str | None, max_memory: Any, dtype: str | None = None
+) -> ModelSpec:
+    """``model`` with the command line's placement and precision over the spec's."""
+    if device_map is None and max_memory is None and dtype is None:
         return model
     return dataclasses.replace(
         model,
         device_map=device_map if device_map is not None else model.device_map,
         max_memory=max_memory if max_memory is not None else model.max_memory,
+        dtype=dtype if dtype is not None else model.dtype,
     )

@@ -168,7 +168,7 @@ def execute(spec: Any, opts: RunOptions, more_adapters: tuple[str, ...] = ()) ->
     args = opts.args
     if args.seed is not None:
         spec.defaults.seed = args.seed
-    spec.model = placed(spec.model, args.device_map, args.max_memory)
+    spec.model = placed(spec.model, args.device_map, args.max_memory, args.dtype)
     adapters = [spec.model.adapter, *more_adapters]
     _check_inputs(spec, args, adapters)
     if opts.own_process and _backend_choice(spec, args) == "mlx" and not _needs_torch(spec, args):

@@ -40,7 +40,12 @@ from sway_common.app.options import (
     safety_options,
     seed_option,
 )
-from sway_common.app.placement import device_map_option, max_memory_option, placed
+from sway_common.app.placement import (
+    device_map_option,
+    dtype_option,
+    max_memory_option,
+    placed,
+)
 from sway_common.app.platform import pick_backend
 from sway_common.app.run import load_spec_or_fail
 from sway_common.app.sweep_ray import RayPlan, RayUnavailableError, import_ray, run_on_ray
@@ -116,6 +121,7 @@ from sway_common.types import SuiteResult, Verdict
 @safety_options
 @device_map_option
 @max_memory_option
+@dtype_option
 def sweep_cmd(adapters: tuple[str, ...], **opts: Any) -> None:
     """Evaluate many adapters of one base: one table, best first; exit 0, 1 if any
     adapter FAILs, 2 if any could not be evaluated.
@@ -184,7 +190,7 @@ def _spec(adapters: tuple[str, ...], opts: dict[str, Any]) -> SuiteSpec:
         spec = quick_suite(read_prompts(opts["prompts_file"]), runs=opts["runs"], model=model)
     if opts["seed"] is not None:
         spec.defaults.seed = opts["seed"]
-    spec.model = placed(spec.model, opts["device_map"], opts["max_memory"])
+    spec.model = placed(spec.model, opts["device_map"], opts["max_memory"], opts["dtype"])
     return spec
 
 

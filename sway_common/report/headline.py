@@ -45,9 +45,22 @@ def _adapter_line(result: SuiteResult) -> str:
             f"(mean divergence {dk.raw:.2g} nats): it barely changes the model"
             if dk.evidence.get("fail_reason", "floor") == "floor"
             else f"adapter is {z_shown} above its null {on} but {dk.message.split(', but ')[-1]}"
+            + _rounding_hint(result)
         )
     z = f" (z={z_shown} {on})" if dk.z is not None else f" {on}"
-    return f"adapter is indistinguishable from a null adapter{z}"
+    return f"adapter is indistinguishable from a null adapter{z}{_rounding_hint(result)}"
+
+
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+def _rounding_hint(result: SuiteResult) -> str:
+    """In half precision, rounding moves the model under every adapter, nulls included,
+    and can hide a light one (docs/statistics.md): say so, and what to run instead."""
+    dtype = result.meta.get("dtype")
+    if dtype not in HALF_PRECISION:
+        return ""
+    return f"; run in {dtype}, whose rounding moves every adapter: try --dtype float32"
 
 
 REGRESSION_KINDS = ("calibration_drift", "external_perplexity")
