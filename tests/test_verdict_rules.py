@@ -83,7 +83,16 @@ def harm(raw: float, nulls: list[float], problems: tuple[str, ...] = ()):
     from sway_common.probes.likelihood import Regression, compare, regression_verdict
 
     reg = Regression(
-        raw, list(problems), "kept", abs(raw), "these items", " nats", 1e-3, 3.0, tolerance=0.03
+        raw,
+        list(problems),
+        "these items",
+        "the facts",
+        abs(raw),
+        "these items",
+        " nats",
+        1e-3,
+        3.0,
+        tolerance=0.03,
     )
     return regression_verdict(reg, None, compare(raw, null_stats(nulls), " nats"))
 
@@ -97,7 +106,12 @@ NULL_LOSS = [-0.002, 0.001, -0.001, 0.0, 0.002, -0.003, 0.001, 0.0]
         (0.0005, Verdict.PASS, "no more lost than by noise"),  # a neutral adapter
         (0.02, Verdict.PASS, "better kept than by noise"),
         (-0.012, Verdict.PASS, "but within the tolerance of 0.03 nats"),  # a light, real cost
-        (-0.14, Verdict.FAIL, "lost more than random adapters of its size would"),
+        (
+            -0.14,
+            Verdict.FAIL,
+            "these items lost beyond the tolerance of 0.03 nats: the facts; "
+            "it lost more than random adapters of its size would",
+        ),
     ],
 )
 def test_harm_fails_only_beyond_the_nulls_and_the_tolerance(

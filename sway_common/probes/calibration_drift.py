@@ -132,15 +132,15 @@ class CalibrationDriftProbe(RegressionProbe):
         if mean_delta < cfg.assert_mean_delta_gte:
             problems.append(f"mean change {mean_delta:+.3g} nats < {cfg.assert_mean_delta_gte:g}")
         others = f"; {total - n} the base does not know reported apart" if total > n else ""
-        kept = (
-            f"general knowledge kept: {fraction:.0%} of {n} items the base knows (gold in its "
-            f"top {cfg.known_top_k}) lost > {cfg.regression_nats:g} nats, mean change "
-            f"{mean_delta:+.3g} nats{others}"
+        facts = (
+            f"{fraction:.0%} of {n} items the base knows (gold in its top {cfg.known_top_k}) "
+            f"lost > {cfg.regression_nats:g} nats, mean change {mean_delta:+.3g} nats{others}"
         )
         return Regression(
             mean_delta,
             problems,
-            kept,
+            "general knowledge",
+            facts,
             float(np.abs(delta).mean()),
             "these items",
             " nats",

@@ -98,14 +98,15 @@ class ExternalPerplexityProbe(RegressionProbe):
                 f"held-out prose lost {-per_token:.3g} nats/token (perplexity {ppl_change:+.1%}; "
                 f"limit {cfg.assert_mean_delta_gte:g} nats/token)"
             )
-        kept = (
-            f"held-out prose kept: {raw:+.3g} nats/byte over {len(texts)} chunks "
+        facts = (
+            f"{raw:+.3g} nats/byte over {len(texts)} chunks "
             f"(perplexity per token {ppl_change:+.1%})"
         )
         reg = Regression(
             raw,
             problems,
-            kept,
+            "held-out prose",
+            facts,
             float(abs(per_chunk).mean()),
             "this prose",
             " nats/byte",

@@ -208,7 +208,8 @@ def regression_verdict(
     worse = f"lost more than random adapters of its size would ({cmp.text})"
     tolerance = f"the tolerance of {reg.tolerance:g}{reg.unit}"
     if reg.raw < -reg.tolerance:
-        return Verdict.FAIL, f"{reg.kept}, but it {worse}, beyond {tolerance}", 0.0
+        lost = f"{reg.subject} lost beyond {tolerance}: {reg.facts}; it {worse}"
+        return Verdict.FAIL, lost, 0.0
     return Verdict.PASS, f"{reg.kept}; it {worse}, but within {tolerance}", 0.75
 
 
@@ -220,7 +221,10 @@ class Regression:
 
     raw: float
     problems: list[str]
-    kept: str
+    subject: str
+    """What must not be broken: "general knowledge", "held-out prose"."""
+    facts: str
+    """What was measured, in words."""
     mean_abs_change: float
     unchanged: str
     """What the adapter leaves unchanged when it moves nothing ("these items")."""
@@ -230,6 +234,10 @@ class Regression:
     z_min: float
     tolerance: float
     """A loss (``-raw``) up to this is tolerated even when it is beyond the nulls'."""
+
+    @property
+    def kept(self) -> str:
+        return f"{self.subject} kept: {self.facts}"
 
 
 def judge_regression(
