@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -67,3 +67,18 @@ def _fsync_dir(directory: Path) -> None:
 
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed): processes building the
+    same cache entry wait for the first instead of repeating its work. Where ``fcntl`` is
+    missing (Windows) it holds nothing; atomic publishing still keeps the result whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from sway_common.atomic import exclusive
+
 DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -351,14 +353,22 @@ def prepare_smollm2(cache_dir: Path | None = None) -> Path:
         return normalize_config(cached)
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "models"
     final = root / DEMO_MODEL_NAME
-    if (final / "config.json").is_file():
-        return final
     _build_from_gguf(smollm2_gguf_path(), final)
     return final
 
 
 def _build_from_gguf(gguf: Path, final: Path) -> None:
+    """Dequantize ``gguf`` into ``final`` unless it is there. Processes that ask at once
+    (test workers, a sweep's) wait for the first one's build rather than repeat it."""
+    if (final / "config.json").is_file():
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(final.parent / f".{final.name}.lock"):
+        if not (final / "config.json").is_file():
+            _build_unlocked(gguf, final)
+
+
+def _build_unlocked(gguf: Path, final: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
         _dequantize_gguf(gguf, tmp)
@@ -387,6 +397,5 @@ def gguf_model_dir(gguf: str | Path) -> Path:
     stat = src.stat()
     key = hashlib.blake2b(f"{src}\0{stat.st_size}\0{stat.st_mtime_ns}".encode(), digest_size=8)
     final = cache_root() / "gguf" / f"{src.stem}-{key.hexdigest()}"
-    if not (final / "config.json").is_file():
-        _build_from_gguf(src, final)
+    _build_from_gguf(src, final)
     return final

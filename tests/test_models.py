@@ -241,3 +241,31 @@ def test_prepare_smollm2_loads_with_rope_theta(smollm2_dir: Path) -> None:
     assert tok("Hello world")["input_ids"]
     # A second call is a cache hit (the autouse fixture moved SWAY_MLX_CACHE, so name the dir).
     assert models.prepare_smollm2(cache_dir=smollm2_dir.parent) == smollm2_dir
+
+
+def test_concurrent_builds_of_one_model_dequantize_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes (test workers, a sweep's) asking for the same cached model at once:
+    the second waits for the first's build and reuses it."""
+    import threading
+    import time
+
+    calls = []
+
+    def slow_dequantize(gguf: Path, out: Path) -> None:
+        calls.append(gguf)
+        time.sleep(0.3)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_dequantize_gguf", slow_dequantize)
+    final = tmp_path / "cache" / "model"
+    threads = [
+        threading.Thread(target=models._build_from_gguf, args=(tmp_path / "m.gguf", final))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and (final / "config.json").is_file()
