@@ -41,8 +41,10 @@ chromium:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
 		|| echo "note: could not install Chromium; the HTML report's browser test will fail"; fi
 
+# Two workers, a test file each at a time (its trained adapters stay in one process).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	$(VENV)/bin/sway-mlx demo

@@ -36,6 +36,11 @@ import fixtures_build  # noqa: E402  (needs the path set above)
 # the setting the run started with.)
 fixtures_build.OPENBLAS_THREADS_OUTSIDE = os.environ.get("OPENBLAS_NUM_THREADS")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Under pytest-xdist (`make test` runs two workers), the cores are shared out: each worker
+# and the processes it starts get their part, so workers do not fight over threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # torch before OpenBLAS: Python loads extensions with RTLD_NOW, so torch's BLAS calls are
 # bound to its own MKL here; imported after sway_mlx they bind to the RTLD_GLOBAL OpenBLAS
 # loaded for MLX instead, and every torch matmul runs there, on its one thread: much

@@ -168,15 +168,28 @@ def test_a_faithful_mlx_lm_fuse_passes(smollm2_dir, adapter, fused, tmp_path) ->
     assert nt.raw > 0.95 and comp.raw > 0.9
 
 
+def half_the_prompts(tmp_path: Path) -> Path:
+    """The first 4 demo prompts: enough for a verdict this clear, half the test's time."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS_FILE.read_text().splitlines()[:4]) + "\n")
+    return prompts
+
+
 def test_the_base_passed_off_as_the_export_fails(smollm2_dir, adapter, tmp_path) -> None:
-    result, report, nt, _ = _check("base", smollm2_dir, adapter, smollm2_dir, tmp_path)
+    result, report, nt, _ = _check(
+        "base", smollm2_dir, adapter, smollm2_dir, tmp_path, "mlx", "--runs", "4",
+        prompts=half_the_prompts(tmp_path),
+    )  # fmt: skip
     assert result.exit_code == 1 and report.verdict is Verdict.FAIL
     assert abs(nt.raw) < 0.05
     assert "closer to the base than to the fine-tune" in result.output
 
 
 def test_the_base_gguf_passed_off_as_the_export_fails(smollm2_dir, adapter, tmp_path) -> None:
-    result, report, nt, _ = _check("base-gguf", smollm2_dir, adapter, smollm2_gguf_path(), tmp_path)
+    result, report, nt, _ = _check(
+        "base-gguf", smollm2_dir, adapter, smollm2_gguf_path(), tmp_path, "mlx", "--runs", "4",
+        prompts=half_the_prompts(tmp_path),
+    )  # fmt: skip
     assert result.exit_code == 1 and report.verdict is Verdict.FAIL
     assert nt.raw < 0.2
 
@@ -196,8 +209,7 @@ def test_a_strong_adapters_4bit_fuse_is_not_failed_for_its_formats_noise(
     4-bit storage puts the fine-tune itself: PASS (exit 0). Measured at a null's model the
     floor was a third of that distance, and the check FAILed it (retention 71%)."""
     strong, export = strong_4bit
-    prompts = tmp_path / "prompts.txt"  # half the demo prompts: the test's time
-    prompts.write_text("\n".join(PROMPTS_FILE.read_text().splitlines()[:4]) + "\n")
+    prompts = half_the_prompts(tmp_path)
     result, report, nt, _ = _check(
         "strong-4bit",
         smollm2_dir,
