@@ -65,7 +65,7 @@ class DivergenceConfig(ProbeConfig):
     min_effect: float = 1e-3
     """Absolute effect floor in nats: below it an adapter fails however significant it is,
     unless it clears ``min_effect_over_nulls``."""
-    min_effect_over_nulls: float = 10.0
+    min_effect_over_nulls: float = 5.0
     """The floor relative to the nulls: an effect below ``min_effect`` still counts when it
     is at least this many times what random adapters of its size do (and theirs is above
     numerical zero): a light adapter's small effect, far beyond its size's."""
