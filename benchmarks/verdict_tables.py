@@ -172,7 +172,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"{', '.join(res['shapes'])}; K = {res['runs']} nulls; judged "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in judged_counts(res).items())
             + f" ({res['wall_s'] / 60:.0f} min).",
-            f"Command: `{res['command']}`" + (f" ({res['note']})" if res.get("note") else ""),
+            f"Command: {res['command']}",
             "",
             "| probe | false PASS (random, B≈0) | false FAIL or WARN (healthy) |",
             "|---|---|---|",
@@ -267,22 +267,32 @@ def rates_file(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _record_key(res: dict[str, Any], r: dict[str, Any]) -> tuple[Any, ...]:
+    """One adapter judged against one set of nulls: a command that judged it again (a
+    trained adapter is cached by its recipe) adds nothing."""
+    return (r["shape"], r["group"], r["name"], r.get("trainer"), res.get("panel_seed", 0))
+
+
 def merge_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One result per backend and machine: runs of a panel split over several commands."""
+    """One result per backend and machine: runs of a panel split over several commands,
+    each adapter counted once."""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for res in results:
         key = (res["backend"], res["machine"])
-        if key not in merged:
-            merged[key] = {**res, "records": list(res["records"]), "shapes": dict(res["shapes"])}
-            merged[key]["command"] = [res["command"]]
-            continue
-        m = merged[key]
-        m["records"] += res["records"]
+        m = merged.setdefault(
+            key, {**res, "records": [], "shapes": {}, "wall_s": 0.0, "command": [], "seen": set()}
+        )
+        for r in res["records"]:
+            if _record_key(res, r) not in m["seen"]:
+                m["seen"].add(_record_key(res, r))
+                m["records"].append(r)
         m["shapes"].update(res["shapes"])
         m["wall_s"] += res["wall_s"]
-        m["command"].append(res["command"])
-        m["note"] = "; ".join(n for n in (m.get("note"), res.get("note")) if n)
+        note = f" ({res['note']})" if res.get("note") else ""
+        m["command"].append(f"`{res['command']}`{note}")
     for m in merged.values():
+        del m["seen"]
+        m.pop("note", None)
         m["summary"] = summarise(m["records"])
         m["command"] = "; ".join(m["command"])
     return list(merged.values())
