@@ -168,7 +168,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for res in results:
         s = res["summary"]
         lines += [
-            f"**{res['backend']} backend**, {res['machine']}, {res['date']}: "
+            f"**{res['backend']} backend**, {res['machine']}, {dtype_of(res)}, {res['date']}: "
             f"{', '.join(res['shapes'])}; K = {res['runs']} nulls; judged "
             + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in judged_counts(res).items())
             + f" ({res['wall_s'] / 60:.0f} min).",
@@ -247,13 +247,20 @@ def replace_between_markers(path: Path, text: str) -> None:
     path.write_text(new, encoding="utf-8")
 
 
+def dtype_of(res: dict[str, Any]) -> str:
+    """The precision a result's models ran in; files written before it was recorded are
+    this CPU's float32 runs."""
+    return str(res.get("dtype") or "float32")
+
+
 def rates_file(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per probe kind and backend, what list-probes prints: the rates of every record of
-    that backend pooled over machines (their random adapters are independent draws), with
-    their provenance."""
+    """Per probe kind and backend, what list-probes prints: the rates of every float32
+    record of that backend pooled over machines (their random adapters are independent
+    draws), with their provenance. Half-precision runs are shown in the docs only."""
     by_backend: dict[str, list[dict[str, Any]]] = {}
     for res in results:
-        by_backend.setdefault(res["backend"], []).append(res)
+        if dtype_of(res) == "float32":
+            by_backend.setdefault(res["backend"], []).append(res)
     out: dict[str, Any] = {}
     for backend, runs in by_backend.items():
         records = [r for res in runs for r in res["records"]]
@@ -274,11 +281,11 @@ def _record_key(res: dict[str, Any], r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def merge_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One result per backend and machine: runs of a panel split over several commands,
-    each adapter counted once."""
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    """One result per backend, machine and precision: runs of a panel split over several
+    commands, each adapter counted once."""
+    merged: dict[tuple[str, str, str], dict[str, Any]] = {}
     for res in results:
-        key = (res["backend"], res["machine"])
+        key = (res["backend"], res["machine"], dtype_of(res))
         m = merged.setdefault(
             key, {**res, "records": [], "shapes": {}, "wall_s": 0.0, "command": [], "seen": set()}
         )

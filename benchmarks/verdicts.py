@@ -319,6 +319,7 @@ def run_shape(cfg: PanelRun, shape_name: str, trainer: str | None) -> list[dict[
                 rec = judge(backend, entry, null_seed, cfg.runs, cfg.lean)
                 rec["shape"] = shape_name
                 rec["trainer"] = entry.get("trainer", cfg.kind)
+                rec["dtype"] = backend.info.get("dtype", cfg.dtype)  # as resolved
                 records.append(rec)
                 shown = " ".join(f"{n}={v['verdict']}" for n, v in rec["probes"].items())
                 print(
@@ -438,7 +439,7 @@ def main() -> None:
         out = {
             "backend": kind,
             "machine": machine_name(kind),
-            "dtype": args.dtype,
+            "dtype": records[0]["dtype"] if records else args.dtype,
             "panel_seed": args.panel_seed,
             "date": time.strftime("%Y-%m-%d"),
             "runs": args.runs,
