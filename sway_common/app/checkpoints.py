@@ -52,6 +52,7 @@ class CheckpointSetup:
     max_memory: dict[str, str] | None = None
     """Where the base model's weights go (``--device-map``/``--max-memory``)."""
     dtype: str = "auto"
+    """The precision it runs in (``--dtype``)."""
 
 
 class CheckpointEvaluator:
