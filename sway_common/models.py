@@ -31,6 +31,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ROPE_THETA = 100000.0
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+HALF_PRECISION: tuple[DType, ...] = ("bfloat16", "float16")
 _DTYPE_ALIASES: dict[str, DType] = {
     "auto": "auto",
     "float32": "float32",

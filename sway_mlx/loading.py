@@ -9,7 +9,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from sway_common.models import parse_dtype
+from sway_common.models import HALF_PRECISION, parse_dtype
 
 # What mx.device_info() calls the memory a GPU may use, most specific first.
 _MEMORY_KEYS = ("max_recommended_working_set_size", "memory_size", "total_memory")
@@ -24,7 +24,7 @@ def pick_dtype(dtype: str, config: dict[str, Any]) -> str:
     if mx.default_device().type != mx.DeviceType.gpu:
         return "float32"
     own = str(config.get("torch_dtype") or config.get("dtype") or "")
-    return own if own in ("float16", "bfloat16") else "bfloat16"
+    return own if own in HALF_PRECISION else "bfloat16"
 
 
 def free_memory() -> int | None:

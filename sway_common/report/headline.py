@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sway_common.models import HALF_PRECISION
 from sway_common.stats import format_z
 from sway_common.types import ProbeResult, SuiteResult, Verdict
 
@@ -49,9 +50,6 @@ def _adapter_line(result: SuiteResult) -> str:
         )
     z = f" (z={z_shown} {on})" if dk.z is not None else f" {on}"
     return f"adapter is indistinguishable from a null adapter{z}{_rounding_hint(result)}"
-
-
-HALF_PRECISION = ("bfloat16", "float16")
 
 
 def _rounding_hint(result: SuiteResult) -> str:

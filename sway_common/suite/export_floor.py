@@ -9,11 +9,11 @@ type numpy can quantize; bitsandbytes' nf4/fp4/int8 by bitsandbytes' own quantiz
 read by :mod:`sway_common.weight_reader`. Every other module
 is the export's own, so the floor carries all of the export's other rounding.
 
-Where it is measured. The same rounding moves different models by different amounts: on
-SmolLM2 with its adapter's B × 3 (0.53 nats mean JS from the base), 4-bit storage put
-the fine-tune 0.30 nats from itself but a null's model (base + a null of the adapter's
-size) 0.10, nearly all of it from the rounding of the weights the adapter does not touch
-(docs/export-check.md). So the floor is measured **at the fine-tune**: each adapted
+Where it is measured. The same rounding moves different models by different amounts: a
+strong fine-tune stored 4-bit sits several times farther from itself than a null's model
+(base + a null of the adapter's size) does from its own stored copy, nearly all of it
+from the rounding of the weights the adapter does not touch (measured in
+docs/export-check.md). So the floor is measured **at the fine-tune**: each adapted
 module holds ``W_B + ΔW + (Q(W_B + ΔN) − (W_B + ΔN))``, the fine-tune's weight carrying
 the rounding error storing the null's model left (never the adapter's own rounding,
 which is what is judged: a format that rounds the delta away is not in the floor), and
