@@ -284,21 +284,21 @@ def merge_results(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One result per backend, machine and precision: runs of a panel split over several
     commands, each adapter counted once."""
     merged: dict[tuple[str, str, str], dict[str, Any]] = {}
+    seen: dict[tuple[str, str, str], set[tuple[Any, ...]]] = {}
     for res in results:
         key = (res["backend"], res["machine"], dtype_of(res))
         m = merged.setdefault(
-            key, {**res, "records": [], "shapes": {}, "wall_s": 0.0, "command": [], "seen": set()}
+            key, {**res, "records": [], "shapes": {}, "wall_s": 0.0, "command": []}
         )
         for r in res["records"]:
-            if _record_key(res, r) not in m["seen"]:
-                m["seen"].add(_record_key(res, r))
+            if _record_key(res, r) not in seen.setdefault(key, set()):
+                seen[key].add(_record_key(res, r))
                 m["records"].append(r)
         m["shapes"].update(res["shapes"])
         m["wall_s"] += res["wall_s"]
         note = f" ({res['note']})" if res.get("note") else ""
         m["command"].append(f"`{res['command']}`{note}")
     for m in merged.values():
-        del m["seen"]
         m.pop("note", None)
         m["summary"] = summarise(m["records"])
         m["command"] = "; ".join(m["command"])
